@@ -1,0 +1,315 @@
+"""ModelConfig: the architecture of a DeepSeek-V2/V3 checkpoint, parsed from its HF config.json.
+
+Everything the model needs to know is read from the checkpoint's own config; nothing is inferred
+from tensor sizes. Both spellings written by transformers are accepted (`rope_scaling` or
+`rope_parameters`, `torch_dtype` or `dtype`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+SCORING_FUNCS = ("sigmoid", "softmax")
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+SCALE_FMTS = (None, "ue8m0")
+BUILTIN_CONFIGS = ("deepseek-v3", "deepseek-v3.1", "deepseek-v2", "deepseek-v2-lite", "tiny", "tiny-v2", "small")
+
+
+class ConfigError(ValueError):
+    """A config.json that does not describe a valid DeepSeek model."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN parameters (the only scaling DeepSeek checkpoints ship)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The `quantization_config` of an FP8 checkpoint."""
+
+    fmt: str = "e4m3"
+    block_size: tuple[int, int] = (128, 128)
+    activation_scheme: str = "dynamic"
+    scale_fmt: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Frozen architecture description; field names follow HF config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    kv_lora_rank: int
+    q_lora_rank: int | None
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    num_nextn_predict_layers: int = 0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str = "bfloat16"
+    quantization: QuantConfig | None = None
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # ----------------------------------------------------------------- derived quantities
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width: nope + rope."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values cached per token per layer by absorbed MLA: kv_lora_rank + rope."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def mtp_layer_index(self) -> int:
+        """The layer index under which the checkpoint stores the MTP module."""
+        return self.num_hidden_layers
+
+    @property
+    def softmax_scale(self) -> float:
+        """Attention scale (qk_head_dim^-0.5, times mscale² under YaRN with factor > 1)."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling
+        if rs is not None and rs.factor > 1 and rs.mscale_all_dim:
+            m = 0.1 * rs.mscale_all_dim * math.log(rs.factor) + 1.0
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` is an MoE layer (else a dense SwiGLU MLP)."""
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+    # ----------------------------------------------------------------- parsing
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelConfig:
+        """Parse and validate an HF config dict.
+
+        Args:
+            d: the parsed config.json.
+            source: a name for error messages (usually the file path).
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ConfigError: a required field is missing or a value is inconsistent.
+        """
+        def need(key: str) -> Any:
+            if key not in d or (d[key] is None and key != "q_lora_rank"):
+                raise ConfigError(f"{source}: missing required field '{key}'")
+            return d[key]
+
+        rope = d.get("rope_scaling") if d.get("rope_scaling") is not None else d.get("rope_parameters")
+        rope_theta = d.get("rope_theta")
+        rope_scaling = None
+        if isinstance(rope, dict):
+            rope_theta = rope.get("rope_theta", rope_theta)
+            kind = rope.get("type", rope.get("rope_type", "default"))
+            if kind == "yarn":
+                try:
+                    rope_scaling = RopeScaling(
+                        factor=float(rope["factor"]),
+                        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                        beta_fast=float(rope.get("beta_fast", 32)),
+                        beta_slow=float(rope.get("beta_slow", 1)),
+                        mscale=float(rope.get("mscale", 1.0) or 1.0),
+                        mscale_all_dim=float(rope.get("mscale_all_dim", 0.0) or 0.0),
+                    )
+                except KeyError as e:
+                    raise ConfigError(f"{source}: rope_scaling of type yarn lacks {e.args[0]!r}") from None
+            elif kind not in ("default", None):
+                raise ConfigError(f"{source}: unsupported rope scaling type {kind!r} (DeepSeek uses 'yarn')")
+
+        quant = None
+        qc = d.get("quantization_config")
+        if qc:
+            if qc.get("quant_method") != "fp8":
+                raise ConfigError(f"{source}: unsupported quantization_config.quant_method {qc.get('quant_method')!r}")
+            quant = QuantConfig(
+                fmt=qc.get("fmt", "e4m3"),
+                block_size=tuple(qc.get("weight_block_size", (128, 128))),
+                activation_scheme=qc.get("activation_scheme", "dynamic"),
+                scale_fmt=qc.get("scale_fmt"),
+            )
+
+        n_group = d.get("n_group") or 1
+        topk_group = d.get("topk_group") or 1
+        cfg = cls(
+            vocab_size=int(need("vocab_size")),
+            hidden_size=int(need("hidden_size")),
+            intermediate_size=int(need("intermediate_size")),
+            moe_intermediate_size=int(need("moe_intermediate_size")),
+            num_hidden_layers=int(need("num_hidden_layers")),
+            num_attention_heads=int(need("num_attention_heads")),
+            kv_lora_rank=int(need("kv_lora_rank")),
+            q_lora_rank=None if d.get("q_lora_rank") is None else int(d["q_lora_rank"]),
+            qk_nope_head_dim=int(need("qk_nope_head_dim")),
+            qk_rope_head_dim=int(need("qk_rope_head_dim")),
+            v_head_dim=int(need("v_head_dim")),
+            n_routed_experts=int(need("n_routed_experts")),
+            n_shared_experts=int(d.get("n_shared_experts") or 0),
+            num_experts_per_tok=int(need("num_experts_per_tok")),
+            n_group=int(n_group),
+            topk_group=int(topk_group),
+            topk_method=d.get("topk_method", "greedy"),
+            scoring_func=d.get("scoring_func", "softmax"),
+            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+            first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
+            moe_layer_freq=int(d.get("moe_layer_freq", 1)),
+            num_nextn_predict_layers=int(d.get("num_nextn_predict_layers", 0) or 0),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            torch_dtype=str(d.get("torch_dtype", d.get("dtype", "bfloat16"))),
+            quantization=quant,
+            raw=dict(d),
+        )
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        """Check internal consistency; raise ConfigError naming the offending field."""
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{source}: {name} must be positive, got {getattr(self, name)}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ConfigError(f"{source}: q_lora_rank must be positive or null, got {self.q_lora_rank}")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"{source}: qk_rope_head_dim must be even (rotary pairs), got {self.qk_rope_head_dim}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ConfigError(f"{source}: unknown scoring_func {self.scoring_func!r} (expected one of {SCORING_FUNCS})")
+        if self.topk_method not in TOPK_METHODS:
+            raise ConfigError(f"{source}: unknown topk_method {self.topk_method!r} (expected one of {TOPK_METHODS})")
+        if self.n_routed_experts % self.n_group:
+            raise ConfigError(f"{source}: n_routed_experts ({self.n_routed_experts}) is not divisible by "
+                              f"n_group ({self.n_group})")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"{source}: topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ConfigError(f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
+                              f"n_routed_experts ({self.n_routed_experts})")
+        experts_per_group = self.n_routed_experts // self.n_group
+        if self.topk_method != "greedy" and self.num_experts_per_tok > self.topk_group * experts_per_group:
+            raise ConfigError(f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in "
+                              f"topk_group groups ({self.topk_group}x{experts_per_group})")
+        if self.topk_method == "noaux_tc" and experts_per_group < 2:
+            raise ConfigError(f"{source}: noaux_tc routing needs at least 2 experts per group (top-2 group score)")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ConfigError(f"{source}: first_k_dense_replace ({self.first_k_dense_replace}) is outside "
+                              f"[0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.num_nextn_predict_layers not in (0, 1):
+            raise ConfigError(f"{source}: num_nextn_predict_layers {self.num_nextn_predict_layers} unsupported "
+                              f"(0 or 1)")
+        if self.quantization is not None:
+            q = self.quantization
+            if q.fmt != "e4m3":
+                raise ConfigError(f"{source}: quantization_config.fmt {q.fmt!r} unsupported (e4m3)")
+            if len(q.block_size) != 2 or any(b <= 0 for b in q.block_size):
+                raise ConfigError(f"{source}: quantization_config.weight_block_size {list(q.block_size)} is invalid")
+            if q.scale_fmt not in SCALE_FMTS:
+                raise ConfigError(f"{source}: quantization_config.scale_fmt {q.scale_fmt!r} unsupported")
+        if self.rope_scaling is not None and self.rope_scaling.factor <= 0:
+            raise ConfigError(f"{source}: rope_scaling.factor must be positive")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> ModelConfig:
+        """Read `config.json` (or a checkpoint directory containing one)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(d, source=path)
+
+    @classmethod
+    def builtin(cls, name: str) -> ModelConfig:
+        """One of the configs shipped in configs/ (see BUILTIN_CONFIGS)."""
+        return cls.from_dict(builtin_config_dict(name), source=f"configs/{name}.json")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HF config.json dict: the original one with this config's values written back."""
+        d = dict(self.raw)
+        for f in dataclasses.fields(self):
+            if f.name in ("raw", "rope_scaling", "quantization"):
+                continue
+            d[f.name] = getattr(self, f.name)
+        d.pop("dtype", None)
+        d.pop("rope_parameters", None)
+        if self.rope_scaling is None:
+            d.pop("rope_scaling", None)
+        else:
+            d["rope_scaling"] = {"type": "yarn", **dataclasses.asdict(self.rope_scaling)}
+        if self.quantization is None:
+            d.pop("quantization_config", None)
+        else:
+            q = self.quantization
+            d["quantization_config"] = {"quant_method": "fp8", "fmt": q.fmt, "activation_scheme": q.activation_scheme,
+                                        "weight_block_size": list(q.block_size)}
+            if q.scale_fmt:
+                d["quantization_config"]["scale_fmt"] = q.scale_fmt
+        return d
+
+
+def builtin_config_dict(name: str) -> dict[str, Any]:
+    """The raw dict of a shipped config (configs/NAME.json)."""
+    if name not in BUILTIN_CONFIGS:
+        raise ConfigError(f"unknown built-in config {name!r} (choose from {', '.join(BUILTIN_CONFIGS)})")
+    text = resources.files("deepseek_model.configs").joinpath(f"{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)

@@ -1,0 +1,98 @@
+"""THE dispatch point for every projection and FP8 op the model runs.
+
+Each op takes an explicit `backend`: "torch" (the pure-torch twin in reference.py, any device),
+"triton" (the Triton kernels; on CPU tensors only under TRITON_INTERPRET=1), or "auto" (Triton on
+a CUDA device of compute capability >= 8.9, else torch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deepseek_model.kernels import reference
+
+BACKENDS = ("auto", "torch", "triton")
+FP8_DTYPE = reference.FP8_DTYPE
+
+
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """Map "auto" to a concrete backend for `device`; validate the name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(dev) >= (8, 9):
+        return "triton"
+    return "torch"
+
+
+def _triton_ops():
+    from deepseek_model.kernels import triton_ops  # noqa: PLC0415 (imported only when asked for)
+
+    return triton_ops
+
+
+def act_quant(x: torch.Tensor, block_size: int = reference.BLOCK, scale_fmt: str | None = None,
+              backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token per-128-channel fp8 quantization; see reference.act_quant."""
+    if resolve_backend(backend, x.device) == "triton":
+        return _triton_ops().act_quant(x, block_size, scale_fmt)
+    return reference.act_quant(x, block_size, scale_fmt)
+
+
+def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_size: int = reference.BLOCK,
+                   dtype: torch.dtype = torch.float32, backend: str = "torch") -> torch.Tensor:
+    """128×128 block dequantization; see reference.weight_dequant."""
+    if resolve_backend(backend, w.device) == "triton":
+        return _triton_ops().weight_dequant(w, s, block_size, dtype)
+    return reference.weight_dequant(w, s, block_size, dtype)
+
+
+def weight_quant(w: torch.Tensor, block_size: int = reference.BLOCK,
+                 scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """128×128 block quantization (checkpoint formula); torch only (an offline op)."""
+    return reference.weight_quant(w, block_size, scale_fmt)
+
+
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16, block_size: int = reference.BLOCK,
+             backend: str = "torch") -> torch.Tensor:
+    """C = A·Wᵀ over fp8 operands with block scales; see reference.fp8_gemm."""
+    if resolve_backend(backend, a.device) == "triton":
+        return _triton_ops().fp8_gemm(a, a_s, w, w_s, out_dtype, block_size)
+    return reference.fp8_gemm(a, a_s, w, w_s, out_dtype, block_size)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None, backend: str = "torch", block_size: int = reference.BLOCK,
+           scale_fmt: str | None = None) -> torch.Tensor:
+    """y = x·Wᵀ (+ bias), the single choke point of every projection.
+
+    The weight's dtype decides the path: a float8_e4m3fn weight (with its block `scale`) runs
+    W8A8 — act_quant then fp8_gemm with fp32 accumulation — and returns x.dtype; any other weight
+    runs F.linear in x.dtype.
+
+    Args:
+        x: [..., K] activations.
+        weight: [N, K] weight (float or float8_e4m3fn).
+        scale: [ceil(N/b), ceil(K/b)] fp32 scale_inv, required for fp8 weights.
+        bias: optional [N].
+        backend: "torch" | "triton" | "auto".
+        block_size: quantization block.
+        scale_fmt: activation scale format (None or "ue8m0").
+
+    Returns:
+        [..., N] in x.dtype.
+    """
+    if weight.dtype != FP8_DTYPE:
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if scale is None:
+        raise ValueError("linear: an fp8 weight needs its block scale")
+    *lead, k = x.shape
+    a, a_s = act_quant(x.reshape(-1, k), block_size, scale_fmt, backend=backend)  # (M, K), (M, KB)
+    y = fp8_gemm(a, a_s, weight, scale, torch.float32, block_size, backend=backend)  # (M, N)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, weight.shape[0])

@@ -1,0 +1,162 @@
+"""Pure-torch twins of every FP8 kernel: the CPU path and the test oracle.
+
+Layouts follow the published DeepSeek-V3 checkpoint (../shared/FACTS.md §1, §3):
+  * weights: float8_e4m3fn [N, K] with fp32 `scale_inv` [ceil(N/128), ceil(K/128)] — the
+    DEQUANTIZATION multiplier, w ≈ fp8 × scale_inv per 128×128 block; ragged edge blocks are
+    zero-padded to 128 before their amax is taken;
+  * activations: float8_e4m3fn [..., K] with fp32 scales [..., ceil(K/128)], one per token per
+    128 channels, s = max(amax, 1e-4) / 448.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128
+ACT_AMAX_FLOOR = 1e-4  # keeps the scale of an all-zero activation group finite
+SCALE_FMTS = (None, "ue8m0")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_scale_fmt(scale_fmt: str | None) -> None:
+    if scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
+
+
+def round_scale_ue8m0(s: torch.Tensor) -> torch.Tensor:
+    """Round positive fp32 scales up to a power of two (the UE8M0 scale format); zeros stay zero."""
+    # frexp gives s = m·2^e with m in [0.5, 1): s is an exact power of two iff m == 0.5.
+    mant, exp = torch.frexp(s)
+    exp = torch.where(mant == 0.5, exp - 1, exp)
+    return torch.where(s > 0, torch.ldexp(torch.ones_like(s), exp), s)
+
+
+def act_quant(x: torch.Tensor, block_size: int = BLOCK,
+              scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations per token per `block_size` channels to fp8 e4m3.
+
+    Args:
+        x: [..., K] float tensor (any float dtype; math in fp32). K need not divide block_size.
+        block_size: channels sharing one scale.
+        scale_fmt: None (fp32 scales) or "ue8m0" (scales rounded up to powers of two).
+
+    Returns:
+        (y, s): y float8_e4m3fn [..., K]; s fp32 [..., ceil(K/block_size)] with x ≈ y · s.
+    """
+    _check_scale_fmt(scale_fmt)
+    *lead, k = x.shape
+    kb = _ceil_div(k, block_size)
+    xf = x.float()
+    pad = kb * block_size - k
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, pad))
+    groups = xf.reshape(*lead, kb, block_size)  # (..., KB, BLOCK)
+    amax = groups.abs().amax(dim=-1).clamp_min(ACT_AMAX_FLOOR)  # (..., KB)
+    s = amax / FP8_MAX
+    if scale_fmt == "ue8m0":
+        s = round_scale_ue8m0(s)
+    y = (groups / s.unsqueeze(-1)).to(FP8_DTYPE)  # (..., KB, BLOCK)
+    y = y.reshape(*lead, kb * block_size)[..., :k]
+    return y.contiguous(), s
+
+
+def _expand_block_scale(s: torch.Tensor, n: int, k: int, block_size: int) -> torch.Tensor:
+    """[NB, KB] block scales → [n, k] elementwise scales (ragged tails cut off)."""
+    return s.repeat_interleave(block_size, dim=0)[:n].repeat_interleave(block_size, dim=1)[:, :k]
+
+
+def check_weight_scale(w: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK, name: str = "weight") -> None:
+    """Raise ValueError unless `s` is the [ceil(N/b), ceil(K/b)] scale grid of the 2-D weight `w`."""
+    if w.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
+    grid = (_ceil_div(w.shape[0], block_size), _ceil_div(w.shape[1], block_size))
+    if tuple(s.shape) != grid:
+        raise ValueError(f"{name}: scale shape {tuple(s.shape)} does not match the {block_size}x{block_size} "
+                         f"block grid {grid} of weight shape {tuple(w.shape)}")
+
+
+def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantize a block-quantized weight: out[n, k] = w[n, k] · s[n // b, k // b].
+
+    Args:
+        w: [N, K] float8_e4m3fn weight.
+        s: [ceil(N/b), ceil(K/b)] fp32 scale_inv (the multiplier).
+        block_size: b.
+        dtype: output dtype (explicit; the product is formed in fp32 then cast).
+
+    Returns:
+        [N, K] tensor of `dtype`.
+    """
+    check_weight_scale(w, s, block_size)
+    n, k = w.shape
+    out = w.float() * _expand_block_scale(s.float(), n, k, block_size)
+    return out.to(dtype)
+
+
+def weight_quant(w: torch.Tensor, block_size: int = BLOCK,
+                 scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a 2-D weight per block_size×block_size block (the published checkpoint formula).
+
+    scale_inv = amax(block) / 448 with ragged edge blocks zero-padded (so their amax is over the
+    real elements); an all-zero block gets scale_inv 0 and fp8 zeros. ue8m0 rounds the scale up to
+    a power of two.
+
+    Args:
+        w: [N, K] float tensor.
+        block_size: b.
+        scale_fmt: None or "ue8m0".
+
+    Returns:
+        (q, scale_inv): q float8_e4m3fn [N, K]; scale_inv fp32 [ceil(N/b), ceil(K/b)].
+    """
+    _check_scale_fmt(scale_fmt)
+    if w.dim() != 2:
+        raise ValueError(f"weight_quant expects a 2-D weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    nb, kb = _ceil_div(n, block_size), _ceil_div(k, block_size)
+    wf = torch.nn.functional.pad(w.float(), (0, kb * block_size - k, 0, nb * block_size - n))
+    blocks = wf.reshape(nb, block_size, kb, block_size)  # (NB, b, KB, b)
+    amax = blocks.abs().amax(dim=(1, 3))  # (NB, KB)
+    s = amax / FP8_MAX
+    if scale_fmt == "ue8m0":
+        s = round_scale_ue8m0(s)
+    full = _expand_block_scale(s, n, k, block_size)
+    q = torch.where(full > 0, w.float() / torch.where(full > 0, full, 1.0), 0.0).to(FP8_DTYPE)
+    return q, s
+
+
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16, block_size: int = BLOCK) -> torch.Tensor:
+    """C = A·Wᵀ with fp32 accumulation and the scales applied per block_size-wide K block.
+
+    Args:
+        a: [M, K] float8_e4m3fn activations.
+        a_s: [M, ceil(K/b)] fp32 activation scales.
+        w: [N, K] float8_e4m3fn weight.
+        w_s: [ceil(N/b), ceil(K/b)] fp32 weight scale_inv.
+        out_dtype: dtype of C.
+        block_size: b.
+
+    Returns:
+        [M, N] tensor of out_dtype.
+    """
+    m, k = a.shape
+    n = w.shape[0]
+    check_weight_scale(w, w_s, block_size)
+    kb = _ceil_div(k, block_size)
+    if w.shape[1] != k or tuple(a_s.shape) != (m, kb):
+        raise ValueError(f"fp8_gemm: a {tuple(a.shape)}, a_s {tuple(a_s.shape)} do not fit w {tuple(w.shape)}")
+    w_s_rows = w_s.float().repeat_interleave(block_size, dim=0)[:n]  # (N, KB)
+    acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+    for j in range(kb):
+        sl = slice(j * block_size, min(k, (j + 1) * block_size))
+        part = a[:, sl].float() @ w[:, sl].float().T  # (M, N)
+        acc += part * a_s[:, j:j + 1].float() * w_s_rows[:, j].unsqueeze(0)
+    return acc.to(out_dtype)
+
