@@ -1,0 +1,225 @@
+"""Read-only access to an HF safetensors checkpoint directory through its index.
+
+Shards are memory-mapped (safetensors `safe_open`) and opened lazily, once each. Every failure is a
+`CheckpointError` whose one-line message names the file or tensor at fault: a missing or invalid
+index, an index naming a file outside the directory, a missing, truncated or corrupt shard, or a
+tensor the index places in a shard that does not hold it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+_DTYPES = {
+    "F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+    "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4,
+                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_HEADER_LEN_BYTES = 8
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as described; the message names the culprit."""
+
+
+def read_safetensors_header(path: str) -> dict[str, Any]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Checks that the file is long enough for every tensor's data span (a truncated download is
+    caught here, before any mmap read faults).
+
+    Returns:
+        {tensor name: {"dtype", "shape", "data_offsets"}} (the "__metadata__" entry removed).
+
+    Raises:
+        CheckpointError: unreadable, truncated or malformed file.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw_len = f.read(_HEADER_LEN_BYTES)
+            if len(raw_len) < _HEADER_LEN_BYTES:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            header_len = int.from_bytes(raw_len, "little")
+            if header_len > size - _HEADER_LEN_BYTES:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                      f"(header length {header_len} exceeds file size {size})")
+            header = json.loads(f.read(header_len))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header")
+    header.pop("__metadata__", None)
+    data_len = size - _HEADER_LEN_BYTES - header_len
+    for name, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            nbytes = _DTYPE_BYTES[info["dtype"]]
+            numel = 1
+            for d in info["shape"]:
+                numel *= int(d)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
+        if end - start != numel * nbytes or start < 0:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'")
+        if end > data_len:
+            raise CheckpointError(f"{path}: truncated: tensor '{name}' needs bytes up to {end} but the file "
+                                  f"holds {data_len} data bytes")
+    return header
+
+
+class CheckpointReader:
+    """Tensors of an HF checkpoint directory, looked up through its index.
+
+    Args:
+        path: the checkpoint directory (with `model.safetensors.index.json`, or a single
+            `model.safetensors`).
+
+    Raises:
+        CheckpointError: the directory, index or a shard is missing or invalid.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.path.abspath(os.fspath(path))
+        if not os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path}: not a checkpoint directory")
+        self.weight_map = self._read_weight_map()
+        self._headers: dict[str, dict[str, Any]] = {}
+        self._handles: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ index
+    def _read_weight_map(self) -> dict[str, str]:
+        index_path = os.path.join(self.path, INDEX_FILE)
+        if not os.path.exists(index_path):
+            single = os.path.join(self.path, SINGLE_FILE)
+            if os.path.exists(single):
+                return {name: SINGLE_FILE for name in read_safetensors_header(single)}
+            raise CheckpointError(f"{index_path}: missing (no index and no {SINGLE_FILE})")
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: no 'weight_map' object")
+        for name, fname in weight_map.items():
+            if not isinstance(fname, str) or not self._inside(fname):
+                raise CheckpointError(f"{index_path}: tensor '{name}' maps to {fname!r}, which is outside "
+                                      f"the checkpoint directory")
+            if not os.path.isfile(os.path.join(self.path, fname)):
+                raise CheckpointError(f"{os.path.join(self.path, fname)}: shard missing (named by "
+                                      f"{INDEX_FILE} for tensor '{name}')")
+        return dict(weight_map)
+
+    def _inside(self, fname: str) -> bool:
+        if os.path.isabs(fname) or os.sep in os.path.normpath(fname) or fname in ("", ".", ".."):
+            return False
+        real = os.path.realpath(os.path.join(self.path, fname))
+        return os.path.dirname(real) == os.path.realpath(self.path)
+
+    # ------------------------------------------------------------------ shards
+    @property
+    def files(self) -> list[str]:
+        """Shard file names, sorted."""
+        return sorted(set(self.weight_map.values()))
+
+    def header(self, fname: str) -> dict[str, Any]:
+        """The validated header of one shard (cached)."""
+        if fname not in self._headers:
+            self._headers[fname] = read_safetensors_header(os.path.join(self.path, fname))
+        return self._headers[fname]
+
+    def _entry(self, name: str) -> tuple[str, dict[str, Any]]:
+        fname = self.weight_map.get(name)
+        if fname is None:
+            raise CheckpointError(f"{self.path}: tensor '{name}' is not in the checkpoint index")
+        info = self.header(fname).get(name)
+        if info is None:
+            raise CheckpointError(f"{os.path.join(self.path, fname)}: does not contain tensor '{name}' "
+                                  f"(the index says it does)")
+        return fname, info
+
+    def _handle(self, fname: str):
+        if fname not in self._handles:
+            self.header(fname)
+            try:
+                self._handles[fname] = safe_open(os.path.join(self.path, fname), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{os.path.join(self.path, fname)}: cannot open ({e})") from None
+        return self._handles[fname]
+
+    # ------------------------------------------------------------------ tensors
+    def names(self) -> list[str]:
+        """All tensor names in the index, in index order."""
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape from the shard header (no data read)."""
+        return tuple(int(d) for d in self._entry(name)[1]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        """torch dtype from the shard header (no data read)."""
+        code = self._entry(name)[1]["dtype"]
+        return _DTYPES[code]
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of tensor data on disk."""
+        start, end = self._entry(name)[1]["data_offsets"]
+        return end - start
+
+    def file_of(self, name: str) -> str:
+        """The shard file name holding `name`."""
+        return self._entry(name)[0]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (memory-mapped read, then an owned CPU tensor)."""
+        fname, _ = self._entry(name)
+        try:
+            return self._handle(fname).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{os.path.join(self.path, fname)}: cannot read tensor '{name}' ({e})") from None
+
+    def get_slice(self, name: str):
+        """A lazy safetensors slice of `name` (index it to read part of the tensor)."""
+        fname, _ = self._entry(name)
+        return self._handle(fname).get_slice(name)
+
+    def config(self) -> dict[str, Any]:
+        """The parsed config.json of the checkpoint."""
+        path = os.path.join(self.path, CONFIG_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+    def close(self) -> None:
+        """Drop the open shard handles."""
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
