@@ -1,7 +1,12 @@
 """deepseek-model: DeepSeek-V3-style MoE transformers in PyTorch and Triton."""
 
 from deepseek_model.config import ConfigError, ModelConfig
+from deepseek_model.convert.checkpoint import CheckpointError
+from deepseek_model.loading import from_pretrained
+from deepseek_model.model import Cache, Transformer
+from deepseek_model.parallel import ParallelContext
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "ModelConfig", "__version__"]
+__all__ = ["Cache", "CheckpointError", "ConfigError", "ModelConfig", "ParallelContext", "Transformer", "__version__",
+           "from_pretrained"]

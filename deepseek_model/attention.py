@@ -1,0 +1,165 @@
+"""Multi-head Latent Attention (MLA): naive and weight-absorbed forward over one latent cache.
+
+Per token and layer the cache holds the normalised KV latent c (kv_lora_rank values) and the
+post-RoPE shared key k_rope (qk_rope_head_dim values): 576 numbers for DeepSeek-V3, shared by all
+heads. The naive path expands the latents to per-head keys/values with kv_b; the absorbed path
+folds kv_b into the query and the output instead (equal to fp32 round-off).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepseek_model.config import ModelConfig
+from deepseek_model.layers import ColumnParallelLinear, Linear, LinearSpec, RMSNorm, RowParallelLinear
+from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
+from deepseek_model.rope import apply_rotary
+
+ATTN_MODES = ("absorb", "naive")
+GROWTH = 2  # the cache grows geometrically: amortised O(1) copies per token
+
+
+class LatentCache:
+    """One layer's latent KV cache: grows with use, never preallocated to max_seq_len.
+
+    Attributes:
+        kv: (B, capacity, kv_lora_rank) normalised latents.
+        pe: (B, capacity, qk_rope_head_dim) post-RoPE shared keys.
+    """
+
+    def __init__(self) -> None:
+        self.kv: torch.Tensor | None = None
+        self.pe: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        """Positions allocated so far."""
+        return 0 if self.kv is None else self.kv.shape[1]
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer's cache."""
+        return 0 if self.kv is None else self.kv.numel() * self.kv.element_size() + self.pe.numel() * self.pe.element_size()
+
+    def update(self, start_pos: int, kv: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions [start_pos, start_pos + T) and return the latents for [0, start_pos + T).
+
+        Writing at a start_pos below what was written before overwrites (this is how speculative
+        decoding rolls back rejected tokens).
+
+        Args:
+            start_pos: absolute position of the first new token.
+            kv: (B, T, kv_lora_rank).
+            pe: (B, T, rope_dim).
+        """
+        bsz, t, _ = kv.shape
+        end = start_pos + t
+        if self.kv is not None and self.kv.shape[0] != bsz:
+            raise ValueError(f"cache holds batch size {self.kv.shape[0]}, got a batch of {bsz}")
+        if self.kv is None and start_pos > 0:
+            raise ValueError(f"start_pos {start_pos} > 0 but the cache is empty (prefill from position 0 first)")
+        if end > self.capacity:
+            new_cap = max(end, GROWTH * self.capacity)
+            kv_new = kv.new_zeros(bsz, new_cap, kv.shape[-1])
+            pe_new = pe.new_zeros(bsz, new_cap, pe.shape[-1])
+            if self.kv is not None:
+                kv_new[:, : self.capacity] = self.kv
+                pe_new[:, : self.capacity] = self.pe
+            self.kv, self.pe = kv_new, pe_new
+        self.kv[:, start_pos:end] = kv
+        self.pe[:, start_pos:end] = pe
+        return self.kv[:, :end], self.pe[:, :end]
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention with q LoRA (or a plain q_proj) and a compressed KV latent.
+
+    Args:
+        cfg: model config.
+        spec: how linears store/run weights.
+        ctx: parallel context (heads are split across ranks).
+        mode: "absorb" (default) or "naive".
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: LinearSpec, ctx: ParallelContext = SINGLE_PROCESS,
+                 mode: str = "absorb"):
+        super().__init__()
+        if mode not in ATTN_MODES:
+            raise ValueError(f"attn must be one of {ATTN_MODES}, got {mode!r}")
+        self.mode = mode
+        self.n_heads = ctx.split(cfg.num_attention_heads, "num_attention_heads")
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        h, heads, eps = cfg.hidden_size, cfg.num_attention_heads, cfg.rms_norm_eps
+        if cfg.q_lora_rank is None:
+            self.wq = ColumnParallelLinear(h, heads * cfg.qk_head_dim, spec, ctx)
+        else:
+            self.wq_a = Linear(h, cfg.q_lora_rank, spec)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, eps, spec.dtype, spec.device)
+            self.wq_b = ColumnParallelLinear(cfg.q_lora_rank, heads * cfg.qk_head_dim, spec, ctx)
+        self.wkv_a = Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, spec)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps, spec.dtype, spec.device)
+        self.wkv_b = ColumnParallelLinear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), spec, ctx)
+        self.wo = RowParallelLinear(heads * cfg.v_head_dim, h, spec, ctx)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))  # (B, T, H*(nope+rope))
+        return q.view(*x.shape[:2], self.n_heads, self.nope + self.rope)  # (B, T, H, nope+rope)
+
+    def forward(self, x: torch.Tensor, start_pos: int, rotary: torch.Tensor, mask: torch.Tensor | None,
+                cache: LatentCache | None = None) -> torch.Tensor:
+        """Attend from x's tokens (absolute positions start_pos…) to every cached and new token.
+
+        Args:
+            x: (B, T, hidden).
+            start_pos: absolute position of x[:, 0].
+            rotary: complex (T, rope/2) rotations for positions [start_pos, start_pos + T).
+            mask: additive (T, S) or (B, 1, T, S) mask over keys [0, S = start_pos + T), or None.
+            cache: this layer's latent cache (None: attend within x only; start_pos must be 0).
+
+        Returns:
+            (B, T, hidden).
+        """
+        bsz, t, _ = x.shape
+        q = self._queries(x)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, T, H, nope), (B, T, H, rope)
+        q_pe = apply_rotary(q_pe, rotary)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)  # (B, T, c), (B, T, rope)
+        kv = self.kv_norm(kv)
+        k_pe = apply_rotary(k_pe, rotary)  # one rope key shared by all heads
+        if cache is not None:
+            kv, k_pe = cache.update(start_pos, kv, k_pe)  # (B, S, c), (B, S, rope)
+        elif start_pos:
+            raise ValueError("start_pos > 0 needs a cache")
+        if self.mode == "naive":
+            out = self._naive(q_nope, q_pe, kv, k_pe, mask)
+        else:
+            out = self._absorbed(q_nope, q_pe, kv, k_pe, mask)
+        return self.wo(out.flatten(2))  # (B, T, H*v) → (B, T, hidden)
+
+    def _softmax(self, scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """scores (B, T, H, S) → probabilities (fp32 softmax) in `dtype`."""
+        if mask is not None:
+            mask = mask if mask.dim() == 2 else mask.squeeze(1)  # (T, S) or (B, T, S)
+            scores = scores + mask.unsqueeze(-2)  # broadcast over heads: (.., T, 1, S)
+        return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
+
+    def _naive(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
+        bsz, s, _ = kv.shape
+        kvb = self.wkv_b(kv).view(bsz, s, self.n_heads, self.nope + self.v_dim)  # (B, S, H, nope+v)
+        k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)  # (B, S, H, nope), (B, S, H, v)
+        scores = (torch.einsum("bthd,bshd->bths", q_nope, k_nope)
+                  + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
+        probs = self._softmax(scores, mask, q_nope.dtype)
+        return torch.einsum("bths,bshd->bthd", probs, v)  # (B, T, H, v)
+
+    def _absorbed(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
+        w = self.wkv_b.dense_weight(q_nope.dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # (H, nope, c), (H, v, c)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, c)
+        scores = (torch.einsum("bthc,bsc->bths", q_lat, kv)
+                  + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
+        probs = self._softmax(scores, mask, q_nope.dtype)
+        o_lat = torch.einsum("bths,bsc->bthc", probs, kv)  # (B, T, H, c)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)

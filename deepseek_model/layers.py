@@ -1,0 +1,162 @@
+"""Building blocks: RMSNorm, Linear (dense or fp8 weight + block scale), parallel linears, embedding.
+
+Every projection calls `deepseek_model.kernels.ops.linear`; whether it runs dense or W8A8 is the
+weight's dtype, not a global switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_model.kernels import ops
+from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """How the Linear layers of a model store and run their weights.
+
+    Attributes:
+        dtype: compute dtype (and weight dtype when not fp8).
+        device: where parameters live.
+        fp8: store weights as float8_e4m3fn with a fp32 block scale and run W8A8.
+        block_size: quantization block (128).
+        scale_fmt: activation-scale format for W8A8 (None or "ue8m0").
+        backend: kernel backend for ops ("torch" | "triton" | "auto").
+    """
+
+    dtype: torch.dtype = torch.float32
+    device: torch.device | str = "cpu"
+    fp8: bool = False
+    block_size: int = 128
+    scale_fmt: str | None = None
+    backend: str = "torch"
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32; the weight multiplies after casting back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x·Wᵀ through ops.linear; W is dense (spec.dtype) or fp8 with a [⌈out/b⌉, ⌈in/b⌉] scale.
+
+    Args:
+        in_features: K.
+        out_features: N.
+        spec: storage/compute description shared by the model's linears.
+        fp8: override spec.fp8 for this layer (eh_proj is never fp8).
+    """
+
+    shard_dim: int | None = None  # dimension split across ranks (None: replicated)
+
+    def __init__(self, in_features: int, out_features: int, spec: LinearSpec, fp8: bool | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.spec = spec
+        use_fp8 = spec.fp8 if fp8 is None else fp8
+        wdtype = FP8_DTYPE if use_fp8 else spec.dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=wdtype, device=spec.device),
+                                   requires_grad=not use_fp8)
+        if use_fp8:
+            b = spec.block_size
+            grid = (-(-out_features // b), -(-in_features // b))
+            self.scale = nn.Parameter(torch.empty(grid, dtype=torch.float32, device=spec.device),
+                                      requires_grad=False)
+        else:
+            self.register_parameter("scale", None)
+
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the weight is stored as float8_e4m3fn."""
+        return self.weight.dtype == FP8_DTYPE
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as a dense tensor (dequantized when fp8)."""
+        dtype = dtype or self.spec.dtype
+        if self.is_fp8:
+            return ops.weight_dequant(self.weight, self.scale, self.spec.block_size, dtype)
+        return self.weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.scale, backend=self.spec.backend, block_size=self.spec.block_size,
+                          scale_fmt=self.spec.scale_fmt)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split across ranks; each rank returns its slice (no communication)."""
+
+    shard_dim = 0
+
+    def __init__(self, in_features: int, out_features: int, spec: LinearSpec, ctx: ParallelContext = SINGLE_PROCESS):
+        super().__init__(in_features, ctx.split(out_features, "output features"), spec)
+
+
+class RowParallelLinear(Linear):
+    """Input features split across ranks; partial outputs are summed with an all-reduce."""
+
+    shard_dim = 1
+
+    def __init__(self, in_features: int, out_features: int, spec: LinearSpec, ctx: ParallelContext = SINGLE_PROCESS):
+        super().__init__(ctx.split(in_features, "input features"), out_features, spec)
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ctx.all_reduce(super().forward(x))
+
+
+class ParallelEmbedding(nn.Module):
+    """Token embedding with the vocabulary split across ranks (rows outside a rank's range are 0)."""
+
+    shard_dim = 0
+
+    def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, device: torch.device | str,
+                 ctx: ParallelContext = SINGLE_PROCESS):
+        super().__init__()
+        self.vocab_size, self.ctx = vocab_size, ctx
+        self.part = ctx.split(vocab_size, "vocab_size")
+        self.start = ctx.rank * self.part
+        self.weight = nn.Parameter(torch.empty(self.part, dim, dtype=dtype, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.ctx.is_distributed:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.part)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, T, D)
+        y = y.masked_fill(outside.unsqueeze(-1), 0)
+        return self.ctx.all_reduce(y)
+
+
+class ParallelHead(nn.Module):
+    """Output head with the vocabulary split across ranks; logits gathered to full width (fp32)."""
+
+    shard_dim = 0
+
+    def __init__(self, dim: int, vocab_size: int, dtype: torch.dtype, device: torch.device | str,
+                 ctx: ParallelContext = SINGLE_PROCESS):
+        super().__init__()
+        self.ctx = ctx
+        self.weight = nn.Parameter(torch.empty(ctx.split(vocab_size, "vocab_size"), dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight.to(x.dtype)).float()  # (B, T, V/world)
+        return self.ctx.all_gather(logits, dim=-1)

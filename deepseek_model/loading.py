@@ -1,0 +1,192 @@
+"""from_pretrained: build the model from an HF checkpoint directory, strictly.
+
+Tensors are read through the index (a weight and its scale may sit in different shards), memory-
+mapped, one at a time. FP8 weights are dequantized per 128×128 block when a dense model is asked
+for, kept with their scales for `weights="fp8"`, and dense checkpoints can be quantized at load.
+Missing, unexpected or mis-shaped tensors, missing or mis-gridded scales and bad shards each raise
+a one-line CheckpointError naming the tensor or file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from deepseek_model.config import ModelConfig
+from deepseek_model.convert import names
+from deepseek_model.convert.checkpoint import CONFIG_FILE, CheckpointError, CheckpointReader
+from deepseek_model.kernels import ops, reference
+from deepseek_model.layers import FP8_DTYPE, LinearSpec
+from deepseek_model.model import Transformer
+from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
+
+WEIGHT_FORMATS = ("auto", "bf16", "fp8")
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}
+_EXPERT_RE = re.compile(r"\.ffn\.experts\.(\d+)\.")
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
+    return _DTYPE_NAMES[dtype]
+
+
+class _Loader:
+    """Copies checkpoint tensors into a constructed model, checking every name, shape and scale."""
+
+    def __init__(self, reader: CheckpointReader, model: Transformer, block: int, scale_fmt: str | None):
+        self.reader, self.model, self.block, self.scale_fmt = reader, model, block, scale_fmt
+        self.ctx: ParallelContext = model.ctx
+        self.targets = model.state_dict(keep_vars=True)
+        self.loaded: set[str] = set()
+
+    def where(self, hf_name: str) -> str:
+        return os.path.join(self.reader.path, self.reader.file_of(hf_name))
+
+    def _shard_dim(self, internal: str) -> int | None:
+        if not self.ctx.is_distributed:
+            return None
+        module = self.model.get_submodule(internal.rpartition(".")[0])
+        return getattr(module, "shard_dim", None)
+
+    def _read(self, hf_name: str, internal: str, rows_per_unit: int = 1) -> torch.Tensor:
+        """Read a tensor (this rank's slice of it when the target is split). `rows_per_unit` is the
+        number of weight rows/cols one element covers (the block size, for scales)."""
+        dim = self._shard_dim(internal)
+        if dim is None:
+            return self.reader.get(hf_name)
+        full = self.reader.shape(hf_name)
+        if full[dim] % self.ctx.world_size:
+            raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' dim {dim} ({full[dim]}) does not split "
+                                  f"over world size {self.ctx.world_size}")
+        part = full[dim] // self.ctx.world_size
+        lo = self.ctx.rank * part
+        sl = self.reader.get_slice(hf_name)
+        return sl[lo:lo + part] if dim == 0 else sl[:, lo:lo + part]
+
+    def _expected_shape(self, internal: str, target: torch.Tensor) -> tuple[int, ...]:
+        shape = list(target.shape)
+        dim = self._shard_dim(internal)
+        if dim is not None:
+            shape[dim] *= self.ctx.world_size
+        return tuple(shape)
+
+    def _check_shape(self, hf_name: str, internal: str, target: torch.Tensor) -> None:
+        got, want = self.reader.shape(hf_name), self._expected_shape(internal, target)
+        if got != want:
+            raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' has shape {list(got)}, the config "
+                                  f"needs {list(want)}")
+
+    def _scale_for(self, hf_name: str, internal: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
+        s_name = names.scale_name(hf_name)
+        if s_name not in self.reader:
+            raise CheckpointError(f"{self.where(hf_name)}: fp8 tensor '{hf_name}' has no scale '{s_name}'")
+        grid = tuple(-(-d // self.block) for d in weight_shape)
+        if self.reader.shape(s_name) != grid:
+            raise CheckpointError(f"{self.where(s_name)}: scale '{s_name}' has shape {list(self.reader.shape(s_name))}, "
+                                  f"the {self.block}x{self.block} block grid of its weight needs {list(grid)}")
+        return self._read(s_name, internal).float()
+
+    def load_tensor(self, hf_name: str) -> None:
+        internal = names.hf_to_internal(hf_name, self.model.cfg.num_hidden_layers)
+        if internal is None:
+            raise CheckpointError(f"{self.where(hf_name)}: unexpected tensor '{hf_name}'")
+        target = self.targets.get(internal)
+        if target is None:
+            if internal.startswith("mtp.") and self.model.mtp is None and self.model.cfg.num_nextn_predict_layers:
+                return  # MTP present in the checkpoint but not requested
+            m = _EXPERT_RE.search(internal)
+            if m and self.ctx.is_distributed and int(m.group(1)) < self.model.cfg.n_routed_experts:
+                return  # a routed expert that lives on another rank
+            raise CheckpointError(f"{self.where(hf_name)}: unexpected tensor '{hf_name}'")
+        self._check_shape(hf_name, internal, target)
+        src_dtype = self.reader.dtype(hf_name)
+        with torch.no_grad():
+            if src_dtype == FP8_DTYPE:
+                w = self._read(hf_name, internal)
+                s = self._scale_for(hf_name, internal, self.reader.shape(hf_name))
+                if target.dtype == FP8_DTYPE:
+                    target.copy_(w)
+                    scale_internal = internal[: -len("weight")] + "scale"
+                    self.targets[scale_internal].copy_(s)
+                    self.loaded.add(scale_internal)
+                else:
+                    target.copy_(ops.weight_dequant(w, s, self.block, dtype=target.dtype))
+            else:
+                if names.scale_name(hf_name) in self.reader:
+                    raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' is {src_dtype} but has a "
+                                          f"scale '{names.scale_name(hf_name)}' (only fp8 weights have scales)")
+                w = self._read(hf_name, internal)
+                if target.dtype == FP8_DTYPE:
+                    q, s = ops.weight_quant(w.float(), self.block, self.scale_fmt)
+                    target.copy_(q)
+                    scale_internal = internal[: -len("weight")] + "scale"
+                    self.targets[scale_internal].copy_(s)
+                    self.loaded.add(scale_internal)
+                else:
+                    target.copy_(w.to(target.dtype))
+        self.loaded.add(internal)
+
+    def run(self) -> None:
+        for hf_name in self.reader.names():
+            if names.is_scale_name(hf_name):
+                weight = names.weight_of_scale(hf_name)
+                if weight not in self.reader:
+                    raise CheckpointError(f"{self.where(hf_name)}: scale '{hf_name}' has no weight '{weight}'")
+                continue
+            self.load_tensor(hf_name)
+        missing = [n for n in self.targets if n not in self.loaded]
+        if missing:
+            hf = names.internal_to_hf(missing[0], self.model.cfg.num_hidden_layers)
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{self.reader.path}: missing tensor '{hf}'{more}")
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+                    device: torch.device | str = "cpu", attn: str = "absorb", weights: str = "auto",
+                    mtp: bool = True, max_seq_len: int | None = None, parallel: ParallelContext | None = None,
+                    backend: str = "torch") -> Transformer:
+    """Load a DeepSeek-V2/V3 model from an HF checkpoint directory.
+
+    Args:
+        path: directory with config.json, model.safetensors.index.json and shards.
+        dtype: compute dtype (torch.float32 or torch.bfloat16, or their names).
+        device: where the parameters live.
+        attn: "absorb" (latent-space attention) or "naive".
+        weights: "auto" (the checkpoint's own format), "bf16" (dense weights in `dtype`,
+            dequantized from fp8 if needed), or "fp8" (float8 weights + block scales run W8A8;
+            a dense checkpoint is quantized at load).
+        mtp: build and load the MTP module when the checkpoint has one.
+        max_seq_len: longest sequence accepted (default: max_position_embeddings).
+        parallel: ParallelContext of a tensor/expert-parallel job (default: single process).
+        backend: kernel backend for the fp8 ops ("torch" | "triton" | "auto").
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        CheckpointError: a file or tensor is missing, unexpected, mis-shaped or corrupt.
+        ConfigError: config.json is invalid.
+    """
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    dtype = _as_dtype(dtype)
+    ctx = parallel or SINGLE_PROCESS
+    reader = CheckpointReader(path)
+    cfg = ModelConfig.from_dict(reader.config(), source=os.path.join(reader.path, CONFIG_FILE))
+    ckpt_fp8 = any(reader.dtype(n) == FP8_DTYPE for n in reader.names())
+    use_fp8 = ckpt_fp8 if weights == "auto" else weights == "fp8"
+    quant = cfg.quantization
+    block = quant.block_size[0] if quant else reference.BLOCK
+    scale_fmt = quant.scale_fmt if quant else None
+    spec = LinearSpec(dtype=dtype, device=device, fp8=use_fp8, block_size=block, scale_fmt=scale_fmt,
+                      backend=backend)
+    model = Transformer(cfg, spec, ctx, attn=attn, mtp=mtp, max_seq_len=max_seq_len)
+    with reader:
+        _Loader(reader, model, block, scale_fmt).run()
+    return model.eval()

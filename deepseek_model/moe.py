@@ -1,0 +1,151 @@
+"""DeepSeekMoE: the Gate (router), SwiGLU experts, and the MoE layer with shared experts.
+
+Routing follows the config: V3 sigmoid scores with the fp32 correction bias used for selection
+only ("noaux_tc", top-2 group sums), or V2 softmax scores ("group_limited_greedy" with group max,
+or plain "greedy"). Masked groups are set to -inf, never 0: biased scores can be negative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_model.config import ModelConfig
+from deepseek_model.layers import ColumnParallelLinear, Linear, LinearSpec, RowParallelLinear
+from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
+
+NORM_EPS = 1e-20  # added to the sum of the top-k weights before renormalising
+GROUP_TOP = 2  # noaux_tc scores a group by the sum of its best two experts
+
+
+def _topk_stable(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of the last dim; ties go to the lower index."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+@dataclass
+class Routing:
+    """One router decision for N tokens.
+
+    Attributes:
+        weights: (N, K) combine weights (after normalisation and routed_scaling_factor), fp32.
+        indices: (N, K) expert ids.
+        scores: (N, E) fp32 scores (sigmoid or softmax), unbiased; kept for balance losses.
+    """
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+    scores: torch.Tensor
+
+
+class Gate(nn.Module):
+    """The router: fp32 logits, per-config scoring, group-limited top-k.
+
+    Args:
+        cfg: model config (scoring_func, topk_method, n_group, topk_group, num_experts_per_tok,
+            norm_topk_prob, routed_scaling_factor).
+        dtype: storage dtype of the router weight.
+        device: where parameters live.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.n_experts, self.topk = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scoring_func, self.method = cfg.scoring_func, cfg.topk_method
+        self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype, device=device))
+        if cfg.topk_method == "noaux_tc":
+            # The correction bias steers selection only and never receives gradients.
+            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32, device=device))
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """Route tokens x (N, hidden)."""
+        logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.bias is None else scores + self.bias  # (N, E), selection only
+        if self.method != "greedy" and self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # (N, G, E/G)
+            if self.method == "noaux_tc":
+                group_scores = grouped.topk(GROUP_TOP, dim=-1).values.sum(dim=-1)  # (N, G)
+            else:
+                group_scores = grouped.amax(dim=-1)  # (N, G)
+            keep = _topk_stable(group_scores, self.topk_group)  # (N, topk_group)
+            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)  # True = drop
+            choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)  # (N, E)
+        indices = _topk_stable(choice, self.topk)  # (N, K)
+        weights = scores.gather(1, indices)  # unbiased scores of the chosen experts
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + NORM_EPS)
+        return Routing(weights * self.route_scale, indices, scores)
+
+
+class Expert(nn.Module):
+    """One routed expert, held whole by one rank: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, dim: int, inter_dim: int, spec: LinearSpec):
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim, spec)
+        self.w2 = Linear(inter_dim, dim, spec)
+        self.w3 = Linear(dim, inter_dim, spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MLP(nn.Module):
+    """Tensor-parallel SwiGLU MLP (dense layers and the shared experts)."""
+
+    def __init__(self, dim: int, inter_dim: int, spec: LinearSpec, ctx: ParallelContext = SINGLE_PROCESS):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, inter_dim, spec, ctx)
+        self.w2 = RowParallelLinear(inter_dim, dim, spec, ctx)
+        self.w3 = ColumnParallelLinear(dim, inter_dim, spec, ctx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Routed experts (expert-parallel: this rank holds experts [lo, hi)) plus shared experts.
+
+    Args:
+        cfg: model config.
+        spec: linear storage/compute.
+        ctx: parallel context.
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: LinearSpec, ctx: ParallelContext = SINGLE_PROCESS):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        local = ctx.split(cfg.n_routed_experts, "n_routed_experts")
+        self.lo, self.hi = ctx.rank * local, (ctx.rank + 1) * local
+        self.ctx = ctx
+        self.gate = Gate(cfg, spec.dtype, spec.device)
+        self.experts = nn.ModuleList(
+            [Expert(cfg.hidden_size, cfg.moe_intermediate_size, spec) if self.lo <= e < self.hi else None
+             for e in range(cfg.n_routed_experts)])
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, spec, ctx)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, hidden)
+        routing = self.gate(flat)
+        y = torch.zeros_like(flat)
+        counts = torch.bincount(routing.indices.flatten(), minlength=self.n_experts).tolist()
+        for e in range(self.lo, self.hi):
+            if counts[e] == 0:
+                continue
+            token, slot = torch.where(routing.indices == e)  # (n_e,), (n_e,)
+            w = routing.weights[token, slot].unsqueeze(-1).to(x.dtype)  # (n_e, 1)
+            y.index_add_(0, token, self.experts[e](flat[token]) * w)
+        self.ctx.all_reduce(y)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(shape)

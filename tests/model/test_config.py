@@ -1,0 +1,79 @@
+"""ModelConfig parsing and validation against the published values (FACTS §1, §2)."""
+
+import json
+import math
+
+import pytest
+
+from deepseek_model.config import BUILTIN_CONFIGS, ConfigError, ModelConfig, builtin_config_dict
+from deepseek_model.rope import yarn_correction_range
+
+
+def test_v3_published_values():
+    cfg = ModelConfig.builtin("deepseek-v3")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.mtp_layer_index) == (7168, 61, 61)
+    assert cfg.latent_dim == 576 and cfg.qk_head_dim == 192
+    assert cfg.scoring_func == "sigmoid" and cfg.topk_method == "noaux_tc" and cfg.norm_topk_prob
+    assert cfg.quantization.block_size == (128, 128) and cfg.quantization.scale_fmt is None
+    # 192^-0.5 * (0.1 * ln 40 + 1)^2
+    assert cfg.softmax_scale == pytest.approx(0.13523, abs=1e-5)
+    assert yarn_correction_range(32, 1, 64, 10000, 4096) == (10, 23)
+    assert [cfg.is_moe_layer(i) for i in range(4)] == [False, False, False, True]
+
+
+def test_variants():
+    assert ModelConfig.builtin("deepseek-v3.1").quantization.scale_fmt == "ue8m0"
+    v2 = ModelConfig.builtin("deepseek-v2")
+    assert (v2.scoring_func, v2.topk_method, v2.topk_group, v2.routed_scaling_factor) == (
+        "softmax", "group_limited_greedy", 3, 16.0)
+    lite = ModelConfig.builtin("deepseek-v2-lite")
+    assert lite.q_lora_rank is None and lite.topk_method == "greedy" and lite.n_shared_experts == 2
+    assert lite.rope_scaling.mscale_all_dim == pytest.approx(0.707)
+    for name in BUILTIN_CONFIGS:
+        ModelConfig.builtin(name)
+
+
+def test_transformers_5_spellings():
+    d = builtin_config_dict("deepseek-v3")
+    rope = d.pop("rope_scaling")
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, **{k: v for k, v in rope.items() if k != "type"}}
+    d["rope_parameters"] = rope
+    d["dtype"] = d.pop("torch_dtype")
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.rope_scaling == ModelConfig.builtin("deepseek-v3").rope_scaling
+    assert cfg.torch_dtype == "bfloat16" and cfg.rope_theta == 10000.0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_group": 7}, "not divisible by n_group"),
+    ({"topk_group": 9}, "topk_group (9) exceeds n_group (8)"),
+    ({"scoring_func": "relu"}, "unknown scoring_func 'relu'"),
+    ({"topk_method": "random"}, "unknown topk_method 'random'"),
+    ({"hidden_size": None}, "missing required field 'hidden_size'"),
+    ({"qk_rope_head_dim": 63}, "must be even"),
+    ({"num_experts_per_tok": 300}, "exceeds n_routed_experts"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2}}, "unsupported rope scaling type"),
+])
+def test_validation_errors(change, message):
+    d = builtin_config_dict("deepseek-v3")
+    d.update(change)
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_dict(d, source="x/config.json")
+    assert message in str(e.value) and str(e.value).startswith("x/config.json:")
+    assert "\n" not in str(e.value)
+
+
+def test_from_json_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        ModelConfig.from_json(tmp_path)
+    (tmp_path / "config.json").write_text("{bad")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_json(tmp_path)
+
+
+def test_to_dict_round_trip(tmp_path):
+    cfg = ModelConfig.builtin("tiny")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    again = ModelConfig.from_json(tmp_path)
+    assert again == cfg
+    assert math.isclose(again.softmax_scale, cfg.softmax_scale)
