@@ -35,11 +35,11 @@ def _triton_ops():
 
 
 def act_quant(x: torch.Tensor, block_size: int = reference.BLOCK, scale_fmt: str | None = None,
-              backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+              backend: str = "torch", column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token per-128-channel fp8 quantization; see reference.act_quant."""
     if resolve_backend(backend, x.device) == "triton":
-        return _triton_ops().act_quant(x, block_size, scale_fmt)
-    return reference.act_quant(x, block_size, scale_fmt)
+        return _triton_ops().act_quant(x, block_size, scale_fmt, column_major_scales=column_major_scales)
+    return reference.act_quant(x, block_size, scale_fmt, column_major_scales=column_major_scales)
 
 
 def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_size: int = reference.BLOCK,

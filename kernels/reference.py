@@ -17,6 +17,7 @@ FP8_MAX = 448.0
 BLOCK = 128
 ACT_AMAX_FLOOR = 1e-4  # keeps the scale of an all-zero activation group finite
 SCALE_FMTS = (None, "ue8m0")
+SCALE_ROW_ALIGN = 4  # column-major activation scales: rows padded to 16 bytes (TMA alignment)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -36,19 +37,23 @@ def round_scale_ue8m0(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, torch.ldexp(torch.ones_like(s), exp), s)
 
 
-def act_quant(x: torch.Tensor, block_size: int = BLOCK,
-              scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = None,
+              column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations per token per `block_size` channels to fp8 e4m3.
 
     Args:
         x: [..., K] float tensor (any float dtype; math in fp32). K need not divide block_size.
         block_size: channels sharing one scale.
         scale_fmt: None (fp32 scales) or "ue8m0" (scales rounded up to powers of two).
+        column_major_scales: return the scales as a column-major [M, KB] view of a [KB, M_pad]
+            buffer (M_pad a multiple of 4), the layout TMA-based GEMMs read; x must be 2-D.
 
     Returns:
         (y, s): y float8_e4m3fn [..., K]; s fp32 [..., ceil(K/block_size)] with x ≈ y · s.
     """
     _check_scale_fmt(scale_fmt)
+    if column_major_scales and x.dim() != 2:
+        raise ValueError(f"x: column_major_scales needs a 2-D x, got shape {tuple(x.shape)}")
     *lead, k = x.shape
     kb = _ceil_div(k, block_size)
     xf = x.float()
@@ -62,6 +67,10 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK,
         s = round_scale_ue8m0(s)
     y = (groups / s.unsqueeze(-1)).to(FP8_DTYPE)  # (..., KB, BLOCK)
     y = y.reshape(*lead, kb * block_size)[..., :k]
+    if column_major_scales:
+        m_pad = _ceil_div(x.shape[0], SCALE_ROW_ALIGN) * SCALE_ROW_ALIGN
+        s_cm = torch.empty(kb, m_pad, dtype=s.dtype, device=s.device)[:, : x.shape[0]].t()  # (M, KB)
+        s = s_cm.copy_(s)
     return y.contiguous(), s
 
 

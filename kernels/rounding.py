@@ -1,0 +1,83 @@
+"""Bit-exact rounding helpers shared by the Triton kernels (`@triton.jit` device functions).
+
+Why: the Triton 3.2–3.9 CPU interpreter mis-casts fp32 → fp8e4nv (loses the carry when the
+mantissa rounds up, truncates subnormals, rounds ties away, turns > 448 into NaN) and truncates
+fp32 → bf16 (../shared/FACTS.md §3). So every kernel that writes fp8 or bf16 builds the output
+BIT PATTERN itself with integer round-to-nearest-even on the fp32 bits and stores it through a
+uint8 / int16 view of the output tensor. The same integer code runs on a GPU, so interpreter and
+GPU agree bit for bit, and both agree with torch's `.to(float8_e4m3fn)` (RNE, saturating to ±448)
+and `.to(bfloat16)` (RNE).
+
+e4m3fn layout: 1 sign bit, 4 exponent bits (bias 7), 3 mantissa bits; normal values 2^-6 .. 448;
+subnormals are multiples of 2^-9 below 2^-6; code 0x7F is NaN (never produced from finite input).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+E4M3_MAX = 448.0
+E4M3_MIN_NORMAL = 0.015625  # 2^-6
+BF16_SHIFT = 16  # bf16 is the top 16 bits of an fp32
+
+
+@triton.jit
+def e4m3_code(x):
+    """fp32 tensor → int32 tensor of e4m3fn codes (0..255), RNE and saturating like torch.
+
+    NaN inputs give the NaN code 0x7F (with the sign bit); ±inf saturate to ±448 as in torch.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80  # 0x80 if negative (arithmetic shift keeps the sign in bit 7)
+    mag = tl.minimum(tl.abs(x), 448.0)  # saturate first (NaN propagates through minimum? see below)
+    mbits = mag.to(tl.int32, bitcast=True)
+    # --- normal range |x| >= 2^-6: keep 3 of 23 mantissa bits, RNE on the dropped 20 bits.
+    lsb = (mbits >> 20) & 1
+    rbits = (mbits + 0x7FFFF + lsb) & -1048576  # ~0xFFFFF
+    exp_f32 = rbits >> 23  # biased fp32 exponent (sign is 0)
+    normal_code = ((exp_f32 - 120) << 3) | ((rbits >> 20) & 7)  # 120 = 127 - 7
+    # --- subnormal range: q = RNE(|x| / 2^-9) from the 24-bit significand, q in 0..8
+    exp_unb = (mbits >> 23) - 127
+    shift = tl.minimum(14 - exp_unb, 31)  # significand·2^(e-23) / 2^-9 = significand >> (14 - e)
+    shift = tl.maximum(shift, 1)
+    signif = (mbits & 0x7FFFFF) | 0x800000
+    q = signif >> shift
+    rem = signif & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
+    code = tl.where(mag >= 0.015625, normal_code, q)
+    code = tl.where(x != x, 0x7F, code)  # NaN
+    return code | sign
+
+
+@triton.jit
+def e4m3_value(x):
+    """fp32 tensor → fp32 tensor rounded onto the e4m3 grid (RNE, saturating), exact in fp32."""
+    code = e4m3_code(x)
+    exp_field = (code >> 3) & 15
+    mant = code & 7
+    sub = mant.to(tl.float32) * 0.001953125  # mant · 2^-9
+    norm_bits = ((exp_field + 120) << 23) | (mant << 20)
+    norm = norm_bits.to(tl.float32, bitcast=True)
+    mag = tl.where(exp_field == 0, sub, norm)
+    return tl.where((code & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def bf16_bits(x):
+    """fp32 tensor → int16 tensor holding the bf16 bit pattern, round-to-nearest-even (as torch)."""
+    bits = x.to(tl.int32, bitcast=True)
+    lsb = (bits >> 16) & 1
+    rounded = bits + 0x7FFF + lsb
+    rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
+    return (rounded >> 16).to(tl.int16)
+
+
+@triton.jit
+def ue8m0(s):
+    """Positive normal fp32 → the smallest power of two >= s (the UE8M0 scale format)."""
+    bits = s.to(tl.int32, bitcast=True)
+    exp_bits = bits & 0x7F800000
+    up = tl.where((bits & 0x7FFFFF) != 0, exp_bits + 0x800000, exp_bits)
+    return tl.where(s > 0, up.to(tl.float32, bitcast=True), s)

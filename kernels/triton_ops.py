@@ -1,0 +1,9 @@
+"""The Triton backend of kernels/ops.py: one entry per op, same signatures as the torch twins.
+
+Importing this module imports triton; on a machine without a GPU set TRITON_INTERPRET=1 first.
+"""
+
+from deepseek_model.kernels.fp8_gemm import fp8_gemm
+from deepseek_model.kernels.fp8_quant import act_quant, weight_dequant
+
+__all__ = ["act_quant", "weight_dequant", "fp8_gemm"]
