@@ -1,0 +1,166 @@
+"""from_pretrained: FP8 handling (ragged blocks exact, W8A8 path) and a one-line error per bad input."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import deepseek_model as dsm
+from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.kernels import reference
+
+INDEX = "model.safetensors.index.json"
+KV_A = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+
+
+def test_ragged_block_dequant_is_exact(tiny_fp8):
+    model = dsm.from_pretrained(tiny_fp8, dtype=torch.float32, weights="bf16")
+    with CheckpointReader(tiny_fp8) as r:
+        w, s = r.get(KV_A), r.get(KV_A + "_scale_inv")
+        assert r.file_of(KV_A) is not None
+    assert w.shape == (160, 256) and s.shape == (2, 2)  # 160 rows: one full and one ragged 32-row block
+    want = torch.empty(160, 256)
+    for i in range(2):
+        for j in range(2):
+            rows, cols = slice(128 * i, min(160, 128 * (i + 1))), slice(128 * j, 128 * (j + 1))
+            want[rows, cols] = w[rows, cols].float() * s[i, j]
+    assert torch.equal(model.layers[1].attn.wkv_a.weight.data, want)
+
+
+def test_scales_in_other_shards_are_found(tiny_fp8):
+    with CheckpointReader(tiny_fp8) as r:
+        split = [n for n in r.names() if n.endswith("_scale_inv") and r.file_of(n) != r.file_of(n[:-10])]
+    assert split, "the generator must put some scales in another shard than their weight"
+    dsm.from_pretrained(tiny_fp8, weights="bf16")
+
+
+def test_fp8_weights_run_w8a8(tiny_fp8):
+    m8 = dsm.from_pretrained(tiny_fp8, dtype=torch.float32, weights="fp8")
+    md = dsm.from_pretrained(tiny_fp8, dtype=torch.float32, weights="bf16")
+    lin = m8.layers[1].attn.wkv_a
+    assert lin.weight.dtype == torch.float8_e4m3fn and lin.scale.shape == (2, 2)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+    a, a_s = reference.act_quant(x)
+    x_q = (a.float().view(3, 2, 128) * a_s.unsqueeze(-1)).view(3, 256)  # activation fp8 round trip
+    torch.testing.assert_close(lin(x), x_q @ md.layers[1].attn.wkv_a.weight.T, rtol=1e-5, atol=1e-5)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y8, yd = m8(ids), md(ids)
+    assert torch.isfinite(y8).all()
+    agree = (y8.argmax(-1) == yd.argmax(-1)).float().mean().item()
+    print(f"W8A8 vs dequantized weights: max |logit diff| {(y8 - yd).abs().max().item():.3g} "
+          f"(scale {yd.abs().max().item():.3g}), greedy agreement {agree:.0%}")
+
+
+def test_dense_checkpoint_quantized_at_load(tiny_bf16):
+    m = dsm.from_pretrained(tiny_bf16, weights="fp8")
+    with CheckpointReader(tiny_bf16) as r:
+        w = r.get(KV_A).float()
+    lin = m.layers[1].attn.wkv_a
+    assert lin.weight.dtype == torch.float8_e4m3fn
+    assert lin.scale[0, 0].item() == (w[:128, :128].abs().max() / 448.0).item()  # fp32 amax/448
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.fixture
+def broken(tiny_fp8, tmp_path):
+    """A fresh copy of the tiny fp8 checkpoint to damage."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_fp8, dst)
+    return dst
+
+
+def _index(path):
+    return json.loads((path / INDEX).read_text())
+
+
+def _write_index(path, index):
+    (path / INDEX).write_text(json.dumps(index))
+
+
+def _add_shard(path, tensors, name="model-extra.safetensors"):
+    save_file(tensors, str(path / name))
+    index = _index(path)
+    index["weight_map"].update({k: name for k in tensors})
+    _write_index(path, index)
+
+
+def _error(path, **kw):
+    with pytest.raises(dsm.CheckpointError) as e:
+        dsm.from_pretrained(path, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_tensor(broken):
+    index = _index(broken)
+    del index["weight_map"]["model.layers.2.mlp.experts.3.up_proj.weight"]
+    del index["weight_map"]["model.layers.2.mlp.experts.3.up_proj.weight_scale_inv"]
+    _write_index(broken, index)
+    assert "missing tensor 'model.layers.2.mlp.experts.3.up_proj.weight'" in _error(broken)
+
+
+def test_unexpected_tensor(broken):
+    _add_shard(broken, {"model.layers.0.self_attn.rotary.weight": torch.zeros(2)})
+    msg = _error(broken)
+    assert "unexpected tensor 'model.layers.0.self_attn.rotary.weight'" in msg and "model-extra.safetensors" in msg
+
+
+def test_misshaped_tensor(broken):
+    _add_shard(broken, {"model.norm.weight": torch.zeros(255, dtype=torch.bfloat16)})
+    assert "'model.norm.weight' has shape [255], the config needs [256]" in _error(broken)
+
+
+def test_missing_scale(broken):
+    index = _index(broken)
+    del index["weight_map"][KV_A + "_scale_inv"]
+    _write_index(broken, index)
+    assert f"fp8 tensor '{KV_A}' has no scale '{KV_A}_scale_inv'" in _error(broken)
+
+
+def test_wrong_scale_grid(broken):
+    _add_shard(broken, {KV_A + "_scale_inv": torch.ones(1, 2)})
+    assert f"scale '{KV_A}_scale_inv' has shape [1, 2]" in _error(broken)
+
+
+def test_index_naming_file_outside(broken):
+    index = _index(broken)
+    index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
+    _write_index(broken, index)
+    assert "outside the checkpoint directory" in _error(broken)
+
+
+def test_missing_shard_and_index(broken):
+    os.remove(broken / "model-00002-of-000004.safetensors")
+    assert "model-00002-of-000004.safetensors: shard missing" in _error(broken)
+    os.remove(broken / INDEX)
+    assert "model.safetensors.index.json: missing" in _error(broken)
+
+
+def test_truncated_shard(broken):
+    shard = broken / "model-00003-of-000004.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    msg = _error(broken)
+    assert "model-00003-of-000004.safetensors: truncated" in msg
+
+
+def test_corrupt_shard_header(broken):
+    shard = broken / "model-00001-of-000004.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8:40] = b"#" * 32
+    shard.write_bytes(bytes(data))
+    assert "model-00001-of-000004.safetensors: corrupt safetensors header" in _error(broken)
+
+
+def test_bad_arguments(tiny_bf16):
+    with pytest.raises(ValueError, match="weights must be one of"):
+        dsm.from_pretrained(tiny_bf16, weights="int4")
+    with pytest.raises(ValueError, match="attn must be one of"):
+        dsm.from_pretrained(tiny_bf16, attn="flash")
+    with pytest.raises(dsm.CheckpointError, match="not a checkpoint directory"):
+        dsm.from_pretrained(os.path.join(tiny_bf16, "nope"))
