@@ -169,3 +169,112 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Ten
         acc += part * a_s[:, j:j + 1].float() * w_s_rows[:, j].unsqueeze(0)
     return acc.to(out_dtype)
 
+
+
+def check_moe_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     w13: torch.Tensor, w13_s: torch.Tensor, w2: torch.Tensor, w2_s: torch.Tensor,
+                     block_size: int = BLOCK) -> None:
+    """Raise ValueError naming the argument unless the routed-expert inputs fit together."""
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [T, H], got shape {tuple(x.shape)}")
+    t, h = x.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids: expected int [T={t}, topk], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights: expected shape {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}")
+    for name, w in (("w13", w13), ("w2", w2)):
+        if w.dtype != FP8_DTYPE or w.dim() != 3:
+            raise ValueError(f"{name}: expected a 3-D {FP8_DTYPE} tensor, got {w.dtype} {tuple(w.shape)}")
+    e, two_i, hw = w13.shape
+    if hw != h or two_i % 2:
+        raise ValueError(f"w13: expected [E, 2I, H={h}], got {tuple(w13.shape)}")
+    if tuple(w2.shape) != (e, h, two_i // 2):
+        raise ValueError(f"w2: expected [E, H, I] = {(e, h, two_i // 2)}, got {tuple(w2.shape)}")
+    for name, w, s in (("w13_s", w13, w13_s), ("w2_s", w2, w2_s)):
+        grid = (e, _ceil_div(w.shape[1], block_size), _ceil_div(w.shape[2], block_size))
+        if tuple(s.shape) != grid:
+            raise ValueError(f"{name}: expected block-scale shape {grid}, got {tuple(s.shape)}")
+    if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= e):
+        raise ValueError(f"topk_ids: expert ids must lie in [0, {e})")
+
+
+def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              w13: torch.Tensor, w13_s: torch.Tensor, w2: torch.Tensor, w2_s: torch.Tensor,
+              block_size: int = BLOCK, scale_fmt: str | None = None) -> torch.Tensor:
+    """Routed experts, W8A8, one expert at a time (the twin of the fused Triton MoE).
+
+    For each expert e and its routed tokens: a = act_quant(x); [g | u] = a·w13[e]ᵀ (fp32);
+    h = silu(g)·u; y = act_quant(h)·w2[e]ᵀ (fp32); out[token] += topk_weight · y.
+
+    Args:
+        x: [T, H] activations.
+        topk_weights: [T, topk] routing weights (already normalised and scaled).
+        topk_ids: [T, topk] int expert ids.
+        w13: [E, 2I, H] float8_e4m3fn, gate rows then up rows; w13_s [E, ceil(2I/b), ceil(H/b)] fp32.
+        w2: [E, H, I] float8_e4m3fn down projection; w2_s [E, ceil(H/b), ceil(I/b)] fp32.
+        block_size: b.
+        scale_fmt: activation scale format (None or "ue8m0").
+
+    Returns:
+        [T, H] in x.dtype (accumulated in fp32).
+    """
+    check_moe_inputs(x, topk_weights, topk_ids, w13, w13_s, w2, w2_s, block_size)
+    inter = w13.shape[1] // 2
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # (T, H)
+    a, a_s = act_quant(x, block_size, scale_fmt)  # (T, H), (T, HB): per token, so once for all experts
+    for e in range(w13.shape[0]):
+        tok, slot = (topk_ids == e).nonzero(as_tuple=True)  # (n_e,), (n_e,)
+        if tok.numel() == 0:
+            continue
+        gu = fp8_gemm(a[tok], a_s[tok], w13[e], w13_s[e], torch.float32, block_size)  # (n_e, 2I)
+        h = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]  # (n_e, I)
+        hq, hs = act_quant(h, block_size, scale_fmt)
+        y = fp8_gemm(hq, hs, w2[e], w2_s[e], torch.float32, block_size)  # (n_e, H)
+        out.index_add_(0, tok, y * topk_weights[tok, slot].float().unsqueeze(1))
+    return out.to(x.dtype)
+
+
+def check_mla_inputs(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
+                     cache_seqlens: torch.Tensor) -> None:
+    """Raise ValueError naming the argument unless the absorbed-MLA decode inputs fit together."""
+    if q_lat.dim() != 3 or q_rope.dim() != 3 or q_rope.shape[:2] != q_lat.shape[:2]:
+        raise ValueError(f"q_lat/q_rope: expected [B, H, C] and [B, H, R], got {tuple(q_lat.shape)}, "
+                         f"{tuple(q_rope.shape)}")
+    b, _, c = q_lat.shape
+    r = q_rope.shape[2]
+    if kv.dim() != 3 or kv.shape[0] != b or kv.shape[2] != c:
+        raise ValueError(f"kv: expected [B={b}, S, C={c}], got {tuple(kv.shape)}")
+    if tuple(k_rope.shape) != (b, kv.shape[1], r):
+        raise ValueError(f"k_rope: expected {(b, kv.shape[1], r)}, got {tuple(k_rope.shape)}")
+    if tuple(cache_seqlens.shape) != (b,) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cache_seqlens: expected int [B={b}], got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    if b and (int(cache_seqlens.min()) < 1 or int(cache_seqlens.max()) > kv.shape[1]):
+        raise ValueError(f"cache_seqlens: lengths must lie in [1, {kv.shape[1]}]")
+
+
+def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
+               cache_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Absorbed MLA decode (one query token per sequence) over the latent cache, plain attention.
+
+    scores = (q_lat·cᵀ + q_rope·k_ropeᵀ)·scale over the first cache_seqlens[b] positions,
+    softmax in fp32, o_lat = p·c. The latent c is both key (with k_rope) and value.
+
+    Args:
+        q_lat: [B, H, C] absorbed query (q_nope·W_UK), C = kv_lora_rank.
+        q_rope: [B, H, R] rotated rope query.
+        kv: [B, S, C] normalised latent cache (may be a view of a [B, S, C+R] cache).
+        k_rope: [B, S, R] rotated shared rope key.
+        cache_seqlens: [B] int valid lengths (>= 1).
+        scale: softmax scale.
+
+    Returns:
+        o_lat [B, H, C] fp32.
+    """
+    check_mla_inputs(q_lat, q_rope, kv, k_rope, cache_seqlens)
+    s_max = kv.shape[1]
+    scores = (torch.einsum("bhc,bsc->bhs", q_lat.float(), kv.float())
+              + torch.einsum("bhr,bsr->bhs", q_rope.float(), k_rope.float())) * scale  # (B, H, S)
+    valid = torch.arange(s_max, device=kv.device)[None, :] < cache_seqlens[:, None].to(kv.device)  # (B, S)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)  # (B, H, S) fp32
+    return torch.einsum("bhs,bsc->bhc", p, kv.float())  # (B, H, C)

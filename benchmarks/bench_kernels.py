@@ -1,0 +1,310 @@
+"""Kernel benchmark: block-fp8 GEMM, act_quant, fused MoE and MLA decode → JSON + markdown + PNG.
+
+On CUDA: the Triton kernels timed with triton.testing.do_bench (L2 flushed between repetitions,
+warm-up first) at the DeepSeek-V3 shapes and M values of FACTS §4, in TFLOP/s, GB/s and % of the
+H100 roofline floor, next to torch bf16 F.linear (and torch._scaled_mm with per-row scales where
+it runs) measured in the same run.
+On CPU (no GPU present): the same table for the pure-torch twins at restricted shapes, with the
+ratio against bf16 F.linear measured in the same run; GPU columns are left empty and the report
+says "no GPU present". `--interpret` also runs the Triton kernels in the interpreter on small
+shapes and checks them against their twins (correctness only: interpreter time means nothing).
+
+Usage: python -m deepseek_model.benchmarks.bench_kernels [--quick] [--interpret] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from deepseek_model.benchmarks import roofline
+from deepseek_model.kernels import reference
+
+NO_GPU = "no GPU present: CPU timings of the pure-torch twins only; no GPU figure was measured"
+DEFAULT_OUT = "bench_out/kernels"
+CPU_M_VALUES = (1, 16, 64)
+QUICK_M_VALUES = (1, 16)
+WARMUP = 1
+TRIALS = 3
+MOE_CFG = {"experts": 8, "topk": 2, "hidden": 512, "inter": 256}
+MLA_CFG = {"heads": 16, "kv_lora_rank": 512, "rope": 64, "seq": 1024}
+QUICK_MOE_CFG = {"experts": 4, "topk": 2, "hidden": 256, "inter": 128}
+QUICK_MLA_CFG = {"heads": 4, "kv_lora_rank": 64, "rope": 16, "seq": 96}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="deepseek-model bench kernels", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=DEFAULT_OUT, help="output directory for results.{json,md,png}")
+    p.add_argument("--json", default=None, help="also write the JSON report to this file")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")
+    p.add_argument("--interpret", action="store_true",
+                   help="run the Triton kernels in the CPU interpreter on small shapes vs their twins")
+    p.add_argument("--n-div", type=int, default=16, help="CPU: divide every N by this (default 16)")
+    p.add_argument("--k-div", type=int, default=1, help="CPU: divide every K by this (default 1)")
+    p.add_argument("--m", type=int, nargs="*", default=None, help="M values (default: FACTS §4 on GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.n_div < 1 or args.k_div < 1:
+        p.error("--n-div/--k-div: expected a positive integer")
+    return args
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    try:
+        import triton  # noqa: PLC0415
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def _time_cpu(fn: Callable[[], object], trials: int = TRIALS) -> float:
+    """Median wall time in seconds over `trials` calls after WARMUP calls."""
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _time_gpu(fn: Callable[[], object]) -> float:
+    """Median seconds from triton.testing.do_bench (warm-up, L2 flushed between repetitions)."""
+    import triton.testing  # noqa: PLC0415
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+
+
+def _fp8_operands(m: int, n: int, k: int, device: torch.device, gen: torch.Generator):
+    x = torch.randn(m, k, generator=gen).to(device)
+    w = (torch.randn(n, k, generator=gen) * 0.02).to(device)
+    a, a_s = reference.act_quant(x)
+    q, w_s = reference.weight_quant(w)
+    return x.bfloat16(), w.bfloat16(), a, a_s, q, w_s
+
+
+def _gemm_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> list[dict]:
+    gen = torch.Generator().manual_seed(args.seed)
+    shapes = roofline.V3_GEMM_SHAPES[:3] if args.quick else roofline.V3_GEMM_SHAPES
+    ms = args.m or (roofline.V3_M_VALUES if on_gpu else (QUICK_M_VALUES if args.quick else CPU_M_VALUES))
+    n_div, k_div = (64, 16) if args.quick and not on_gpu else (args.n_div, args.k_div)
+    rows = []
+    for name, n_full, k_full in shapes:
+        n = n_full if on_gpu else max(reference.BLOCK, n_full // n_div)
+        k = k_full if on_gpu else max(reference.BLOCK, k_full // k_div)
+        for m in ms:
+            xb, wb, a, a_s, q, w_s = _fp8_operands(m, n, k, device, gen)
+            flops, nbytes = roofline.gemm_flops(m, n, k), roofline.fp8_gemm_bytes(m, n, k)
+            row = {"op": "fp8_gemm", "shape": name, "M": m, "N": n, "K": k}
+            t_bf16 = (_time_gpu if on_gpu else _time_cpu)(lambda: F.linear(xb, wb))
+            row["bf16_linear_s"] = t_bf16
+            if on_gpu:
+                from deepseek_model.kernels import triton_ops  # noqa: PLC0415
+
+                t = _time_gpu(lambda: triton_ops.fp8_gemm(a, a_s, q, w_s, torch.bfloat16))
+                floor = roofline.fp8_gemm_floor(m, n, k)
+                row.update(triton_s=t, tflops=flops / t / 1e12, gbps=nbytes / t / 1e9,
+                           pct_of_floor=100.0 * floor / t,
+                           bf16_pct_of_floor=100.0 * roofline.bf16_gemm_floor(m, n, k) / t_bf16,
+                           speedup_vs_bf16=t_bf16 / t, scaled_mm_s=_scaled_mm_time(a, q, m, n))
+            else:
+                t = _time_cpu(lambda: reference.fp8_gemm(a, a_s, q, w_s, torch.bfloat16))
+                row.update(twin_s=t, gflops=flops / t / 1e9, gbps=nbytes / t / 1e9,
+                           ratio_vs_bf16=t / t_bf16)
+            rows.append(row)
+    return rows
+
+
+def _scaled_mm_time(a: torch.Tensor, q: torch.Tensor, m: int, n: int) -> float | None:
+    """torch._scaled_mm with per-row / per-column fp32 scales (not block scales), if it runs."""
+    try:
+        sa = torch.ones(m, 1, device=a.device)
+        sb = torch.ones(1, n, device=a.device)
+        return _time_gpu(lambda: torch._scaled_mm(a, q.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _act_quant_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> list[dict]:
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    k = 7168 if not args.quick else 1024
+    ms = (1, 64, 4096) if on_gpu else ((1, 16) if args.quick else (1, 64, 512))
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, generator=gen).to(device).bfloat16()
+        nbytes = roofline.act_quant_bytes(m, k)
+        row = {"op": "act_quant", "shape": f"bf16 [M, {k}]", "M": m, "K": k}
+        if on_gpu:
+            from deepseek_model.kernels import triton_ops  # noqa: PLC0415
+
+            t = _time_gpu(lambda: triton_ops.act_quant(x, reference.BLOCK, None))
+            row.update(triton_s=t, gbps=nbytes / t / 1e9,
+                       pct_of_floor=100.0 * nbytes / (roofline.H100_SXM.hbm_tbps * 1e12) / t)
+        else:
+            t = _time_cpu(lambda: reference.act_quant(x))
+            row.update(twin_s=t, gbps=nbytes / t / 1e9)
+        rows.append(row)
+    return rows
+
+
+def _write_outputs(report: dict, out_dir: Path, json_file: str | None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2)
+    (out_dir / "results.json").write_text(text, encoding="utf-8")
+    if json_file:
+        Path(json_file).write_text(text, encoding="utf-8")
+    (out_dir / "results.md").write_text(_markdown(report), encoding="utf-8")
+    _plot(report, out_dir / "results.png")
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _markdown(report: dict) -> str:
+    on_gpu = report["gpu_present"]
+    parts = ["# bench kernels", "", f"**{report['statement']}**", "",
+             f"device: {report['device']} · torch {report['versions']['torch']} · "
+             f"triton {report['versions']['triton']}", ""]
+    groups: dict[str, list[dict]] = {}
+    for r in report["rows"]:
+        groups.setdefault(r["op"], []).append(r)
+    for op, rows in groups.items():
+        cols = [c for c in rows[0] if c != "op"]
+        for r in rows[1:]:
+            cols += [c for c in r if c not in cols and c != "op"]
+        parts += [f"## {op}", "", _table(rows, cols), ""]
+    if not on_gpu:
+        parts += ["ratio_vs_bf16 = twin time / bf16 F.linear time at the same shape, same run "
+                  "(> 1: the fp8 twin is slower on this CPU). GPU columns (% of roofline floor) are "
+                  "not reported: no GPU present.", ""]
+    if report.get("interpret_checks"):
+        parts += ["## Triton interpreter checks (correctness only, vs the torch twins)", "",
+                  _table(report["interpret_checks"], ["op", "shape", "metric", "value", "ok"]), ""]
+    return "\n".join(parts)
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    on_gpu = report["gpu_present"]
+    key = "pct_of_floor" if on_gpu else "ratio_vs_bf16"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    gemm = [r for r in report["rows"] if r["op"] == "fp8_gemm" and r.get(key) is not None]
+    for shape in dict.fromkeys(r["shape"] for r in gemm):
+        pts = [(r["M"], r[key]) for r in gemm if r["shape"] == shape]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=shape)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (tokens)")
+    ax.set_ylabel("% of H100 roofline floor" if on_gpu else "fp8 twin time / bf16 F.linear time")
+    ax.set_title("fp8_gemm (Triton, GPU)" if on_gpu else "fp8_gemm torch twin on CPU — no GPU present")
+    if gemm:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
+
+
+def _check(op: str, shape: str, metric: str, value: float | bool, ok: bool) -> dict:
+    return {"op": op, "shape": shape, "metric": metric, "value": value, "ok": bool(ok)}
+
+
+def _interpret_checks(args: argparse.Namespace) -> list[dict]:
+    """Run the Triton kernels in the interpreter on small shapes; compare with their twins."""
+    from deepseek_model.kernels import triton_ops  # noqa: PLC0415
+    from deepseek_model.kernels.tiles import TileConfig  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(args.seed)
+    checks = []
+    x = torch.randn(77, 320, generator=gen) * 3
+    for fmt in (None, "ue8m0"):
+        y, s = triton_ops.act_quant(x, reference.BLOCK, fmt)
+        y_ref, s_ref = reference.act_quant(x, reference.BLOCK, fmt)
+        same = torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+        checks.append(_check("act_quant", f"[77, 320] scale_fmt={fmt}", "byte-exact", same, same))
+    q, w_s = reference.weight_quant(torch.randn(576, 320, generator=gen) * 0.02)
+    for dtype in (torch.float32, torch.bfloat16):
+        same = torch.equal(triton_ops.weight_dequant(q, w_s, reference.BLOCK, dtype),
+                           reference.weight_dequant(q, w_s, reference.BLOCK, dtype))
+        checks.append(_check("weight_dequant", f"[576, 320] -> {dtype}", "exact", same, same))
+    a, a_s = reference.act_quant(x)
+    ms = (1, 77) if not args.quick else (1,)
+    for m in ms:
+        want = reference.fp8_gemm(a[:m], a_s[:m], q, w_s, torch.float32)
+        for split in (1, 3):
+            cfg = TileConfig(BLOCK_M=16 if m == 1 else 64, BLOCK_N=128, SPLIT_K=split)
+            got = triton_ops.fp8_gemm(a[:m], a_s[:m], q, w_s, torch.float32, config=cfg)
+            err = _rel_err(got, want)
+            checks.append(_check("fp8_gemm", f"M={m} N=576 K=320 split_k={split}", "max rel err vs twin",
+                                 err, err <= 1e-5))
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the kernel benchmark; return 0 on success, 1 if an interpreter check failed."""
+    args = _parse(argv)
+    on_gpu = torch.cuda.is_available() and not args.interpret
+    if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        if "deepseek_model.kernels.fp8_quant" in sys.modules:
+            print("error: --interpret needs TRITON_INTERPRET=1 before the kernels are imported", file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"  # read by triton when the kernels are decorated
+    device = torch.device("cuda" if on_gpu else "cpu")
+    torch.manual_seed(args.seed)
+    report = {
+        "device": torch.cuda.get_device_name(0) if on_gpu else f"cpu ({platform.processor() or platform.machine()}, "
+                                                                f"{torch.get_num_threads()} threads)",
+        "gpu_present": on_gpu,
+        "statement": ("GPU timings (triton.testing.do_bench, L2 flushed, warm-up); % of floor vs the "
+                      "H100 SXM paper roofline" if on_gpu else NO_GPU),
+        "versions": _versions(),
+        "config": {k: v for k, v in vars(args).items()},
+        "rows": [],
+    }
+    report["rows"] += _gemm_rows(args, device, on_gpu)
+    report["rows"] += _act_quant_rows(args, device, on_gpu)
+    ok = True
+    if args.interpret:
+        checks = _interpret_checks(args)
+        report["interpret_checks"] = checks
+        ok = all(c["ok"] for c in checks)
+    out_dir = Path(args.out)
+    _write_outputs(report, out_dir, args.json)
+    print(_markdown(report))
+    print(f"wrote {out_dir / 'results.json'}, results.md, results.png")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
