@@ -1,0 +1,55 @@
+"""The `deepseek-model` console script: one subcommand per module in deepseek_model.commands.
+
+Each command module exposes HELP (one line), add_arguments(parser) and run(args) -> exit code.
+Bad input (ValueError, OSError, CheckpointError, ConfigError) prints one `error: ...` line and
+exits 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command, module): the module provides HELP, add_arguments(parser), run(args).
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("demo", "deepseek_model.commands.demo"),
+    ("make-tiny", "deepseek_model.commands.make_tiny"),
+    ("inspect", "deepseek_model.commands.inspect"),
+    ("bench", "deepseek_model.commands.bench"),
+)
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """The argument parser and the command → module map."""
+    parser = argparse.ArgumentParser(prog="deepseek-model",
+                                     description="DeepSeek-V3-style MoE models: run, inspect, convert, benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    for name, module_name in COMMANDS:
+        module = importlib.import_module(module_name)
+        help_text = getattr(module, "HELP", None) or (module.__doc__ or "").strip().splitlines()[0]
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        modules[name] = module
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError) as e:  # CheckpointError, ConfigError and ConvertError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

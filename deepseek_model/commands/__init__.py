@@ -1,0 +1,1 @@
+"""Subcommands of the `deepseek-model` console script (see deepseek_model.cli)."""

@@ -1,0 +1,24 @@
+"""bench: run one of the benchmarks (kernels, model, convert) with its own arguments."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+HELP = "run a benchmark: kernels | model | convert (arguments after the name go to the benchmark)"
+BENCHMARKS = ("kernels", "model", "convert")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `bench`: the benchmark name, then its own arguments."""
+    p.add_argument("name", choices=BENCHMARKS, help="which benchmark")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (see NAME --help)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Import deepseek_model.benchmarks.bench_NAME and call its main(argv)."""
+    try:
+        module = importlib.import_module(f"deepseek_model.benchmarks.bench_{args.name}")
+    except ModuleNotFoundError as e:
+        raise ValueError(f"benchmark '{args.name}' is not available in this install ({e.name})") from None
+    return int(module.main(args.args) or 0)

@@ -1,0 +1,61 @@
+"""inspect: architecture, parameter counts, formats, memory and cache size of a checkpoint or config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from deepseek_model.config import BUILTIN_CONFIGS, ModelConfig
+from deepseek_model.convert.checkpoint import CONFIG_FILE, CheckpointReader
+from deepseek_model.summary import model_summary
+
+HELP = "describe a checkpoint directory (or a built-in config): parameters, FP8 coverage, memory, cache"
+GIB = 1024 ** 3
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `inspect`."""
+    p.add_argument("ckpt", help=f"checkpoint directory, or a built-in config name ({', '.join(BUILTIN_CONFIGS)})")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _human(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the summary (text or JSON)."""
+    if os.path.isdir(args.ckpt):
+        reader = CheckpointReader(args.ckpt)
+        cfg = ModelConfig.from_dict(reader.config(), source=os.path.join(reader.path, CONFIG_FILE))
+    elif args.ckpt in BUILTIN_CONFIGS:
+        reader, cfg = None, ModelConfig.builtin(args.ckpt)
+    else:
+        raise ValueError(f"{args.ckpt}: not a checkpoint directory or a built-in config name")
+    s = model_summary(cfg, reader)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    a, p, mem, cache = s["architecture"], s["parameters"], s["memory_bytes"], s["cache_bytes_per_token"]
+    print(f"{args.ckpt}")
+    print(f"  layers {a['layers']} ({a['dense_layers']} dense), hidden {a['hidden_size']}, heads {a['heads']}, "
+          f"q_lora {a['q_lora_rank']}, kv_lora {a['kv_lora_rank']} + rope {a['rope']}")
+    print(f"  experts {a['routed_experts']} routed + {a['shared_experts']} shared, {a['experts_per_token']} per token, "
+          f"routing {a['routing']}, vocab {a['vocab']}, MTP layers {a['mtp_layers']}, YaRN factor {a['yarn_factor']}")
+    print(f"  parameters: total {_human(p['total'])}, active per token {_human(p['active'])}, "
+          f"MTP {_human(p['mtp'])}")
+    print(f"  weights: bf16 {mem['bf16'] / GIB:.2f} GiB, fp8 {mem['fp8'] / GIB:.2f} GiB")
+    ratio = cache["per_head_kv"] / cache["latent"]
+    print(f"  KV cache per token (bf16, all layers): latent {cache['latent']} B vs per-head K/V "
+          f"{cache['per_head_kv']} B ({ratio:.1f}x smaller)")
+    if "checkpoint" in s:
+        c = s["checkpoint"]
+        dtypes = ", ".join(f"{k} {v['tensors']} tensors / {v['bytes'] / 1e6:.1f} MB" for k, v in c["dtypes"].items())
+        print(f"  checkpoint: {c['files']} shards; {dtypes}")
+        print(f"  fp8 coverage: {c['fp8_weights']}/{c['fp8_eligible']} eligible weights; "
+              f"MTP present: {c['mtp_present']}")
+    return 0

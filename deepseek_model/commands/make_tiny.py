@@ -1,0 +1,33 @@
+"""make-tiny: write a deterministic tiny checkpoint in the published HF layout."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from deepseek_model.config import BUILTIN_CONFIGS
+from deepseek_model.testing import DEFAULT_SHARDS, make_tiny_checkpoint
+
+HELP = "write a deterministic random checkpoint in the exact HF layout (bf16 or FP8, with MTP)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `make-tiny`."""
+    p.add_argument("out", help="output directory (must not exist or be empty)")
+    p.add_argument("--fp8", action="store_true", help="store the published FP8 tensor set with block scales")
+    p.add_argument("--seed", type=int, default=0, help="RNG seed (same seed: identical bytes)")
+    p.add_argument("--config", default="tiny", choices=BUILTIN_CONFIGS, help="built-in architecture")
+    p.add_argument("--no-mtp", action="store_true", help="leave out the MTP layer")
+    p.add_argument("--shards", type=int, default=DEFAULT_SHARDS, help="number of safetensors shards")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the checkpoint and print where."""
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        raise ValueError(f"{args.out}: exists and is not an empty directory")
+    if args.shards < 1:
+        raise ValueError(f"--shards must be >= 1, got {args.shards}")
+    path = make_tiny_checkpoint(args.out, args.config, fp8=args.fp8, seed=args.seed, mtp=not args.no_mtp,
+                                num_shards=args.shards)
+    print(f"wrote {'fp8' if args.fp8 else 'bf16'} '{args.config}' checkpoint to {path}")
+    return 0

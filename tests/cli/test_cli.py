@@ -1,0 +1,70 @@
+"""The console script: make-tiny, inspect, demo; bad input exits non-zero with one line, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "deepseek_model.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_make_tiny_and_inspect(tmp_path):
+    out = tmp_path / "ck"
+    _cli("make-tiny", str(out), "--fp8", "--seed", "3")
+    assert (out / "model.safetensors.index.json").exists()
+    assert (out / "model-00001-of-000004.safetensors").exists()
+    s = json.loads(_cli("inspect", str(out), "--json").stdout)
+    assert s["checkpoint"]["fp8_weights"] == s["checkpoint"]["fp8_eligible"] > 0
+    assert s["checkpoint"]["mtp_present"] is True
+    # same seed → identical bytes
+    again = tmp_path / "ck2"
+    _cli("make-tiny", str(again), "--fp8", "--seed", "3")
+    for f in out.iterdir():
+        assert f.read_bytes() == (again / f.name).read_bytes(), f.name
+
+
+def test_inspect_v3_published_sizes():
+    s = json.loads(_cli("inspect", "deepseek-v3", "--json").stdout)
+    assert round(s["parameters"]["total"] / 1e9) == 671
+    assert round(s["parameters"]["active"] / 1e9) in (37, 38)
+    c = s["cache_bytes_per_token"]
+    assert c["latent"] == 576 * 61 * 2 and c["per_head_kv"] / c["latent"] > 71
+
+
+def test_demo_runs():
+    proc = _cli("demo", "--new-tokens", "4")
+    assert "absorbed vs naive" in proc.stdout and "(ok)" in proc.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["inspect", "/no/such/dir"], "not a checkpoint directory or a built-in config"),
+    (["demo", "--new-tokens", "0"], "--new-tokens must be >= 1"),
+])
+def test_bad_input_one_line(args, needle):
+    proc = _cli(*args, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+
+
+def test_make_tiny_refuses_non_empty(tmp_path):
+    (tmp_path / "x").write_text("keep me")
+    proc = _cli("make-tiny", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "not an empty directory" in proc.stderr
+    assert (tmp_path / "x").read_text() == "keep me"
+
+
+def test_corrupt_checkpoint_inspect(tmp_path):
+    out = tmp_path / "ck"
+    _cli("make-tiny", str(out))
+    (out / "model.safetensors.index.json").write_text("{")
+    proc = _cli("inspect", str(out), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not valid JSON" in proc.stderr
