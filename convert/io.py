@@ -1,0 +1,179 @@
+"""Safe output directories: path checks, a temporary sibling renamed into place, file copies.
+
+Every converter writes into `.<DST name>.tmp-<pid>` next to DST and renames it to DST only once all
+files are written, fsynced and checked. A run killed at any point leaves at most that temporary
+directory behind; the next run removes it (its pid is no longer alive) and starts clean. SRC is only
+ever opened read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable, Iterable
+
+TMP_TAG = ".tmp-"
+OLD_TAG = ".old-"
+
+
+class ConvertError(ValueError):
+    """Bad input or arguments for a conversion; the one-line message names the file or tensor."""
+
+
+def check_paths(src: str, dst: str, overwrite: bool) -> tuple[str, str]:
+    """Validate SRC and DST of a conversion.
+
+    Args:
+        src: an existing checkpoint directory.
+        dst: the output directory; must not be SRC, inside SRC, or contain SRC; an existing
+            non-empty DST needs `overwrite`.
+        overwrite: allow replacing an existing DST.
+
+    Returns:
+        (absolute src, absolute dst).
+
+    Raises:
+        ConvertError: the paths are unusable.
+    """
+    src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
+    if not os.path.isdir(src_abs):
+        raise ConvertError(f"{src}: source is not a directory")
+    src_real, dst_real = os.path.realpath(src_abs), os.path.realpath(dst_abs)
+    if dst_real == src_real:
+        raise ConvertError(f"{dst}: destination is the source directory")
+    if dst_real.startswith(src_real + os.sep):
+        raise ConvertError(f"{dst}: destination is inside the source directory {src}")
+    if src_real.startswith(dst_real + os.sep):
+        raise ConvertError(f"{dst}: destination contains the source directory {src}")
+    if os.path.lexists(dst_abs):
+        if not os.path.isdir(dst_abs):
+            raise ConvertError(f"{dst}: exists and is not a directory")
+        if os.listdir(dst_abs) and not overwrite:
+            raise ConvertError(f"{dst}: exists and is not empty (pass --overwrite to replace it)")
+    return src_abs, dst_abs
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_siblings(dst: str) -> list[str]:
+    """Leftover temporary/old directories of DST whose writing process is gone."""
+    parent, base = os.path.split(os.path.abspath(dst))
+    out = []
+    if not os.path.isdir(parent):
+        return out
+    for entry in os.listdir(parent):
+        for tag in (TMP_TAG, OLD_TAG):
+            prefix = f".{base}{tag}"
+            if entry.startswith(prefix) and entry[len(prefix):].isdigit():
+                if not _pid_alive(int(entry[len(prefix):])):
+                    out.append(os.path.join(parent, entry))
+    return out
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a directory entry table to disk (makes renames durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicOutputDir:
+    """A temporary sibling directory that becomes DST only on `commit`.
+
+    Use as a context manager: leaving the block without `commit` (an error) removes the temporary
+    directory; DST is untouched until the final rename.
+
+    Args:
+        dst: absolute destination path (checked with `check_paths`).
+    """
+
+    def __init__(self, dst: str):
+        self.dst = os.path.abspath(dst)
+        parent, base = os.path.split(self.dst)
+        self.tmp = os.path.join(parent, f".{base}{TMP_TAG}{os.getpid()}")
+        self._old = os.path.join(parent, f".{base}{OLD_TAG}{os.getpid()}")
+        self.committed = False
+
+    def __enter__(self) -> AtomicOutputDir:
+        for stale in stale_siblings(self.dst):
+            shutil.rmtree(stale, ignore_errors=True)
+        os.makedirs(os.path.dirname(self.dst), exist_ok=True)
+        if os.path.exists(self.tmp):
+            shutil.rmtree(self.tmp)
+        os.mkdir(self.tmp)
+        return self
+
+    def path(self, *parts: str) -> str:
+        """A path inside the temporary directory."""
+        return os.path.join(self.tmp, *parts)
+
+    def commit(self, check: Callable[[str], None] | None = None) -> None:
+        """Check the temporary directory, then rename it to DST (replacing an old DST).
+
+        Args:
+            check: called with the temporary directory; raises if the output is incomplete.
+        """
+        if check is not None:
+            check(self.tmp)
+        fsync_dir(self.tmp)
+        replaced = os.path.lexists(self.dst)
+        if replaced:
+            os.rename(self.dst, self._old)
+        os.rename(self.tmp, self.dst)
+        fsync_dir(os.path.dirname(self.dst))
+        if replaced:
+            shutil.rmtree(self._old, ignore_errors=True)
+        self.committed = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def copy_other_files(src: str, dst: str, skip: Iterable[str]) -> list[str]:
+    """Copy every top-level entry of SRC not in `skip` (tokenizer, generation config, code, ...).
+
+    Args:
+        src: source directory.
+        dst: destination directory (exists).
+        skip: file names not to copy (shards, index, config.json — written by the converter).
+
+    Returns:
+        The copied names.
+    """
+    skip = set(skip)
+    copied = []
+    for entry in sorted(os.listdir(src)):
+        if entry in skip:
+            continue
+        s, d = os.path.join(src, entry), os.path.join(dst, entry)
+        if os.path.isdir(s):
+            shutil.copytree(s, d, symlinks=False)
+        elif os.path.isfile(s):
+            shutil.copyfile(s, d)
+            with open(d, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            continue
+        copied.append(entry)
+    return copied
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write a JSON file (indent 2, trailing newline) and fsync it."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())

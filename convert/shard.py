@@ -1,0 +1,233 @@
+"""Resharding for tensor + expert parallelism (`shard`) and back to the HF layout (`merge`).
+
+Split rules (as the official inference code runs the model):
+  * column (dim 0, output features): q_b_proj | q_proj, kv_b_proj, dense and shared-expert
+    gate_proj / up_proj, embed_tokens and lm_head (vocab rows; also the MTP copies);
+  * row (dim 1, input features): o_proj, dense and shared-expert down_proj;
+  * routed experts: whole, on rank e // (n_routed_experts / N);
+  * everything else (norms, q_a / kv_a projections, router, eh_proj, ...) replicated.
+A `weight_scale_inv` is split with its weight, so an FP8 split boundary must fall on a 128-block.
+Ranks are written one at a time, tensor by tensor, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from deepseek_model.convert import names
+from deepseek_model.convert.checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointReader
+from deepseek_model.convert.fp8 import FP8_DTYPES, block_size_of, check_fp8_pairs
+from deepseek_model.convert.io import AtomicOutputDir, ConvertError, check_paths, copy_other_files, write_json
+from deepseek_model.convert.pipeline import Advance, TensorJob, check_hf_output, write_index, write_shards
+from deepseek_model.convert.sharded import (MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, SPLIT_COLUMN,
+                                            SPLIT_EXPERT, SPLIT_REPLICATED, SPLIT_ROW, ShardedSource,
+                                            rank_file_name, read_manifest)
+from deepseek_model.convert.mtp import tensors_by_file
+from deepseek_model.convert.stream import (DTYPE_CODES, DTYPE_OF_CODE, ShardWriter, SourceReader, TensorSpec, check_written_file,
+                                           row_bands)
+
+_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.")
+_COLUMN_RE = re.compile(
+    r"^(model\.embed_tokens\.weight|lm_head\.weight"
+    r"|model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"
+    r"|model\.layers\.\d+\.self_attn\.(q_b_proj|q_proj|kv_b_proj)\.weight"
+    r"|model\.layers\.\d+\.mlp\.(shared_experts\.)?(gate_proj|up_proj)\.weight)$"
+)
+_ROW_RE = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.o_proj|mlp\.(shared_experts\.)?down_proj)\.weight$"
+)
+
+
+def split_rule(hf_name: str) -> tuple[str, int | None]:
+    """(split kind, split dim) of an HF tensor; a scale follows its weight."""
+    base = names.weight_of_scale(hf_name) if names.is_scale_name(hf_name) else hf_name
+    if _EXPERT_RE.search(base):
+        return SPLIT_EXPERT, None
+    if _COLUMN_RE.match(base):
+        return SPLIT_COLUMN, 0
+    if _ROW_RE.match(base):
+        return SPLIT_ROW, 1
+    return SPLIT_REPLICATED, None
+
+
+def expert_index(hf_name: str) -> int:
+    """The routed-expert index in `...mlp.experts.{e}...`."""
+    return int(_EXPERT_RE.search(hf_name).group(1))
+
+
+def plan_splits(reader: CheckpointReader, world_size: int) -> dict[str, dict[str, Any]]:
+    """How each tensor is split for `world_size` ranks, after checking that the split is legal.
+
+    Returns:
+        {HF name: {"dtype", "shape", "split", "dim"[, "rank"]}} (the manifest's "tensors").
+
+    Raises:
+        ConvertError: world_size does not divide heads / experts / vocab, a split dimension, or
+            cuts an FP8 128-block (the scale could not be split with its weight).
+    """
+    config = reader.config()
+    source = f"{reader.path}/config.json"
+    if world_size < 1:
+        raise ConvertError(f"--model-parallel must be >= 1, got {world_size}")
+    for field in ("num_attention_heads", "n_routed_experts", "vocab_size"):
+        value = config.get(field)
+        if not isinstance(value, int):
+            raise ConvertError(f"{source}: missing or invalid '{field}'")
+        if value % world_size:
+            raise ConvertError(f"--model-parallel {world_size}: {field} ({value}) is not divisible by {world_size}")
+    block = block_size_of(config, source)
+    check_fp8_pairs(reader, block)
+    experts_per_rank = config["n_routed_experts"] // world_size
+    plan: dict[str, dict[str, Any]] = {}
+    for name in reader.names():
+        shape, dtype = reader.shape(name), reader.dtype(name)
+        kind, dim = split_rule(name)
+        info: dict[str, Any] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "split": kind, "dim": dim}
+        if kind == SPLIT_EXPERT:
+            e = expert_index(name)
+            if e >= config["n_routed_experts"]:
+                raise ConvertError(f"{name}: expert {e} >= n_routed_experts ({config['n_routed_experts']})")
+            info["rank"] = e // experts_per_rank
+        elif dim is not None and not names.is_scale_name(name):
+            if len(shape) <= dim or shape[dim] % world_size:
+                raise ConvertError(f"--model-parallel {world_size}: {name} dim {dim} of shape {list(shape)} "
+                                   f"is not divisible by {world_size}")
+            part = shape[dim] // world_size
+            if dtype in FP8_DTYPES and part % block:
+                raise ConvertError(f"--model-parallel {world_size}: {name} would be split into parts of {part} "
+                                   f"along dim {dim}, not a multiple of the {block}-block its scale is split by")
+        plan[name] = info
+    return plan
+
+
+def rank_spec(name: str, info: dict[str, Any], world_size: int) -> TensorSpec:
+    """The shape one rank holds of a split tensor."""
+    shape = list(info["shape"])
+    if info["dim"] is not None:
+        shape[info["dim"]] //= world_size
+    return TensorSpec(name, DTYPE_OF_CODE[info["dtype"]], tuple(shape))
+
+
+def rank_job(source: SourceReader, name: str, info: dict[str, Any], rank: int, world_size: int) -> TensorJob:
+    """A job writing rank `rank`'s part of one tensor."""
+    spec = rank_spec(name, info, world_size)
+    full = source.spec(name)
+
+    def fill(writer: ShardWriter, advance: Advance) -> None:
+        fd, offset, nbytes = source.span(name)
+        if info["split"] == SPLIT_ROW:
+            lo = rank * spec.shape[1]
+            for start, stop in row_bands(full.rows, full.row_bytes):
+                band = source.read_rows(name, start, stop)  # (stop-start, C)
+                writer.write_rows(name, start, band[:, lo: lo + spec.shape[1]])
+                advance(band.numel() * band.element_size() // world_size)
+            return
+        if info["split"] == SPLIT_COLUMN:  # rank r's rows are one contiguous byte range
+            offset += rank * spec.rows * full.row_bytes
+            nbytes = spec.nbytes
+        writer.copy_from(name, 0, fd, offset, nbytes)
+        advance(nbytes)
+
+    return TensorJob(spec, fill, spec.nbytes)
+
+
+def shard(src: str, dst: str, world_size: int, *, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Write per-rank files for tensor + expert parallelism, plus the manifest.
+
+    Args:
+        src: HF checkpoint directory (bf16 or FP8; read-only).
+        dst: output directory (created atomically).
+        world_size: N, the number of model-parallel ranks.
+        overwrite: replace a non-empty DST.
+        quiet: no progress bar.
+
+    Returns:
+        The summary {"dst", "world_size", "files", "total_size"}.
+    """
+    src, dst = check_paths(src, dst, overwrite)
+    reader = CheckpointReader(src)
+    source = SourceReader(reader)
+    try:
+        for fname in reader.files:
+            reader.header(fname)
+        plan = plan_splits(reader, world_size)
+        order = [n for ns in tensors_by_file(reader).values() for n in ns]
+        files = {}
+        for rank in range(world_size):
+            held = [n for n in order if plan[n]["split"] != SPLIT_EXPERT or plan[n]["rank"] == rank]
+            files[rank_file_name(rank, world_size)] = [rank_job(source, n, plan[n], rank, world_size) for n in held]
+        hf_index = None
+        if os.path.exists(os.path.join(src, INDEX_FILE)):
+            with open(os.path.join(src, INDEX_FILE), encoding="utf-8") as f:
+                hf_index = json.load(f)
+        with AtomicOutputDir(dst) as out:
+            written = write_shards(out.tmp, files, f"shard x{world_size}", quiet)
+            ranks = [{"rank": r, "weight_map": {s.name: fname for s in written[fname]},
+                      "total_size": sum(s.nbytes for s in written[fname])}
+                     for r, fname in enumerate(files)]
+            manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "world_size": world_size,
+                        "block_size": block_size_of(reader.config(), src), "config": reader.config(),
+                        "hf_index": hf_index, "tensors": plan, "ranks": ranks}
+            write_json(out.path(MANIFEST_FILE), manifest)
+            write_json(out.path(CONFIG_FILE), reader.config())
+            copy_other_files(src, out.tmp, skip=set(reader.files) | {INDEX_FILE, CONFIG_FILE})
+
+            def check(tmp: str) -> None:
+                for fname, specs in written.items():
+                    check_written_file(os.path.join(tmp, fname), specs)
+                read_manifest(tmp)
+
+            out.commit(check)
+    finally:
+        source.close()
+        reader.close()
+    return {"dst": dst, "world_size": world_size, "files": len(written),
+            "total_size": sum(r["total_size"] for r in ranks)}
+
+
+def merge(src: str, dst: str, *, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Merge a sharded directory back to the HF layout (the source's shard names and split).
+
+    Args:
+        src: sharded directory written by `shard` (read-only).
+        dst: output HF directory (created atomically).
+        overwrite: replace a non-empty DST.
+        quiet: no progress bar.
+
+    Returns:
+        The conversion summary.
+    """
+    src, dst = check_paths(src, dst, overwrite)
+    source = ShardedSource(src)
+    try:
+        manifest = source.manifest
+        weight_map = (manifest.get("hf_index") or {}).get("weight_map") or {}
+        if set(weight_map) != set(source.names()):
+            weight_map = {n: "model.safetensors" for n in source.names()}
+        files: dict[str, list[TensorJob]] = {}
+        for name in source.names():  # manifest order = source on-disk order
+            files.setdefault(weight_map[name], []).append(_merge_job(source, name))
+        rank_files = {f for r in manifest["ranks"] for f in r["weight_map"].values()}
+        with AtomicOutputDir(dst) as out:
+            written = write_shards(out.tmp, dict(sorted(files.items())), "merge", quiet)
+            total = write_index(out.tmp, written)
+            write_json(out.path(CONFIG_FILE), manifest["config"])
+            copy_other_files(src, out.tmp, skip=rank_files | {MANIFEST_FILE, CONFIG_FILE})
+            out.commit(lambda tmp: check_hf_output(tmp, written))
+    finally:
+        source.close()
+    return {"dst": dst, "files": len(written), "tensors": sum(len(s) for s in written.values()), "total_size": total}
+
+
+def _merge_job(source: ShardedSource, name: str) -> TensorJob:
+    spec = source.spec(name)
+
+    def fill(writer: ShardWriter, advance: Advance) -> None:
+        for start, stop in row_bands(spec.rows, spec.row_bytes):
+            writer.write_rows(name, start, source.read_rows(name, start, stop))
+            advance((stop - start) * spec.row_bytes)
+
+    return TensorJob(spec, fill, spec.nbytes)

@@ -1,0 +1,172 @@
+"""Safety: atomic output, SIGKILL mid-run, read-only SRC, refused paths, one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from convert_helpers import read_json, run_cli, run_inproc, tree_checksums
+
+from deepseek_model.config import ModelConfig
+from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.convert.io import ConvertError, check_paths
+from deepseek_model.convert.pipeline import DELAY_ENV
+from deepseek_model.testing import make_tiny_tensors, write_checkpoint
+
+KILL_POLL_S = 0.02
+
+
+def _siblings(dst) -> list[str]:
+    parent, base = os.path.split(str(dst))
+    return [e for e in os.listdir(parent) if e.startswith(f".{base}.")]
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_sigkill_mid_run_leaves_no_dst_and_rerun_is_clean(tiny_fp8, tmp_path):
+    dst = tmp_path / "out"
+    before = tree_checksums(tiny_fp8)
+    proc = subprocess.Popen([sys.executable, "-m", "deepseek_model.convert.cli", "fp8-to-bf16", tiny_fp8, str(dst), "-q"],
+                            env=dict(os.environ, **{DELAY_ENV: "0.05"}), stderr=subprocess.PIPE)
+    tmp_dir = tmp_path / f".out.tmp-{proc.pid}"
+    deadline = time.monotonic() + 120
+    while not (tmp_dir.is_dir() and any(f.suffix == ".safetensors" for f in tmp_dir.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "converter ended before it could be killed"
+        time.sleep(KILL_POLL_S)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not dst.exists()
+    assert tree_checksums(tiny_fp8) == before
+    assert _siblings(dst) == [tmp_dir.name]  # the killed run's partial output, never DST itself
+    rerun = run_cli("fp8-to-bf16", tiny_fp8, dst, "-q")
+    assert rerun.returncode == 0, rerun.stderr
+    assert _siblings(dst) == []  # stale temp dir cleaned up
+    assert CheckpointReader(dst).names()
+    assert tree_checksums(tiny_fp8) == before
+
+
+def test_dst_equal_to_inside_or_containing_src_refused(tiny_fp8, tmp_path):
+    _assert_one_line_error(run_inproc("fp8-to-bf16", tiny_fp8, tiny_fp8), "source directory")
+    _assert_one_line_error(run_inproc("fp8-to-bf16", tiny_fp8, os.path.join(tiny_fp8, "sub")), "inside the source")
+    assert not os.path.exists(os.path.join(tiny_fp8, "sub"))
+    with pytest.raises(ConvertError, match="contains the source"):
+        check_paths(tiny_fp8, os.path.dirname(tiny_fp8), overwrite=True)
+
+
+def test_existing_dst_needs_overwrite(tiny_fp8, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("old")
+    _assert_one_line_error(run_inproc("fp8-to-bf16", tiny_fp8, dst), "--overwrite")
+    assert (dst / "keep.txt").read_text() == "old"
+    proc = run_inproc("fp8-to-bf16", tiny_fp8, dst, "--overwrite", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+    assert _siblings(dst) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_inproc("fp8-to-bf16", tiny_fp8, empty, "-q").returncode == 0
+
+
+def _copy(src: str, tmp_path) -> str:
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    return str(bad)
+
+
+def _edit_index(path: str, edit) -> None:
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    index = read_json(index_path)
+    edit(index["weight_map"])
+    with open(index_path, "w", encoding="utf-8") as f:
+        json.dump(index, f)
+
+
+def _first_shard(path: str) -> str:
+    return sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[0]
+
+
+def test_missing_index(tiny_fp8, tmp_path):
+    bad = _copy(tiny_fp8, tmp_path)
+    os.remove(os.path.join(bad, "model.safetensors.index.json"))
+    _assert_one_line_error(run_cli("fp8-to-bf16", bad, tmp_path / "out"), "model.safetensors.index.json", "missing")
+    assert not (tmp_path / "out").exists() and _siblings(tmp_path / "out") == []
+
+
+def test_index_naming_file_outside_src(tiny_fp8, tmp_path):
+    bad = _copy(tiny_fp8, tmp_path)
+    _edit_index(bad, lambda wm: wm.update({"lm_head.weight": "../" + _first_shard(bad)}))
+    shutil.copy(os.path.join(bad, _first_shard(bad)), tmp_path)
+    _assert_one_line_error(run_inproc("fp8-to-bf16", bad, tmp_path / "out"), "lm_head.weight", "outside")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_shard(tiny_fp8, tmp_path):
+    bad = _copy(tiny_fp8, tmp_path)
+    shard = os.path.join(bad, _first_shard(bad))
+    os.truncate(shard, os.path.getsize(shard) - 1000)
+    _assert_one_line_error(run_cli("fp8-to-bf16", bad, tmp_path / "out"), _first_shard(bad), "truncated")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_shard_header(tiny_fp8, tmp_path):
+    bad = _copy(tiny_fp8, tmp_path)
+    shard = os.path.join(bad, _first_shard(bad))
+    with open(shard, "r+b") as f:
+        f.seek(8)
+        f.write(b"\x00garbage")
+    _assert_one_line_error(run_inproc("bf16-to-fp8", bad, tmp_path / "out"), _first_shard(bad), "corrupt")
+
+
+def test_weight_without_scale(tiny_fp8, tmp_path):
+    bad = _copy(tiny_fp8, tmp_path)
+    weight = "model.layers.1.self_attn.o_proj.weight"
+    _edit_index(bad, lambda wm: wm.pop(weight + "_scale_inv"))
+    _assert_one_line_error(run_inproc("fp8-to-bf16", bad, tmp_path / "out"), weight, "without its scale")
+
+
+def test_scale_with_wrong_grid(tmp_path):
+    cfg = ModelConfig.builtin("tiny")
+    tensors = make_tiny_tensors(cfg, fp8=True)
+    scale = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"
+    tensors[scale] = tensors[scale][:1]  # 160 rows need 2 scale rows; give 1 (transformers' ragged-block error)
+    bad = write_checkpoint(tmp_path / "bad", tensors, cfg.to_dict())
+    _assert_one_line_error(run_inproc("fp8-to-bf16", bad, tmp_path / "out"), scale, "grid")
+    _assert_one_line_error(run_inproc("shard", bad, tmp_path / "out", "-n", "1"), scale, "grid")
+
+
+def test_wrong_direction_refused(tiny_fp8, tiny_bf16, tmp_path):
+    _assert_one_line_error(run_inproc("bf16-to-fp8", tiny_fp8, tmp_path / "a"), "already FP8")
+    _assert_one_line_error(run_inproc("fp8-to-bf16", tiny_bf16, tmp_path / "b"), "no float8 weights")
+    _assert_one_line_error(run_inproc("fp8-to-bf16", tmp_path / "nowhere", tmp_path / "c"), "not a directory")
+
+
+def test_source_never_opened_for_writing(tiny_fp8, tmp_path):
+    bad = _copy(tiny_fp8, tmp_path)
+    for root, dirs, files in os.walk(bad):
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o444)
+    os.chmod(bad, 0o555)
+    try:
+        proc = run_inproc("fp8-to-bf16", bad, tmp_path / "out", "-q")
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        os.chmod(bad, 0o755)
+    assert torch.equal(CheckpointReader(tmp_path / "out").get("model.norm.weight"),
+                       CheckpointReader(bad).get("model.norm.weight"))
