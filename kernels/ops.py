@@ -96,3 +96,45 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, weight.shape[0])
+
+
+def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              w13: torch.Tensor, w13_s: torch.Tensor, w2: torch.Tensor, w2_s: torch.Tensor,
+              block_size: int = reference.BLOCK, scale_fmt: str | None = None,
+              backend: str = "torch") -> torch.Tensor:
+    """Routed fp8 experts (gate‖up → SwiGLU → down, routed weights applied); see reference.fused_moe.
+
+    Args:
+        x: [T, H] activations.
+        topk_weights: [T, topk] routing weights; topk_ids: [T, topk] int expert ids.
+        w13: [E, 2I, H] fp8 gate rows then up rows, w13_s its [E, ⌈2I/b⌉, ⌈H/b⌉] fp32 scale_inv.
+        w2: [E, H, I] fp8 down projection, w2_s its [E, ⌈H/b⌉, ⌈I/b⌉] fp32 scale_inv.
+        block_size: quantization block.
+        scale_fmt: activation scale format (None or "ue8m0").
+        backend: "torch" | "triton" | "auto".
+
+    Returns:
+        [T, H] in x.dtype.
+    """
+    if resolve_backend(backend, x.device) == "triton":
+        return _triton_ops().fused_moe(x, topk_weights, topk_ids, w13, w13_s, w2, w2_s, block_size, scale_fmt)
+    return reference.fused_moe(x, topk_weights, topk_ids, w13, w13_s, w2, w2_s, block_size, scale_fmt)
+
+
+def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
+               cache_seqlens: torch.Tensor, scale: float, backend: str = "torch") -> torch.Tensor:
+    """Absorbed MLA decode over the latent cache; see reference.mla_decode.
+
+    Args:
+        q_lat: [B, H, C] absorbed query; q_rope: [B, H, R] rotated rope query.
+        kv: [B, S, C] latent cache; k_rope: [B, S, R] rope keys.
+        cache_seqlens: [B] int valid lengths (>= 1).
+        scale: softmax scale.
+        backend: "torch" | "triton" | "auto".
+
+    Returns:
+        o_lat [B, H, C] fp32.
+    """
+    if resolve_backend(backend, q_lat.device) == "triton":
+        return _triton_ops().mla_decode(q_lat, q_rope, kv, k_rope, cache_seqlens, scale)
+    return reference.mla_decode(q_lat, q_rope, kv, k_rope, cache_seqlens, scale)

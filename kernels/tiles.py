@@ -60,6 +60,12 @@ def get_tile(n: int, k: int, m: int, path: Path = TILES_FILE) -> TileConfig:
     return TileConfig(**entry)
 
 
+def get_moe_tile(rows_per_expert: int, path: Path = TILES_FILE) -> TileConfig:
+    """Fused-MoE grouped-GEMM config by the average rows (routed pairs) one expert receives."""
+    entry = _table(str(path))["moe"][m_bucket(rows_per_expert)]
+    return TileConfig(**entry)
+
+
 def check_tile(cfg: TileConfig, block_k: int) -> None:
     """Raise ValueError if `cfg` with K tile `block_k` could not compile/run on an NVIDIA GPU.
 

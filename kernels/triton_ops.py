@@ -4,6 +4,8 @@ Importing this module imports triton; on a machine without a GPU set TRITON_INTE
 """
 
 from deepseek_model.kernels.fp8_gemm import fp8_gemm
+from deepseek_model.kernels.fp8_moe import fused_moe
 from deepseek_model.kernels.fp8_quant import act_quant, weight_dequant
+from deepseek_model.kernels.mla_decode import mla_decode
 
-__all__ = ["act_quant", "weight_dequant", "fp8_gemm"]
+__all__ = ["act_quant", "weight_dequant", "fp8_gemm", "fused_moe", "mla_decode"]

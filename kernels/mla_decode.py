@@ -1,0 +1,166 @@
+"""Triton absorbed-MLA decode over the latent cache: split-K flash-decoding.
+
+Each query token (one per sequence) attends with all H heads to the sequence's cached latents.
+Keys are 576-wide in DeepSeek-V3, handled as 512 (latent c, also the value) + 64 (shared rope
+key): scores = (q_lat·cᵀ + q_rope·k_ropeᵀ)·scale. The sequence is cut into NUM_SPLITS chunks;
+`_mla_split_kernel` runs an online softmax over one chunk for BLOCK_H heads and writes the
+normalised partial output and its log-sum-exp; `_mla_combine_kernel` merges the chunks.
+Math is fp32 throughout (cache loads are upcast right after the load; dots use IEEE fp32, not
+TF32), so the result matches reference.mla_decode to fp32 round-off.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from deepseek_model.kernels import reference
+
+BLOCK_H = 16  # heads per program (tl.dot needs >= 16 rows; extra heads are masked)
+BLOCK_N = 32  # cached tokens per inner step
+MAX_SPLITS = 64
+TOKENS_PER_SPLIT = 256  # default split: about this many cached tokens per program
+SMEM_BYTES = 227 * 1024
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _mla_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, o_ptr, lse_ptr, H, scale,
+                      stride_qlb, stride_qlh, stride_qrb, stride_qrh,
+                      stride_kvb, stride_kvs, stride_krb, stride_krs,
+                      stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                      C: tl.constexpr, R: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of BLOCK_H heads over one chunk of one sequence's cache.
+
+    Pointers (unit stride on the last dimension everywhere):
+        ql_ptr: [B, H, C] q_lat; qr_ptr: [B, H, R] q_rope (any float dtype).
+        kv_ptr: [B, S, C] latent cache; kr_ptr: [B, S, R] rope keys (views of one cache are fine).
+        len_ptr: [B] int valid lengths.
+        o_ptr: [B, H, NUM_SPLITS, C] fp32 partial outputs (softmax-normalised within the chunk).
+        lse_ptr: [B, H, NUM_SPLITS] fp32 log-sum-exp of the chunk's scaled scores (-inf if empty).
+    Grid: (B, cdiv(H, BLOCK_H), NUM_SPLITS). Chunk size = cdiv(cdiv(len, NUM_SPLITS), BLOCK_N)·BLOCK_N.
+    """
+    b = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,)
+    split = tl.program_id(2)
+    mask_h = heads < H
+    seqlen = tl.load(len_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seqlen)
+    offs_c = tl.arange(0, C)
+    offs_r = tl.arange(0, R)
+    q_lat = tl.load(ql_ptr + b * stride_qlb + heads[:, None] * stride_qlh + offs_c[None, :],
+                    mask=mask_h[:, None], other=0.0).to(tl.float32)  # (BH, C)
+    q_rope = tl.load(qr_ptr + b * stride_qrb + heads[:, None] * stride_qrh + offs_r[None, :],
+                     mask=mask_h[:, None], other=0.0).to(tl.float32)  # (BH, R)
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, C), dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)  # (BN,)
+        mask_n = offs_n < end
+        c = tl.load(kv_ptr + b * stride_kvb + offs_n[:, None] * stride_kvs + offs_c[None, :],
+                    mask=mask_n[:, None], other=0.0).to(tl.float32)  # (BN, C)
+        kr = tl.load(kr_ptr + b * stride_krb + offs_n[:, None] * stride_krs + offs_r[None, :],
+                     mask=mask_n[:, None], other=0.0).to(tl.float32)  # (BN, R)
+        s = tl.dot(q_lat, tl.trans(c), input_precision="ieee")  # (BH, BN)
+        s = (s + tl.dot(q_rope, tl.trans(kr), input_precision="ieee")) * scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)  # m_i = -inf on the first step: alpha = 0
+        p = tl.exp(s - m_new[:, None])  # (BH, BN)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, c, input_precision="ieee")  # (BH, C)
+        m_i = m_new
+    nonempty = l_i > 0
+    o = tl.where(nonempty[:, None], tl.math.div_rn(acc, tl.where(nonempty, l_i, 1.0)[:, None]), 0.0)
+    lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_c[None, :],
+             o, mask=mask_h[:, None])
+    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def _mla_combine_kernel(o_part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps,
+                        stride_lb, stride_lh, stride_ob, stride_oh,
+                        C: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """out[b, h] = Σ_s w_s·o_s / Σ_s w_s with w_s = exp(lse_s − max lse) (empty chunks weigh 0).
+
+    Pointers: o_part_ptr [B, H, NUM_SPLITS, C] fp32, lse_ptr [B, H, NUM_SPLITS] fp32,
+    out_ptr [B, H, C] fp32. Grid: (B, H).
+    """
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_P2)
+    mask_s = offs_s < NUM_SPLITS
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - m), 0.0)  # (S,)
+    offs_c = tl.arange(0, C)
+    o = tl.load(o_part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_c[None, :],
+                mask=mask_s[:, None], other=0.0)  # (S, C)
+    out = tl.math.div_rn(tl.sum(o * w[:, None], axis=0), tl.sum(w, axis=0))
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_c, out)
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and (v & (v - 1)) == 0
+
+
+def default_num_splits(max_len: int) -> int:
+    """About TOKENS_PER_SPLIT cached tokens per program, at most MAX_SPLITS."""
+    return max(1, min(MAX_SPLITS, math.ceil(max_len / TOKENS_PER_SPLIT)))
+
+
+def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
+               cache_seqlens: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """Absorbed MLA decode, split-K flash-decoding (Triton).
+
+    Args:
+        q_lat: [B, H, C] absorbed query (q_nope·W_UK); C = kv_lora_rank, a power of two.
+        q_rope: [B, H, R] rotated rope query; R a power of two.
+        kv: [B, S, C] latent cache (a view [..., :C] of a [B, S, C+R] cache is fine).
+        k_rope: [B, S, R] rope keys (e.g. the view [..., C:]).
+        cache_seqlens: [B] int valid lengths in [1, S].
+        scale: softmax scale.
+        num_splits: sequence chunks per (sequence, head block); default from the longest length.
+
+    Returns:
+        o_lat [B, H, C] fp32.
+    """
+    reference.check_mla_inputs(q_lat, q_rope, kv, k_rope, cache_seqlens)
+    b, h, c = q_lat.shape
+    r = q_rope.shape[2]
+    if not (_is_pow2(c) and _is_pow2(r)):
+        raise ValueError(f"q_lat/q_rope: C={c} and R={r} must be powers of two")
+    for name, t in (("q_lat", q_lat), ("q_rope", q_rope), ("kv", kv), ("k_rope", k_rope)):
+        if t.dtype not in CACHE_DTYPES:
+            raise ValueError(f"{name}: expected one of {CACHE_DTYPES}, got {t.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: the last dimension must be contiguous")
+    splits = num_splits if num_splits is not None else default_num_splits(int(cache_seqlens.max()))
+    if splits < 1:
+        raise ValueError(f"num_splits: expected >= 1, got {splits}")
+    smem = BLOCK_N * (c + r) * 4
+    if smem > SMEM_BYTES:
+        raise ValueError(f"kv: a {BLOCK_N}-token fp32 tile of width {c + r} needs {smem} B of shared memory")
+    o_part = torch.empty((b, h, splits, c), dtype=torch.float32, device=q_lat.device)  # (B, H, S, C)
+    lse = torch.empty((b, h, splits), dtype=torch.float32, device=q_lat.device)  # (B, H, S)
+    out = torch.empty((b, h, c), dtype=torch.float32, device=q_lat.device)  # (B, H, C)
+    lens = cache_seqlens.to(device=q_lat.device, dtype=torch.int32)
+    _mla_split_kernel[(b, triton.cdiv(h, BLOCK_H), splits)](
+        q_lat, q_rope, kv, k_rope, lens, o_part, lse, h, float(scale),
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
+        kv.stride(0), kv.stride(1), k_rope.stride(0), k_rope.stride(1),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+        C=c, R=r, NUM_SPLITS=splits, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N)
+    _mla_combine_kernel[(b, h)](
+        o_part, lse, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+        C=c, NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits))
+    return out
