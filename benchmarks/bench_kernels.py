@@ -161,6 +161,97 @@ def _act_quant_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool
     return rows
 
 
+def _random_fp8(shape: tuple[int, ...], device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """Random finite e4m3 codes (NaN codes 0x7F/0xFF avoided), magnitudes up to 2."""
+    codes = torch.randint(0, 0x40, shape, generator=gen, dtype=torch.uint8)  # |v| < 2
+    codes |= torch.randint(0, 2, shape, generator=gen, dtype=torch.uint8) << 7  # random sign
+    return codes.view(reference.FP8_DTYPE).to(device)
+
+
+def _moe_inputs(cfg: dict, tokens: int, device: torch.device, gen: torch.Generator):
+    e, top_k, hid, inter = cfg["experts"], cfg["topk"], cfg["hidden"], cfg["inter"]
+    w13 = _random_fp8((e, 2 * inter, hid), device, gen)
+    w2 = _random_fp8((e, hid, inter), device, gen)
+    w13_s = (torch.rand(e, -(-2 * inter // 128), -(-hid // 128), generator=gen) * 1e-2).to(device)
+    w2_s = (torch.rand(e, -(-hid // 128), -(-inter // 128), generator=gen) * 1e-2).to(device)
+    ids = torch.rand(tokens, e, generator=gen).topk(top_k, dim=1).indices.to(device)  # (T, topk)
+    weights = torch.rand(tokens, top_k, generator=gen).to(device)
+    x = torch.randn(tokens, hid, generator=gen).to(device).bfloat16()
+    return x, weights, ids, w13, w13_s, w2, w2_s
+
+
+def _moe_bf16_peer(x, weights, ids, w13_bf, w2_bf):
+    """The same routed experts with bf16 weights and F.linear, one expert at a time."""
+    inter = w13_bf.shape[1] // 2
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        gu = F.linear(x[tok], w13_bf[e])  # (n_e, 2I)
+        y = F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2_bf[e])  # (n_e, H)
+        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+    return out.to(x.dtype)
+
+
+def _moe_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> list[dict]:
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    cfg = ({"experts": 256, "topk": 8, "hidden": 7168, "inter": 2048} if on_gpu
+           else (QUICK_MOE_CFG if args.quick else MOE_CFG))
+    token_counts = (1, 16, 64, 128) if on_gpu else ((1, 16) if args.quick else (1, 16, 64))
+    rows = []
+    for tokens in token_counts:
+        x, weights, ids, w13, w13_s, w2, w2_s = _moe_inputs(cfg, tokens, device, gen)
+        nbytes = roofline.moe_bytes(tokens, cfg["topk"], cfg["experts"], cfg["hidden"], cfg["inter"])
+        flops = roofline.moe_flops(tokens, cfg["topk"], cfg["hidden"], cfg["inter"])
+        row = {"op": "fused_moe", "shape": "E{experts} top{topk} H{hidden} I{inter}".format(**cfg), "M": tokens}
+        timer = _time_gpu if on_gpu else _time_cpu
+        if on_gpu:
+            from deepseek_model.kernels import triton_ops  # noqa: PLC0415
+
+            t = timer(lambda: triton_ops.fused_moe(x, weights, ids, w13, w13_s, w2, w2_s))
+            floor = roofline.floor_seconds(flops, nbytes, roofline.H100_SXM.fp8_tflops, roofline.H100_SXM.hbm_tbps)
+            row.update(triton_s=t, tflops=flops / t / 1e12, gbps=nbytes / t / 1e9, pct_of_floor=100.0 * floor / t)
+        else:
+            w13_bf = torch.stack([reference.weight_dequant(w13[e], w13_s[e], 128, torch.bfloat16)
+                                  for e in range(cfg["experts"])])
+            w2_bf = torch.stack([reference.weight_dequant(w2[e], w2_s[e], 128, torch.bfloat16)
+                                 for e in range(cfg["experts"])])
+            t = timer(lambda: reference.fused_moe(x, weights, ids, w13, w13_s, w2, w2_s))
+            t_peer = timer(lambda: _moe_bf16_peer(x, weights, ids, w13_bf, w2_bf))
+            row.update(twin_s=t, gflops=flops / t / 1e9, gbps=nbytes / t / 1e9, bf16_loop_s=t_peer,
+                       ratio_vs_bf16=t / t_peer)
+        rows.append(row)
+    return rows
+
+
+def _mla_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> list[dict]:
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    cfg = ({"heads": 128, "kv_lora_rank": 512, "rope": 64, "seq": 4096} if on_gpu
+           else (QUICK_MLA_CFG if args.quick else MLA_CFG))
+    h, c, r, seq = cfg["heads"], cfg["kv_lora_rank"], cfg["rope"], cfg["seq"]
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    rows = []
+    for batch in ((1, 8, 64) if on_gpu else ((1, 2) if args.quick else (1, 4))):
+        q = torch.randn(batch, h, c + r, generator=gen).to(device, dtype)  # (B, H, C+R)
+        cache = torch.randn(batch, seq, c + r, generator=gen).to(device, dtype)  # (B, S, C+R)
+        lens = torch.full((batch,), seq, dtype=torch.int32, device=device)
+        args_ = (q[..., :c], q[..., c:], cache[..., :c], cache[..., c:], lens, (c + r) ** -0.5)
+        nbytes = roofline.mla_decode_bytes(batch, seq, h, c + r, c, cache.element_size())
+        row = {"op": "mla_decode", "shape": f"H{h} C{c}+R{r} S{seq} {str(dtype).split('.')[-1]}", "M": batch}
+        if on_gpu:
+            from deepseek_model.kernels import triton_ops  # noqa: PLC0415
+
+            t = _time_gpu(lambda: triton_ops.mla_decode(*args_))
+            row.update(triton_s=t, gbps=nbytes / t / 1e9,
+                       pct_of_floor=100.0 * nbytes / (roofline.H100_SXM.hbm_tbps * 1e12) / t)
+        else:
+            qb, kb = q.bfloat16().unsqueeze(2), cache.bfloat16().unsqueeze(1).expand(batch, h, seq, c + r)
+            t = _time_cpu(lambda: reference.mla_decode(*args_))
+            t_peer = _time_cpu(lambda: F.scaled_dot_product_attention(qb, kb, kb[..., :c], scale=args_[-1]))
+            row.update(twin_s=t, gbps=nbytes / t / 1e9, bf16_sdpa_s=t_peer, ratio_vs_bf16=t / t_peer)
+        rows.append(row)
+    return rows
+
+
 def _write_outputs(report: dict, out_dir: Path, json_file: str | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2)
@@ -199,9 +290,11 @@ def _markdown(report: dict) -> str:
             cols += [c for c in r if c not in cols and c != "op"]
         parts += [f"## {op}", "", _table(rows, cols), ""]
     if not on_gpu:
-        parts += ["ratio_vs_bf16 = twin time / bf16 F.linear time at the same shape, same run "
-                  "(> 1: the fp8 twin is slower on this CPU). GPU columns (% of roofline floor) are "
-                  "not reported: no GPU present.", ""]
+        parts += ["ratio_vs_bf16 = fp8 twin time / bf16 peer time at the same shape in the same run "
+                  "(> 1: the fp8 twin is slower on this CPU). Peers: F.linear (fp8_gemm), a bf16 "
+                  "per-expert F.linear loop (fused_moe), bf16 scaled_dot_product_attention over the "
+                  "576-wide keys (mla_decode). GPU columns (% of roofline floor) are not reported: "
+                  "no GPU present.", ""]
     if report.get("interpret_checks"):
         parts += ["## Triton interpreter checks (correctness only, vs the torch twins)", "",
                   _table(report["interpret_checks"], ["op", "shape", "metric", "value", "ok"]), ""]
@@ -268,6 +361,18 @@ def _interpret_checks(args: argparse.Namespace) -> list[dict]:
             err = _rel_err(got, want)
             checks.append(_check("fp8_gemm", f"M={m} N=576 K=320 split_k={split}", "max rel err vs twin",
                                  err, err <= 1e-5))
+    x, weights, ids, w13, w13_s, w2, w2_s = _moe_inputs(QUICK_MOE_CFG, 5, torch.device("cpu"), gen)
+    x = x.float()
+    err = _rel_err(triton_ops.fused_moe(x, weights, ids, w13, w13_s, w2, w2_s),
+                   reference.fused_moe(x, weights, ids, w13, w13_s, w2, w2_s))
+    checks.append(_check("fused_moe", "T=5 E4 top2 H256 I128", "max rel err vs twin", err, err <= 1e-5))
+    q = torch.randn(2, 4, 80, generator=gen)  # (B, H, 64 + 16)
+    cache = torch.randn(2, 70, 80, generator=gen)  # (B, S, 64 + 16)
+    lens = torch.tensor([70, 23])
+    mla_args = (q[..., :64], q[..., 64:], cache[..., :64], cache[..., 64:], lens, 0.125)
+    err = _rel_err(triton_ops.mla_decode(*mla_args, num_splits=3), reference.mla_decode(*mla_args))
+    checks.append(_check("mla_decode", "B2 H4 C64+R16 S70 lens(70,23) splits=3", "max rel err vs twin",
+                         err, err <= 1e-5))
     return checks
 
 
@@ -294,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["rows"] += _gemm_rows(args, device, on_gpu)
     report["rows"] += _act_quant_rows(args, device, on_gpu)
+    report["rows"] += _moe_rows(args, device, on_gpu)
+    report["rows"] += _mla_rows(args, device, on_gpu)
     ok = True
     if args.interpret:
         checks = _interpret_checks(args)
