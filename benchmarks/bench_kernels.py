@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ DEFAULT_OUT = "bench_out/kernels"
 CPU_M_VALUES = (1, 16, 64)
 QUICK_M_VALUES = (1, 16)
 WARMUP = 1
-TRIALS = 3
+TRIALS = 5
+QUICK_TRIALS = 2
 MOE_CFG = {"experts": 8, "topk": 2, "hidden": 512, "inter": 256}
 MLA_CFG = {"heads": 16, "kv_lora_rank": 512, "rope": 64, "seq": 1024}
 QUICK_MOE_CFG = {"experts": 4, "topk": 2, "hidden": 256, "inter": 128}
@@ -52,10 +52,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-div", type=int, default=16, help="CPU: divide every N by this (default 16)")
     p.add_argument("--k-div", type=int, default=1, help="CPU: divide every K by this (default 1)")
     p.add_argument("--m", type=int, nargs="*", default=None, help="M values (default: FACTS §4 on GPU)")
+    p.add_argument("--trials", type=int, default=None,
+                   help=f"CPU timing trials (default {TRIALS}, quick {QUICK_TRIALS})")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.n_div < 1 or args.k_div < 1:
         p.error("--n-div/--k-div: expected a positive integer")
+    if args.trials is None:
+        args.trials = QUICK_TRIALS if args.quick else TRIALS
+    if args.trials < 1:
+        p.error("--trials: expected a positive integer")
     return args
 
 
@@ -71,7 +77,11 @@ def _versions() -> dict:
 
 
 def _time_cpu(fn: Callable[[], object], trials: int = TRIALS) -> float:
-    """Median wall time in seconds over `trials` calls after WARMUP calls."""
+    """Minimum wall time in seconds over `trials` calls after WARMUP calls.
+
+    The minimum, not the median: on a shared CPU other processes only ever add time, so the
+    fastest run is the best estimate of the op's own cost.
+    """
     for _ in range(WARMUP):
         fn()
     times = []
@@ -79,7 +89,7 @@ def _time_cpu(fn: Callable[[], object], trials: int = TRIALS) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def _time_gpu(fn: Callable[[], object]) -> float:
@@ -110,7 +120,8 @@ def _gemm_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> 
             xb, wb, a, a_s, q, w_s = _fp8_operands(m, n, k, device, gen)
             flops, nbytes = roofline.gemm_flops(m, n, k), roofline.fp8_gemm_bytes(m, n, k)
             row = {"op": "fp8_gemm", "shape": name, "M": m, "N": n, "K": k}
-            t_bf16 = (_time_gpu if on_gpu else _time_cpu)(lambda: F.linear(xb, wb))
+            bf16_fn = lambda: F.linear(xb, wb)  # noqa: E731
+            t_bf16 = _time_gpu(bf16_fn) if on_gpu else _time_cpu(bf16_fn, args.trials)
             row["bf16_linear_s"] = t_bf16
             if on_gpu:
                 from deepseek_model.kernels import triton_ops  # noqa: PLC0415
@@ -122,7 +133,7 @@ def _gemm_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> 
                            bf16_pct_of_floor=100.0 * roofline.bf16_gemm_floor(m, n, k) / t_bf16,
                            speedup_vs_bf16=t_bf16 / t, scaled_mm_s=_scaled_mm_time(a, q, m, n))
             else:
-                t = _time_cpu(lambda: reference.fp8_gemm(a, a_s, q, w_s, torch.bfloat16))
+                t = _time_cpu(lambda: reference.fp8_gemm(a, a_s, q, w_s, torch.bfloat16), args.trials)
                 row.update(twin_s=t, gflops=flops / t / 1e9, gbps=nbytes / t / 1e9,
                            ratio_vs_bf16=t / t_bf16)
             rows.append(row)
@@ -155,7 +166,7 @@ def _act_quant_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool
             row.update(triton_s=t, gbps=nbytes / t / 1e9,
                        pct_of_floor=100.0 * nbytes / (roofline.H100_SXM.hbm_tbps * 1e12) / t)
         else:
-            t = _time_cpu(lambda: reference.act_quant(x))
+            t = _time_cpu(lambda: reference.act_quant(x), args.trials)
             row.update(twin_s=t, gbps=nbytes / t / 1e9)
         rows.append(row)
     return rows
@@ -203,7 +214,9 @@ def _moe_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> l
         nbytes = roofline.moe_bytes(tokens, cfg["topk"], cfg["experts"], cfg["hidden"], cfg["inter"])
         flops = roofline.moe_flops(tokens, cfg["topk"], cfg["hidden"], cfg["inter"])
         row = {"op": "fused_moe", "shape": "E{experts} top{topk} H{hidden} I{inter}".format(**cfg), "M": tokens}
-        timer = _time_gpu if on_gpu else _time_cpu
+        def timer(fn):
+            return _time_gpu(fn) if on_gpu else _time_cpu(fn, args.trials)
+
         if on_gpu:
             from deepseek_model.kernels import triton_ops  # noqa: PLC0415
 
@@ -245,8 +258,9 @@ def _mla_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> l
                        pct_of_floor=100.0 * nbytes / (roofline.H100_SXM.hbm_tbps * 1e12) / t)
         else:
             qb, kb = q.bfloat16().unsqueeze(2), cache.bfloat16().unsqueeze(1).expand(batch, h, seq, c + r)
-            t = _time_cpu(lambda: reference.mla_decode(*args_))
-            t_peer = _time_cpu(lambda: F.scaled_dot_product_attention(qb, kb, kb[..., :c], scale=args_[-1]))
+            t = _time_cpu(lambda: reference.mla_decode(*args_), args.trials)
+            t_peer = _time_cpu(lambda: F.scaled_dot_product_attention(qb, kb, kb[..., :c], scale=args_[-1]),
+                               args.trials)
             row.update(twin_s=t, gbps=nbytes / t / 1e9, bf16_sdpa_s=t_peer, ratio_vs_bf16=t / t_peer)
         rows.append(row)
     return rows
@@ -280,7 +294,7 @@ def _markdown(report: dict) -> str:
     on_gpu = report["gpu_present"]
     parts = ["# bench kernels", "", f"**{report['statement']}**", "",
              f"device: {report['device']} · torch {report['versions']['torch']} · "
-             f"triton {report['versions']['triton']}", ""]
+             f"triton {report['versions']['triton']} · timer: {report['timer']}", ""]
     groups: dict[str, list[dict]] = {}
     for r in report["rows"]:
         groups.setdefault(r["op"], []).append(r)
@@ -393,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_present": on_gpu,
         "statement": ("GPU timings (triton.testing.do_bench, L2 flushed, warm-up); % of floor vs the "
                       "H100 SXM paper roofline" if on_gpu else NO_GPU),
+        "timer": ("triton.testing.do_bench median" if on_gpu
+                  else f"time.perf_counter, minimum of {args.trials} runs after {WARMUP} warm-up"),
         "versions": _versions(),
         "config": {k: v for k, v in vars(args).items()},
         "rows": [],

@@ -20,7 +20,7 @@ import triton.language as tl
 from deepseek_model.kernels import reference
 from deepseek_model.kernels.fp8_gemm import grouped_pid
 from deepseek_model.kernels.fp8_quant import act_quant
-from deepseek_model.kernels.rounding import e4m3_code, ue8m0
+from deepseek_model.kernels.rounding import ACT_AMAX_FLOOR, E4M3_MAX, e4m3_code, ue8m0
 from deepseek_model.kernels.tiles import TileConfig, check_tile, get_moe_tile
 
 BLOCK = reference.BLOCK
@@ -124,8 +124,8 @@ def _silu_mul_quant_kernel(gu_ptr, y_ptr, s_ptr, P, INTER, stride_gu, stride_y, 
     g = tl.load(base, mask=mask, other=0.0)
     u = tl.load(base + INTER, mask=mask, other=0.0)
     h = tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u  # torch's silu: x / (1 + exp(-x))
-    amax = tl.maximum(tl.max(tl.abs(h), axis=1), 1e-4)
-    s = tl.math.div_rn(amax, 448.0)
+    amax = tl.maximum(tl.max(tl.abs(h), axis=1), ACT_AMAX_FLOOR)
+    s = tl.math.div_rn(amax, E4M3_MAX)
     if UE8M0:
         s = ue8m0(s)
     code = e4m3_code(tl.math.div_rn(h, s[:, None])).to(tl.uint8)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from deepseek_model.kernels import reference
-from deepseek_model.kernels.rounding import bf16_bits, e4m3_code, ue8m0
+from deepseek_model.kernels.rounding import ACT_AMAX_FLOOR, E4M3_MAX, bf16_bits, e4m3_code, ue8m0
 
 FP8_DTYPE = reference.FP8_DTYPE
 FP8_MAX = reference.FP8_MAX
@@ -48,8 +48,8 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, M, K,
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)  # upcast right after the load (interpreter bf16 math is unreliable)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)  # (BLOCK_M,)
-    s = tl.math.div_rn(amax, 448.0)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), ACT_AMAX_FLOOR)  # (BLOCK_M,)
+    s = tl.math.div_rn(amax, E4M3_MAX)
     if UE8M0:
         s = ue8m0(s)
     y = tl.math.div_rn(x, s[:, None])

@@ -17,9 +17,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-E4M3_MAX = 448.0
-E4M3_MIN_NORMAL = 0.015625  # 2^-6
-BF16_SHIFT = 16  # bf16 is the top 16 bits of an fp32
+# tl.constexpr globals: readable from @triton.jit code (plain module floats are not)
+E4M3_MAX = tl.constexpr(448.0)
+E4M3_MIN_NORMAL = tl.constexpr(0.015625)  # 2^-6
+E4M3_SUBNORMAL_STEP = tl.constexpr(0.001953125)  # 2^-9
+ACT_AMAX_FLOOR = tl.constexpr(1e-4)  # keeps the scale of an all-zero activation group finite
 
 
 @triton.jit
@@ -30,7 +32,7 @@ def e4m3_code(x):
     """
     bits = x.to(tl.int32, bitcast=True)
     sign = (bits >> 24) & 0x80  # 0x80 if negative (arithmetic shift keeps the sign in bit 7)
-    mag = tl.minimum(tl.abs(x), 448.0)  # saturate first (NaN propagates through minimum? see below)
+    mag = tl.minimum(tl.abs(x), E4M3_MAX)  # saturate first (NaN is handled at the end)
     mbits = mag.to(tl.int32, bitcast=True)
     # --- normal range |x| >= 2^-6: keep 3 of 23 mantissa bits, RNE on the dropped 20 bits.
     lsb = (mbits >> 20) & 1
@@ -39,14 +41,14 @@ def e4m3_code(x):
     normal_code = ((exp_f32 - 120) << 3) | ((rbits >> 20) & 7)  # 120 = 127 - 7
     # --- subnormal range: q = RNE(|x| / 2^-9) from the 24-bit significand, q in 0..8
     exp_unb = (mbits >> 23) - 127
-    shift = tl.minimum(14 - exp_unb, 31)  # significand·2^(e-23) / 2^-9 = significand >> (14 - e)
-    shift = tl.maximum(shift, 1)
+    # significand·2^(e-23) / 2^-9 = significand >> (14 - e); a shift >= 25 leaves q = 0
+    shift = tl.maximum(tl.minimum(14 - exp_unb, 25), 1)
     signif = (mbits & 0x7FFFFF) | 0x800000
     q = signif >> shift
     rem = signif & ((1 << shift) - 1)
     half = 1 << (shift - 1)
     q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
-    code = tl.where(mag >= 0.015625, normal_code, q)
+    code = tl.where(mag >= E4M3_MIN_NORMAL, normal_code, q)
     code = tl.where(x != x, 0x7F, code)  # NaN
     return code | sign
 
@@ -57,10 +59,11 @@ def e4m3_value(x):
     code = e4m3_code(x)
     exp_field = (code >> 3) & 15
     mant = code & 7
-    sub = mant.to(tl.float32) * 0.001953125  # mant · 2^-9
+    sub = mant.to(tl.float32) * E4M3_SUBNORMAL_STEP  # mant · 2^-9
     norm_bits = ((exp_field + 120) << 23) | (mant << 20)
     norm = norm_bits.to(tl.float32, bitcast=True)
     mag = tl.where(exp_field == 0, sub, norm)
+    mag = tl.where((code & 0x7F) == 0x7F, float("nan"), mag)  # the only e4m3fn NaN code
     return tl.where((code & 0x80) != 0, -mag, mag)
 
 

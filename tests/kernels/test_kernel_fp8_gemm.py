@@ -1,12 +1,14 @@
 """Triton fp8_gemm vs fp64 math and the torch twin: tails, ragged K, bf16 rounding, split-K."""
 
+import json
+
 import pytest
 import torch
 
 from deepseek_model.kernels import reference
 from deepseek_model.kernels.fp8_gemm import fp8_gemm
 from deepseek_model.kernels.fp8_quant import act_quant
-from deepseek_model.kernels.tiles import TileConfig, check_tile, get_tile
+from deepseek_model.kernels.tiles import TILES_FILE, TileConfig, check_tile, get_tile
 
 FP8 = torch.float8_e4m3fn
 BIG_TILE = TileConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=2)  # few programs: fast in the interpreter
@@ -130,6 +132,14 @@ def test_tile_table_and_legality_checks():
         check_tile(TileConfig(16, 8), 128)
     with pytest.raises(ValueError, match="shared memory"):
         check_tile(TileConfig(256, 256, num_stages=4), 128)
+
+
+def test_every_table_entry_is_gpu_legal():
+    table = json.loads(TILES_FILE.read_text())
+    entries = list(table["default"].values()) + [v for k, v in table["moe"].items() if k != "_comment"]
+    entries += [cfg for shape in table["shapes"].values() for cfg in shape.values()]
+    for entry in entries:
+        check_tile(TileConfig(**entry), 128)
 
 
 def test_fp8_gemm_rejects_bad_input():
