@@ -323,17 +323,21 @@ def _plot(report: dict, path: Path) -> None:
 
     on_gpu = report["gpu_present"]
     key = "pct_of_floor" if on_gpu else "ratio_vs_bf16"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    gemm = [r for r in report["rows"] if r["op"] == "fp8_gemm" and r.get(key) is not None]
-    for shape in dict.fromkeys(r["shape"] for r in gemm):
-        pts = [(r["M"], r[key]) for r in gemm if r["shape"] == shape]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=shape)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("M (tokens)")
-    ax.set_ylabel("% of H100 roofline floor" if on_gpu else "fp8 twin time / bf16 F.linear time")
-    ax.set_title("fp8_gemm (Triton, GPU)" if on_gpu else "fp8_gemm torch twin on CPU — no GPU present")
-    if gemm:
-        ax.legend(fontsize=7)
+    fig, (ax_gemm, ax_other) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, ops_ in ((ax_gemm, ("fp8_gemm",)), (ax_other, ("fused_moe", "mla_decode"))):
+        rows = [r for r in report["rows"] if r["op"] in ops_ and r.get(key) is not None]
+        for label in dict.fromkeys((r["op"], r["shape"]) for r in rows):
+            pts = [(r["M"], r[key]) for r in rows if (r["op"], r["shape"]) == label]
+            name = label[1] if len(ops_) == 1 else f"{label[0]} {label[1]}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens) / batch (MLA)")
+        ax.set_ylabel("% of H100 roofline floor" if on_gpu else "twin time / bf16 peer time")
+        if rows:
+            ax.legend(fontsize=7)
+    where = "Triton on GPU" if on_gpu else "torch twins on CPU — no GPU present"
+    ax_gemm.set_title(f"fp8_gemm, {where}", fontsize=9)
+    ax_other.set_title(f"fused MoE / MLA decode, {where}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -278,3 +278,30 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_ro
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1)  # (B, H, S) fp32
     return torch.einsum("bhs,bsc->bhc", p, kv.float())  # (B, H, C)
+
+
+def stack_experts(gate: list[tuple[torch.Tensor, torch.Tensor]], up: list[tuple[torch.Tensor, torch.Tensor]],
+                  down: list[tuple[torch.Tensor, torch.Tensor]],
+                  block_size: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack per-expert checkpoint weights into the fused-MoE layout.
+
+    Args:
+        gate, up: per expert (fp8 [I, H] weight, fp32 [⌈I/b⌉, ⌈H/b⌉] scale_inv).
+        down: per expert (fp8 [H, I] weight, fp32 [⌈H/b⌉, ⌈I/b⌉] scale_inv).
+        block_size: b; I must be a multiple of b so gate and up scale blocks stay aligned in w13.
+
+    Returns:
+        (w13 [E, 2I, H], w13_s [E, 2I/b, ⌈H/b⌉], w2 [E, H, I], w2_s [E, ⌈H/b⌉, I/b]).
+    """
+    if not (len(gate) == len(up) == len(down)) or not gate:
+        raise ValueError(f"gate/up/down: expected the same non-zero number of experts, got "
+                         f"{len(gate)}, {len(up)}, {len(down)}")
+    inter = gate[0][0].shape[0]
+    if inter % block_size:
+        raise ValueError(f"gate: intermediate size {inter} is not a multiple of block_size {block_size}; "
+                         "gate and up blocks would not align in w13")
+    w13 = torch.stack([torch.cat([g[0], u[0]], dim=0) for g, u in zip(gate, up)])  # (E, 2I, H)
+    w13_s = torch.stack([torch.cat([g[1], u[1]], dim=0) for g, u in zip(gate, up)])  # (E, 2I/b, HB)
+    w2 = torch.stack([d[0] for d in down])  # (E, H, I)
+    w2_s = torch.stack([d[1] for d in down])  # (E, HB, I/b)
+    return w13, w13_s, w2, w2_s

@@ -99,3 +99,27 @@ def test_fused_moe_rejects_bad_input():
         fused_moe(x, torch.ones(3, 1), ids.clamp_max(1), w13, w13_s, w2[:, :64], w2_s)
     with pytest.raises(ValueError, match="topk_weights"):
         fused_moe(x, torch.ones(3, 2), ids.clamp_max(1), w13, w13_s, w2, w2_s)
+
+
+def test_stack_experts_matches_separate_gate_up_down():
+    """Checkpoint layout (separate gate/up/down per expert) → fused layout, same math as the MLP."""
+    g = torch.Generator().manual_seed(6)
+    hidden, inter = 192, 128
+    mats = [[reference.weight_quant(torch.randn(*shape, generator=g) * 0.05)
+             for shape in ((inter, hidden), (inter, hidden), (hidden, inter))] for _ in range(3)]
+    w13, w13_s, w2, w2_s = reference.stack_experts([m[0] for m in mats], [m[1] for m in mats],
+                                                   [m[2] for m in mats])
+    x = torch.randn(4, hidden, generator=g)
+    ids = torch.tensor([[0, 2], [1, 2], [2, 0], [1, 0]])
+    weights = torch.rand(4, 2, generator=g)
+    got = fused_moe(x, weights, ids, w13, w13_s, w2, w2_s, config=TileConfig(16, 128))
+    want = torch.zeros(4, hidden)
+    for t in range(4):
+        for j in range(2):
+            (gq, gs), (uq, us), (dq, ds) = mats[int(ids[t, j])]
+            xt = x[t:t + 1]
+            h = torch.nn.functional.silu(ops.linear(xt, gq, gs)) * ops.linear(xt, uq, us)
+            want[t] += weights[t, j] * ops.linear(h, dq, ds)[0]
+    assert (got - want).abs().max() / want.abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="intermediate size"):
+        reference.stack_experts([(gq[:100], gs)], [(uq[:100], us)], [(dq, ds)])
