@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_model.config import ModelConfig
+from deepseek_model.kernels import ops
 from deepseek_model.layers import ColumnParallelLinear, Linear, LinearSpec, RowParallelLinear
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
 
@@ -63,6 +64,11 @@ class Gate(nn.Module):
             self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32, device=device))
         else:
             self.bias = None
+        # Training: tokens routed to each expert, accumulated while `record_load` is set (a
+        # bias-update hook reads and resets it). Not part of the checkpoint.
+        self.record_load = False
+        self.register_buffer("load", torch.zeros(cfg.n_routed_experts, dtype=torch.int64, device=device),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route tokens x (N, hidden)."""
@@ -79,6 +85,8 @@ class Gate(nn.Module):
             group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)  # True = drop
             choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)  # (N, E)
         indices = _topk_stable(choice, self.topk)  # (N, K)
+        if self.record_load:
+            self.load += torch.bincount(indices.flatten(), minlength=self.n_experts)  # (E,)
         weights = scores.gather(1, indices)  # unbiased scores of the chosen experts
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + NORM_EPS)
@@ -132,11 +140,24 @@ class MoE(nn.Module):
              for e in range(cfg.n_routed_experts)])
         self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, spec, ctx)
                                if cfg.n_shared_experts else None)
+        # While training: the Routing of the last forward (scores keep their graph, for the
+        # sequence-wise balance loss) and the (B, T) shape of its tokens.
+        self.last_routing: Routing | None = None
+        self.last_token_shape: tuple[int, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, hidden)
         routing = self.gate(flat)
+        self.last_routing, self.last_token_shape = (routing, tuple(shape[:-1])) if self.training else (None, None)
+        fused = self._fused_experts()
+        if fused is not None:  # fp8 experts: one grouped W8A8 op (Triton kernel or its torch twin)
+            local = (routing.indices >= self.lo) & (routing.indices < self.hi)  # (N, K)
+            ids = (routing.indices - self.lo).clamp(0, self.hi - self.lo - 1)  # (N, K) local expert ids
+            spec = self.experts[self.lo].w1.spec
+            y = ops.fused_moe(flat, routing.weights * local, ids, *fused, block_size=spec.block_size,
+                              scale_fmt=spec.scale_fmt, backend=spec.backend)
+            return self._combine(flat, y).view(shape)
         y = torch.zeros_like(flat)
         counts = torch.bincount(routing.indices.flatten(), minlength=self.n_experts).tolist()
         for e in range(self.lo, self.hi):
@@ -145,7 +166,38 @@ class MoE(nn.Module):
             token, slot = torch.where(routing.indices == e)  # (n_e,), (n_e,)
             w = routing.weights[token, slot].unsqueeze(-1).to(x.dtype)  # (n_e, 1)
             y.index_add_(0, token, self.experts[e](flat[token]) * w)
-        self.ctx.all_reduce(y)
+        return self._combine(flat, y).view(shape)
+
+    def _combine(self, flat: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """Sum the routed outputs over ranks, then add the shared experts: (N, hidden)."""
+        self.ctx.all_reduce(routed)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
-        return y.view(shape)
+            routed = routed + self.shared_experts(flat)
+        return routed
+
+    def _fused_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The local experts' fp8 weights stacked for ops.fused_moe: (w13, w13_s, w2, w2_s).
+
+        None when the experts are dense, or when moe_intermediate_size is not a multiple of the
+        block (gate‖up blocks would straddle a scale boundary: the per-expert loop runs instead).
+        Built on first use; every expert's parameters then become views into the stacked tensors,
+        so no weight is held twice.
+        """
+        first = self.experts[self.lo]
+        block = first.w1.spec.block_size
+        if not first.w1.is_fp8 or first.w1.out_features % block:
+            return None
+        stacked = getattr(self, "_stacked", None)
+        if stacked is None:
+            local = [self.experts[e] for e in range(self.lo, self.hi)]
+            w13 = torch.stack([torch.cat([ex.w1.weight, ex.w3.weight]) for ex in local])  # (E_local, 2I, H)
+            w13_s = torch.stack([torch.cat([ex.w1.scale, ex.w3.scale]) for ex in local])  # (E_local, 2I/b, H/b)
+            w2 = torch.stack([ex.w2.weight for ex in local])  # (E_local, H, I)
+            w2_s = torch.stack([ex.w2.scale for ex in local])  # (E_local, H/b, I/b)
+            inter = first.w1.out_features
+            for i, ex in enumerate(local):
+                ex.w1.weight.data, ex.w3.weight.data = w13[i, :inter], w13[i, inter:]
+                ex.w1.scale.data, ex.w3.scale.data = w13_s[i, : inter // block], w13_s[i, inter // block:]
+                ex.w2.weight.data, ex.w2.scale.data = w2[i], w2_s[i]
+            stacked = self._stacked = (w13, w13_s, w2, w2_s)
+        return stacked
