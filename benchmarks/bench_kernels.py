@@ -54,6 +54,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--m", type=int, nargs="*", default=None, help="M values (default: FACTS §4 on GPU)")
     p.add_argument("--trials", type=int, default=None,
                    help=f"CPU timing trials (default {TRIALS}, quick {QUICK_TRIALS})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch intra-op threads (1 gives stable figures on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.n_div < 1 or args.k_div < 1:
@@ -62,6 +64,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.trials = QUICK_TRIALS if args.quick else TRIALS
     if args.trials < 1:
         p.error("--trials: expected a positive integer")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads: expected a positive integer")
     return args
 
 
@@ -405,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # read by triton when the kernels are decorated
     device = torch.device("cuda" if on_gpu else "cpu")
     torch.manual_seed(args.seed)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     report = {
         "device": torch.cuda.get_device_name(0) if on_gpu else f"cpu ({platform.processor() or platform.machine()}, "
                                                                 f"{torch.get_num_threads()} threads)",
