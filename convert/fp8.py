@@ -86,7 +86,8 @@ def block_size_of(config: dict[str, Any], source: str) -> int:
     qc = config.get("quantization_config") or {}
     sizes = qc.get("weight_block_size", [BLOCK, BLOCK])
     if not (isinstance(sizes, list) and len(sizes) == 2 and sizes[0] == sizes[1] and int(sizes[0]) > 0):
-        raise ConvertError(f"{source}: quantization_config.weight_block_size {sizes!r} unsupported (square blocks only)")
+        raise ConvertError(f"{source}: quantization_config.weight_block_size {sizes!r} unsupported "
+                           f"(square blocks only)")
     return int(sizes[0])
 
 

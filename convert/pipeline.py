@@ -58,7 +58,8 @@ def progress_bar(total: int, desc: str, quiet: bool) -> tqdm:
                 disable=quiet, dynamic_ncols=True, leave=False)
 
 
-def write_shards(out_dir: str, files: dict[str, list[TensorJob]], desc: str, quiet: bool) -> dict[str, list[TensorSpec]]:
+def write_shards(out_dir: str, files: dict[str, list[TensorJob]], desc: str,
+                 quiet: bool) -> dict[str, list[TensorSpec]]:
     """Write the planned shards into `out_dir`, one tensor at a time.
 
     Returns:

@@ -21,13 +21,13 @@ from deepseek_model.convert import names
 from deepseek_model.convert.checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointReader
 from deepseek_model.convert.fp8 import FP8_DTYPES, block_size_of, check_fp8_pairs
 from deepseek_model.convert.io import AtomicOutputDir, ConvertError, check_paths, copy_other_files, write_json
+from deepseek_model.convert.mtp import tensors_by_file
 from deepseek_model.convert.pipeline import Advance, TensorJob, check_hf_output, write_index, write_shards
 from deepseek_model.convert.sharded import (MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, SPLIT_COLUMN,
                                             SPLIT_EXPERT, SPLIT_REPLICATED, SPLIT_ROW, ShardedSource,
                                             rank_file_name, read_manifest)
-from deepseek_model.convert.mtp import tensors_by_file
-from deepseek_model.convert.stream import (DTYPE_CODES, DTYPE_OF_CODE, ShardWriter, SourceReader, TensorSpec, check_written_file,
-                                           row_bands)
+from deepseek_model.convert.stream import (DTYPE_CODES, DTYPE_OF_CODE, ShardWriter, SourceReader, TensorSpec,
+                                           check_written_file, row_bands)
 
 _EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.")
 _COLUMN_RE = re.compile(

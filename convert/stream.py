@@ -171,7 +171,8 @@ class ShardWriter:
         self._offset: dict[str, int] = {}
         pos = 0
         for s in specs:
-            header[s.name] = {"dtype": DTYPE_CODES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+            header[s.name] = {"dtype": DTYPE_CODES[s.dtype], "shape": list(s.shape),
+                              "data_offsets": [pos, pos + s.nbytes]}
             self._offset[s.name] = pos
             pos += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()

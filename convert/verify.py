@@ -103,7 +103,8 @@ def compare_tensor(a: Source, b: Source, name: str, name_a: str, name_b: str, bl
             over += int((block_err > bound * (1 + BOUND_SLACK)).sum())
             blocks += block_err.numel()
     numel = math.prod(sa.shape)
-    entry.update(max_abs_err=max_abs, max_rel_err=(max_abs / ref_max) if ref_max else (0.0 if max_abs == 0 else math.inf),
+    rel = (max_abs / ref_max) if ref_max else (0.0 if max_abs == 0 else math.inf)
+    entry.update(max_abs_err=max_abs, max_rel_err=rel,
                  rms_err=math.sqrt(sq_err / numel) if numel else 0.0, exact=max_abs == 0.0 and finite)
     if fp8:
         entry.update(fp8_blocks=blocks, fp8_blocks_over_bound=over)
