@@ -5,6 +5,12 @@ mapped, one at a time. FP8 weights are dequantized per 128×128 block when a den
 for, kept with their scales for `weights="fp8"`, and dense checkpoints can be quantized at load.
 Missing, unexpected or mis-shaped tensors, missing or mis-gridded scales and bad shards each raise
 a one-line CheckpointError naming the tensor or file.
+
+Under tensor/expert parallelism (`parallel=ctx`) each rank reads only its slices: from an HF
+directory through safetensors slice reads (a weight's FP8 scale sliced with it, never the whole
+tensor), or from the per-rank files of `convert shard` (detected by their manifest). A world size
+the config cannot be split over is refused before any weight is read, and a rank that fails to load
+makes every rank raise (a collective with a timeout, not a hang).
 """
 
 from __future__ import annotations
@@ -17,15 +23,17 @@ import torch
 from deepseek_model.config import ModelConfig
 from deepseek_model.convert import names
 from deepseek_model.convert.checkpoint import CONFIG_FILE, CheckpointError, CheckpointReader
+from deepseek_model.convert.sharded import RankReader, is_sharded_dir, read_manifest
 from deepseek_model.kernels import ops, reference
 from deepseek_model.layers import FP8_DTYPE, LinearSpec
 from deepseek_model.model import Transformer
-from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
+from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext, check_splits
 
 WEIGHT_FORMATS = ("auto", "bf16", "fp8")
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}
 _EXPERT_RE = re.compile(r"\.ffn\.experts\.(\d+)\.")
+_FP8_CODE = "F8_E4M3"  # dtype code of float8_e4m3fn in safetensors headers and the shard manifest
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -37,10 +45,21 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 class _Loader:
-    """Copies checkpoint tensors into a constructed model, checking every name, shape and scale."""
+    """Copies checkpoint tensors into a constructed model, checking every name, shape and scale.
 
-    def __init__(self, reader: CheckpointReader, model: Transformer, block: int, scale_fmt: str | None):
+    Args:
+        reader: the checkpoint (whole tensors), or one rank's files of a sharded checkpoint.
+        model: the constructed (possibly tensor-parallel) model.
+        block: FP8 block size.
+        scale_fmt: scale format used when quantizing dense weights at load.
+        split_info: for a sharded checkpoint, the manifest's per-tensor split description; the
+            reader then already holds this rank's slices (None: slice here).
+    """
+
+    def __init__(self, reader: CheckpointReader, model: Transformer, block: int, scale_fmt: str | None,
+                 split_info: dict[str, dict] | None = None):
         self.reader, self.model, self.block, self.scale_fmt = reader, model, block, scale_fmt
+        self.split_info = split_info
         self.ctx: ParallelContext = model.ctx
         self.targets = model.state_dict(keep_vars=True)
         self.loaded: set[str] = set()
@@ -54,11 +73,11 @@ class _Loader:
         module = self.model.get_submodule(internal.rpartition(".")[0])
         return getattr(module, "shard_dim", None)
 
-    def _read(self, hf_name: str, internal: str, rows_per_unit: int = 1) -> torch.Tensor:
-        """Read a tensor (this rank's slice of it when the target is split). `rows_per_unit` is the
-        number of weight rows/cols one element covers (the block size, for scales)."""
+    def _read(self, hf_name: str, internal: str) -> torch.Tensor:
+        """Read a tensor (this rank's slice of it when the target is split): a safetensors slice
+        read, so a split tensor is never materialised whole."""
         dim = self._shard_dim(internal)
-        if dim is None:
+        if dim is None or self.split_info is not None:
             return self.reader.get(hf_name)
         full = self.reader.shape(hf_name)
         if full[dim] % self.ctx.world_size:
@@ -72,11 +91,23 @@ class _Loader:
     def _expected_shape(self, internal: str, target: torch.Tensor) -> tuple[int, ...]:
         shape = list(target.shape)
         dim = self._shard_dim(internal)
-        if dim is not None:
+        if dim is not None and self.split_info is None:
             shape[dim] *= self.ctx.world_size
         return tuple(shape)
 
+    def _check_split(self, hf_name: str, internal: str) -> None:
+        """A sharded checkpoint must have split `hf_name` along the dimension this model splits."""
+        if self.split_info is None:
+            return
+        info = self.split_info.get(hf_name, {})
+        want = self._shard_dim(internal) if self.ctx.is_distributed else None
+        got = info.get("dim") if info.get("split") in ("column", "row") else None
+        if self.ctx.is_distributed and got != want:
+            raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' is split along dim {got} in the "
+                                  f"manifest, the model splits it along dim {want}")
+
     def _check_shape(self, hf_name: str, internal: str, target: torch.Tensor) -> None:
+        self._check_split(hf_name, internal)
         got, want = self.reader.shape(hf_name), self._expected_shape(internal, target)
         if got != want:
             raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' has shape {list(got)}, the config "
@@ -147,14 +178,56 @@ class _Loader:
             raise CheckpointError(f"{self.reader.path}: missing tensor '{hf}'{more}")
 
 
+def _open(path: str | os.PathLike, ctx: ParallelContext) -> tuple[CheckpointReader, dict, dict | None]:
+    """(reader, config dict, split_info): an HF directory, or this rank's files of a sharded one."""
+    if not is_sharded_dir(path):
+        reader = CheckpointReader(path)
+        return reader, reader.config(), None
+    manifest = read_manifest(path)
+    if manifest["world_size"] != ctx.world_size:
+        raise CheckpointError(f"{os.path.abspath(path)}: sharded for world size {manifest['world_size']}, this job "
+                              f"has {ctx.world_size} ranks (re-shard with `convert shard --model-parallel "
+                              f"{ctx.world_size}`, or load the HF directory)")
+    reader = RankReader(path, manifest["ranks"][ctx.rank]["weight_map"])
+    return reader, manifest["config"], manifest["tensors"]
+
+
+def _is_fp8_checkpoint(reader: CheckpointReader, split_info: dict | None) -> bool:
+    """Whether any tensor is float8_e4m3fn (from headers or the manifest; no data read)."""
+    if split_info is not None:
+        return any(info.get("dtype") == _FP8_CODE for info in split_info.values())
+    return any(reader.dtype(n) == FP8_DTYPE for n in reader.names())
+
+
+def _load(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, attn: str, weights: str,
+          mtp: bool, max_seq_len: int | None, ctx: ParallelContext, backend: str) -> Transformer:
+    reader, config, split_info = _open(path, ctx)
+    cfg = ModelConfig.from_dict(config, source=os.path.join(reader.path, CONFIG_FILE))
+    ckpt_fp8 = _is_fp8_checkpoint(reader, split_info)
+    use_fp8 = ckpt_fp8 if weights == "auto" else weights == "fp8"
+    quant = cfg.quantization
+    block = quant.block_size[0] if quant else reference.BLOCK
+    scale_fmt = quant.scale_fmt if quant else None
+    # Before any weight is read: every split dimension divides, FP8 splits fall on scale blocks.
+    check_splits(cfg, ctx.world_size, block if (ckpt_fp8 or use_fp8) else None)
+    spec = LinearSpec(dtype=dtype, device=device, fp8=use_fp8, block_size=block, scale_fmt=scale_fmt,
+                      backend=backend)
+    model = Transformer(cfg, spec, ctx, attn=attn, mtp=mtp, max_seq_len=max_seq_len)
+    with reader:
+        _Loader(reader, model, block, scale_fmt, split_info).run()
+    return model.eval()
+
+
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                     device: torch.device | str = "cpu", attn: str = "absorb", weights: str = "auto",
                     mtp: bool = True, max_seq_len: int | None = None, parallel: ParallelContext | None = None,
                     backend: str = "torch") -> Transformer:
-    """Load a DeepSeek-V2/V3 model from an HF checkpoint directory.
+    """Load a DeepSeek-V2/V3 model from an HF checkpoint directory (or a `convert shard` output).
 
     Args:
-        path: directory with config.json, model.safetensors.index.json and shards.
+        path: directory with config.json, model.safetensors.index.json and shards, or a directory
+            written by `deepseek-model convert shard` (recognised by its tp_manifest.json; its
+            world size must equal the job's).
         dtype: compute dtype (torch.float32 or torch.bfloat16, or their names).
         device: where the parameters live.
         attn: "absorb" (latent-space attention) or "naive".
@@ -163,7 +236,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
             a dense checkpoint is quantized at load).
         mtp: build and load the MTP module when the checkpoint has one.
         max_seq_len: longest sequence accepted (default: max_position_embeddings).
-        parallel: ParallelContext of a tensor/expert-parallel job (default: single process).
+        parallel: ParallelContext of a tensor/expert-parallel job (default: single process). Every
+            rank must call this collectively; each reads only its own slices.
         backend: kernel backend for the fp8 ops ("torch" | "triton" | "auto").
 
     Returns:
@@ -172,21 +246,17 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     Raises:
         CheckpointError: a file or tensor is missing, unexpected, mis-shaped or corrupt.
         ConfigError: config.json is invalid.
+        ParallelError: the model cannot be split over the world size (raised before any weight is
+            read), or loading failed on another rank.
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     dtype = _as_dtype(dtype)
     ctx = parallel or SINGLE_PROCESS
-    reader = CheckpointReader(path)
-    cfg = ModelConfig.from_dict(reader.config(), source=os.path.join(reader.path, CONFIG_FILE))
-    ckpt_fp8 = any(reader.dtype(n) == FP8_DTYPE for n in reader.names())
-    use_fp8 = ckpt_fp8 if weights == "auto" else weights == "fp8"
-    quant = cfg.quantization
-    block = quant.block_size[0] if quant else reference.BLOCK
-    scale_fmt = quant.scale_fmt if quant else None
-    spec = LinearSpec(dtype=dtype, device=device, fp8=use_fp8, block_size=block, scale_fmt=scale_fmt,
-                      backend=backend)
-    model = Transformer(cfg, spec, ctx, attn=attn, mtp=mtp, max_seq_len=max_seq_len)
-    with reader:
-        _Loader(reader, model, block, scale_fmt).run()
-    return model.eval()
+    error, model = None, None
+    try:
+        model = _load(path, dtype, device, attn, weights, mtp, max_seq_len, ctx, backend)
+    except Exception as e:  # every rank must learn about a failure on any rank
+        error = e
+    ctx.check_all(error, "loading the checkpoint")
+    return model

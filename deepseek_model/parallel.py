@@ -1,16 +1,34 @@
-"""ParallelContext: rank, world size and process group, passed explicitly to every parallel layer.
+"""ParallelContext: rank, world size, process group and device, passed explicitly to every parallel layer.
 
 A single-process context (the default) makes every collective a no-op, so the same model code
-serves one process and a torchrun job.
+serves one process and a torchrun job. `init()` builds the context from the environment torchrun
+sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): gloo on CPU, NCCL on GPU, with a
+collective timeout so a dead or failing rank ends the job instead of hanging it.
+
+`split_problems(cfg, world_size, block)` lists every reason a config cannot be split over a world
+size (heads, experts, vocab, MLP widths, and FP8 128-blocks along every split dimension); the
+loader and `inspect --world-size` use it before any weight is read.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+BACKEND_CPU = "gloo"
+BACKEND_GPU = "nccl"
+DEFAULT_TIMEOUT = timedelta(minutes=30)  # loading 671B weights can keep a rank busy for many minutes
+ENV_RANK, ENV_WORLD_SIZE, ENV_LOCAL_RANK = "RANK", "WORLD_SIZE", "LOCAL_RANK"
+HEADS_MARK = "heads x"  # split dimensions derived from the head count
+
+
+class ParallelError(ValueError):
+    """A world size the model cannot be split over, or a failure on another rank."""
 
 
 @dataclass(frozen=True)
@@ -21,11 +39,13 @@ class ParallelContext:
         rank: this process's rank in `group`.
         world_size: number of ranks sharing the model.
         group: the torch.distributed process group (None: the default group, or single process).
+        device: the device this rank computes on (collective buffers live there).
     """
 
     rank: int = 0
     world_size: int = 1
     group: Any = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -36,14 +56,19 @@ class ParallelContext:
         """True when collectives must actually communicate."""
         return self.world_size > 1
 
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (the rank that prints)."""
+        return self.rank == 0
+
     def split(self, size: int, what: str) -> int:
         """The local share of `size` items split evenly across ranks.
 
         Raises:
-            ValueError: `size` is not divisible by the world size (names `what`).
+            ParallelError: `size` is not divisible by the world size (names `what`).
         """
         if size % self.world_size:
-            raise ValueError(f"{what} ({size}) is not divisible by world size {self.world_size}")
+            raise ParallelError(f"{what} ({size}) is not divisible by world size {self.world_size}")
         return size // self.world_size
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -60,5 +85,153 @@ class ParallelContext:
         dist.all_gather(parts, t.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite `t` in place with rank `src`'s value (no-op in a single process)."""
+        if self.is_distributed:
+            dist.broadcast(t, src=self._global_rank(src), group=self.group)
+        return t
+
+    def check_all(self, error: BaseException | None, what: str) -> None:
+        """Collective: raise on every rank if `what` failed on any rank.
+
+        Each rank passes its own exception (or None). A failing rank re-raises its own error; the
+        others raise a ParallelError naming the failed ranks, so every process exits non-zero
+        instead of waiting in the next collective.
+
+        Raises:
+            BaseException: this rank's `error`.
+            ParallelError: another rank failed.
+        """
+        if not self.is_distributed:
+            if error is not None:
+                raise error
+            return
+        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
+        flags[self.rank] = int(error is not None)
+        dist.all_reduce(flags, group=self.group)
+        if error is not None:
+            raise error
+        failed = flags.nonzero().flatten().tolist()
+        if failed:
+            raise ParallelError(f"{what} failed on rank {', '.join(map(str, failed))} of {self.world_size} "
+                                f"(see that rank's error)")
+
+    def _global_rank(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
 
 SINGLE_PROCESS = ParallelContext()
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or an equivalent launcher) set RANK and WORLD_SIZE for this process."""
+    return ENV_RANK in os.environ and ENV_WORLD_SIZE in os.environ
+
+
+def init(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT,
+         device: str | None = None) -> ParallelContext:
+    """The ParallelContext of this process, joining the torchrun job when there is one.
+
+    Without torchrun's environment (or with WORLD_SIZE=1) no process group is created and a
+    single-process context is returned. Otherwise the default process group is initialised from
+    the environment (MASTER_ADDR / MASTER_PORT rendezvous) — across nodes too: run torchrun with
+    `--nnodes M --node-rank i --rdzv-endpoint HOST:PORT` on every node.
+
+    Args:
+        backend: "gloo" or "nccl" (default: nccl when CUDA is available, else gloo).
+        timeout: how long any collective may wait for the other ranks before failing.
+        device: this rank's device (default: cuda:LOCAL_RANK with NCCL, else cpu).
+
+    Returns:
+        The context to pass to `from_pretrained(..., parallel=ctx)`.
+
+    Raises:
+        ParallelError: inconsistent environment or an unknown backend.
+    """
+    if backend is None:
+        backend = BACKEND_GPU if torch.cuda.is_available() else BACKEND_CPU
+    if backend not in (BACKEND_CPU, BACKEND_GPU):
+        raise ParallelError(f"backend must be '{BACKEND_CPU}' or '{BACKEND_GPU}', got {backend!r}")
+    local_rank = int(os.environ.get(ENV_LOCAL_RANK, "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if backend == BACKEND_GPU else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    if not launched_by_torchrun():
+        return ParallelContext(device=device)
+    try:
+        rank, world_size = int(os.environ[ENV_RANK]), int(os.environ[ENV_WORLD_SIZE])
+    except ValueError:
+        raise ParallelError(f"{ENV_RANK}={os.environ[ENV_RANK]!r} / {ENV_WORLD_SIZE}="
+                            f"{os.environ[ENV_WORLD_SIZE]!r} are not integers") from None
+    if world_size == 1:
+        return ParallelContext(device=device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    return ParallelContext(rank=dist.get_rank(), world_size=dist.get_world_size(), group=None, device=device)
+
+
+def shutdown(ctx: ParallelContext) -> None:
+    """Destroy the default process group created by `init` (no-op in a single process)."""
+    if ctx.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- split validity
+def split_dims(cfg: Any) -> list[tuple[str, int, bool]]:
+    """Every dimension tensor/expert parallelism cuts, for a ModelConfig.
+
+    Returns:
+        [(description, size, cut_through_fp8_weight)]: the size that must divide by the world
+        size and, when the third item is True, whose per-rank part must also be a multiple of the
+        FP8 block (the weight's scale is split with it).
+    """
+    heads = cfg.num_attention_heads
+    q_name = "q_proj" if cfg.q_lora_rank is None else "q_b_proj"
+    dims = [
+        ("num_attention_heads", heads, False),
+        (f"{q_name} rows (heads x qk_head_dim)", heads * cfg.qk_head_dim, True),
+        ("kv_b_proj rows (heads x (qk_nope + v))", heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), True),
+        ("o_proj columns (heads x v_head_dim)", heads * cfg.v_head_dim, True),
+        ("n_routed_experts", cfg.n_routed_experts, False),
+        ("vocab_size", cfg.vocab_size, False),
+    ]
+    if cfg.first_k_dense_replace or cfg.moe_layer_freq > 1:
+        dims.append(("intermediate_size (dense MLP)", cfg.intermediate_size, True))
+    if cfg.n_shared_experts:
+        dims.append(("shared-expert width (n_shared x moe_intermediate)",
+                     cfg.n_shared_experts * cfg.moe_intermediate_size, True))
+    return dims
+
+
+def split_problems(cfg: Any, world_size: int, fp8_block: int | None) -> list[str]:
+    """Why `cfg` cannot be split over `world_size` ranks (empty when it can).
+
+    Args:
+        cfg: a ModelConfig.
+        world_size: number of tensor/expert-parallel ranks.
+        fp8_block: the FP8 block size when the weights are (or will be) FP8 with block scales,
+            else None (no block constraint).
+    """
+    if world_size < 1:
+        return [f"world size must be >= 1, got {world_size}"]
+    if world_size == 1:
+        return []  # nothing is cut
+    problems = []
+    heads_split = cfg.num_attention_heads % world_size == 0
+    for what, size, fp8_cut in split_dims(cfg):
+        if not heads_split and HEADS_MARK in what:
+            continue  # already reported as num_attention_heads
+        if size % world_size:
+            problems.append(f"{what} ({size}) is not divisible by {world_size}")
+        elif fp8_cut and fp8_block and (size // world_size) % fp8_block:
+            problems.append(f"{what} ({size}) splits into parts of {size // world_size}, not a multiple of the "
+                            f"FP8 {fp8_block}-block its scale is split by")
+    return problems
+
+
+def check_splits(cfg: Any, world_size: int, fp8_block: int | None) -> None:
+    """Raise ParallelError (one line, every reason) when `cfg` cannot be split over `world_size`."""
+    problems = split_problems(cfg, world_size, fp8_block)
+    if problems:
+        raise ParallelError(f"cannot split the model over world size {world_size}: " + "; ".join(problems))

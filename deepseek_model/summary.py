@@ -1,6 +1,9 @@
 """Architecture summary of a config or checkpoint: parameter counts, formats, memory, cache sizes.
 
-Everything is computed from the config and the shard headers; no weight is read.
+Everything is computed from the config and the shard headers; no weight is read. For a
+tensor/expert-parallel world size, `per_rank_weight_bytes` applies the split rules the converter
+and the loader use (column/row splits cut a tensor and its FP8 scale into equal parts, routed
+experts are whole on one rank, everything else is replicated) and says whether the split is legal.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import torch
 from deepseek_model.config import ModelConfig
 from deepseek_model.convert import names
 from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.convert.shard import split_rule
+from deepseek_model.convert.sharded import SPLIT_EXPERT, SPLIT_REPLICATED
+from deepseek_model.parallel import split_problems
 
 BF16_BYTES = 2
 FP8_BYTES = 1
@@ -61,6 +67,55 @@ def weight_bytes(cfg: ModelConfig, fmt: str, mtp: bool = True) -> int:
     return total
 
 
+def _tensor_bytes(name: str, shape: tuple[int, ...], fmt: str, block: int, parts: int = 1,
+                  dim: int | None = None) -> int:
+    """Bytes of one tensor (plus its FP8 scale) in `fmt`, or of one of `parts` equal parts along `dim`."""
+    if name.endswith("e_score_correction_bias"):
+        return _numel(shape) * SCALE_BYTES
+    local = list(shape)
+    if dim is not None:
+        local[dim] //= parts
+    if fmt == "fp8" and names.is_fp8_weight(name):
+        grid = [_ceil_div(d, block) for d in shape]  # the scale is cut with its weight
+        if dim is not None:
+            grid[dim] //= parts
+        return _numel(tuple(local)) * FP8_BYTES + _numel(tuple(grid)) * SCALE_BYTES
+    return _numel(tuple(local)) * BF16_BYTES
+
+
+def per_rank_weight_bytes(cfg: ModelConfig, world_size: int, mtp: bool = True) -> dict[str, Any]:
+    """Weight bytes one rank holds under tensor + expert parallelism over `world_size` ranks.
+
+    Column/row-split tensors (q_b / q_proj, kv_b, o_proj, dense and shared-expert MLPs, embedding,
+    head) hold 1/world of their elements and scale blocks; each rank holds n_routed_experts/world
+    whole routed experts; norms, q_a / kv_a, routers and eh_proj are replicated. All ranks hold the
+    same amount (the splits are even).
+
+    Returns:
+        {"world_size", "bf16": {"split", "experts", "replicated", "total"}, "fp8": {...},
+        "valid": {"bf16": bool, "fp8": bool}, "problems": {"bf16": [...], "fp8": [...]}}; the
+        problems say why a world size cannot split the model (FP8 adds the 128-block rule).
+    """
+    block = cfg.quantization.block_size[0] if cfg.quantization else 128
+    out: dict[str, Any] = {"world_size": world_size}
+    for fmt in ("bf16", "fp8"):
+        parts = {"split": 0, "experts": 0, "replicated": 0}
+        for name, shape in names.hf_weight_shapes(cfg, mtp=mtp).items():
+            kind, dim = split_rule(name)
+            if kind == SPLIT_EXPERT:
+                parts["experts"] += _tensor_bytes(name, shape, fmt, block)
+            elif kind == SPLIT_REPLICATED:
+                parts["replicated"] += _tensor_bytes(name, shape, fmt, block)
+            else:
+                parts["split"] += _tensor_bytes(name, shape, fmt, block, world_size, dim)
+        parts["experts"] //= max(world_size, 1)  # E/world whole experts per rank
+        parts["total"] = sum(parts.values())
+        out[fmt] = parts
+    out["problems"] = {"bf16": split_problems(cfg, world_size, None), "fp8": split_problems(cfg, world_size, block)}
+    out["valid"] = {fmt: not problems for fmt, problems in out["problems"].items()}
+    return out
+
+
 def cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = BF16_BYTES) -> dict[str, int]:
     """KV-cache bytes per token over all layers: the MLA latent vs a per-head K/V cache."""
     latent = cfg.latent_dim * cfg.num_hidden_layers * bytes_per_value
@@ -83,8 +138,10 @@ def checkpoint_formats(reader: CheckpointReader) -> dict[str, Any]:
     return {"dtypes": by_dtype, "fp8_weights": fp8_weights, "fp8_eligible": fp8_expected}
 
 
-def model_summary(cfg: ModelConfig, reader: CheckpointReader | None = None) -> dict[str, Any]:
-    """Everything `deepseek-model inspect` prints, as a dict."""
+def model_summary(cfg: ModelConfig, reader: CheckpointReader | None = None,
+                  world_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Everything `deepseek-model inspect` prints, as a dict (`parallel`: one per_rank_weight_bytes
+    entry per requested world size)."""
     counts = parameter_counts(cfg)
     out: dict[str, Any] = {
         "architecture": {
@@ -101,6 +158,8 @@ def model_summary(cfg: ModelConfig, reader: CheckpointReader | None = None) -> d
         "memory_bytes": {"bf16": weight_bytes(cfg, "bf16"), "fp8": weight_bytes(cfg, "fp8")},
         "cache_bytes_per_token": cache_bytes_per_token(cfg),
     }
+    if world_sizes:
+        out["parallel"] = [per_rank_weight_bytes(cfg, n) for n in world_sizes]
     if reader is not None:
         out["checkpoint"] = checkpoint_formats(reader)
         mtp_prefix = f"model.layers.{cfg.mtp_layer_index}."

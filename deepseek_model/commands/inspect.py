@@ -12,12 +12,16 @@ from deepseek_model.summary import model_summary
 
 HELP = "describe a checkpoint directory (or a built-in config): parameters, FP8 coverage, memory, cache"
 GIB = 1024 ** 3
+MIB = 1024 ** 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `inspect`."""
     p.add_argument("ckpt", help=f"checkpoint directory, or a built-in config name ({', '.join(BUILTIN_CONFIGS)})")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--world-size", type=int, nargs="+", default=[], metavar="N",
+                   help="tensor/expert-parallel world size(s): weight memory per rank and whether the model "
+                        "splits over N ranks (bf16 and FP8)")
 
 
 def _human(n: float) -> str:
@@ -36,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
         reader, cfg = None, ModelConfig.builtin(args.ckpt)
     else:
         raise ValueError(f"{args.ckpt}: not a checkpoint directory or a built-in config name")
-    s = model_summary(cfg, reader)
+    bad = [n for n in args.world_size if n < 1]
+    if bad:
+        raise ValueError(f"--world-size must be >= 1, got {bad[0]}")
+    s = model_summary(cfg, reader, tuple(args.world_size))
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -58,4 +65,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"  checkpoint: {c['files']} shards; {dtypes}")
         print(f"  fp8 coverage: {c['fp8_weights']}/{c['fp8_eligible']} eligible weights; "
               f"MTP present: {c['mtp_present']}")
+    for par in s.get("parallel", []):
+        _print_parallel(par)
     return 0
+
+
+def _print_parallel(par: dict) -> None:
+    """One world size: weight memory per rank in bf16 / FP8 and why a split is refused."""
+    print(f"  world size {par['world_size']} (tensor + expert parallel), weights per rank:")
+    for fmt in ("bf16", "fp8"):
+        b = par[fmt]
+        verdict = "ok" if par["valid"][fmt] else "REFUSED: " + "; ".join(par["problems"][fmt])
+        print(f"    {fmt}: {_size(b['total'])} (split {_size(b['split'])}, experts {_size(b['experts'])}, "
+              f"replicated {_size(b['replicated'])}) - {verdict}")
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.2f} MiB"
