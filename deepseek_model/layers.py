@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepseek_model import fp8_training
 from deepseek_model.kernels import ops
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
 
@@ -29,6 +30,8 @@ class LinearSpec:
         block_size: quantization block (128).
         scale_fmt: activation-scale format for W8A8 (None or "ue8m0").
         backend: kernel backend for ops ("torch" | "triton" | "auto").
+        fp8_training: emulate FP8 training in the dense linears (1×128 activation tiles, 128×128
+            weight blocks, 1×128 gradient tiles; see deepseek_model.fp8_training).
     """
 
     dtype: torch.dtype = torch.float32
@@ -37,6 +40,7 @@ class LinearSpec:
     block_size: int = 128
     scale_fmt: str | None = None
     backend: str = "torch"
+    fp8_training: bool = False
 
 
 class RMSNorm(nn.Module):
@@ -70,6 +74,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.spec = spec
         use_fp8 = spec.fp8 if fp8 is None else fp8
+        self.fake_fp8 = spec.fp8_training and fp8 is not False and not use_fp8  # layers kept high-precision opt out
         wdtype = FP8_DTYPE if use_fp8 else spec.dtype
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=wdtype, device=spec.device),
                                    requires_grad=not use_fp8)
@@ -94,6 +99,8 @@ class Linear(nn.Module):
         return self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fake_fp8:
+            return fp8_training.fp8_linear(x, self.weight, self.spec.block_size, self.spec.scale_fmt)
         return ops.linear(x, self.weight, self.scale, backend=self.spec.backend, block_size=self.spec.block_size,
                           scale_fmt=self.spec.scale_fmt)
 

@@ -1,0 +1,95 @@
+"""train: train a small model from scratch (bias-update balancing, MTP loss, optional FP8 emulation)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from deepseek_model.config import ModelConfig
+from deepseek_model.training import (ALPHA, GAMMA, LR, MTP_LAMBDA, TrainConfig, build_model, save_checkpoint,
+                                     train)
+from deepseek_model.training_data import ByteCorpus, SyntheticCorpus
+
+HELP = "train a tiny/small model on a synthetic corpus or a text file; log loss and expert load; save HF checkpoint"
+TRAIN_CONFIGS = ("tiny", "small")
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `train`."""
+    p.add_argument("--config", default="tiny", choices=TRAIN_CONFIGS, help="built-in architecture")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--gamma", type=float, default=GAMMA, help="bias update speed γ (0: no balancing)")
+    p.add_argument("--recenter", action="store_true", help="zero-mean bias updates")
+    p.add_argument("--alpha", type=float, default=ALPHA, help="sequence-wise balance loss weight α")
+    p.add_argument("--mtp-lambda", type=float, default=MTP_LAMBDA, help="MTP loss weight λ")
+    p.add_argument("--fp8", action="store_true", help="emulate FP8 GEMMs (1x128 / 128x128 fake quantization)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, corpus and batches")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches accumulated per step")
+    p.add_argument("--lr", type=float, default=LR, help="peak learning rate")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--text", help="train on this file's bytes instead of the synthetic corpus")
+    p.add_argument("--out", help="save the trained model here (HF layout: config.json, index, shards)")
+    p.add_argument("--save-dtype", default="fp32", choices=tuple(SAVE_DTYPES), help="checkpoint weight dtype")
+    p.add_argument("--json", help="write the run (arguments, per-step history, final losses) to this file")
+
+
+def _format(rec: dict[str, Any], steps: int) -> str:
+    line = (f"step {rec['step'] + 1:>5}/{steps}  loss {rec['loss']:.4f}  lm {rec['lm_loss']:.4f}  "
+            f"mtp {rec['mtp_loss']:.4f}  bal {rec['balance_loss']:.2e}  lr {rec['lr']:.2e}  gnorm {rec['grad_norm']:.2f}")
+    if "max_over_mean" in rec:
+        line += f"  load max/mean {rec['max_over_mean']:.2f} cv {rec['cv']:.2f}"
+        per_layer = " ".join(f"{n}:{v['max_over_mean']:.2f}" for n, v in rec["load"].items())
+        line += f"  [{per_layer}]"
+    return line
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, print progress, write the JSON log and the checkpoint."""
+    for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.gamma < 0 or args.alpha < 0 or args.mtp_lambda < 0:
+        raise ValueError("--gamma, --alpha and --mtp-lambda must be >= 0")
+    if args.seq_len < 3:
+        raise ValueError(f"--seq-len must be >= 3 (MTP targets are two ahead), got {args.seq_len}")
+    if args.out and os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        raise ValueError(f"{args.out}: exists and is not an empty directory")
+    torch.set_num_threads(args.threads)
+    cfg = ModelConfig.builtin(args.config)
+    if args.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    corpus = ByteCorpus(args.text, cfg.vocab_size) if args.text else SyntheticCorpus(cfg.vocab_size, args.seed)
+    model = build_model(cfg, seed=args.seed, fp8=args.fp8)
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                     micro_batches=args.micro_batches, lr=args.lr, gamma=args.gamma, recenter=args.recenter,
+                     alpha=args.alpha, mtp_lambda=args.mtp_lambda, seed=args.seed, log_every=args.log_every)
+    print(f"training '{args.config}' ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
+          f"{args.text or 'the synthetic corpus'}: {args.steps} steps × {args.micro_batches}×{args.batch_size}×"
+          f"{args.seq_len} tokens, γ={args.gamma:g} α={args.alpha:g} λ={args.mtp_lambda:g}"
+          f"{', FP8 emulation' if args.fp8 else ''}", flush=True)
+    t0 = time.perf_counter()
+    result = train(model, corpus, tc, log=lambda rec: print(_format(rec, args.steps), flush=True))
+    seconds = time.perf_counter() - t0
+    mtp_part = f", MTP CE {result.eval_mtp_loss:.4f}" if result.eval_mtp_loss is not None else ""
+    print(f"held-out CE {result.eval_loss:.4f}{mtp_part} ({seconds:.0f} s)")
+    if args.out:
+        save_checkpoint(model, args.out, SAVE_DTYPES[args.save_dtype])
+        print(f"saved checkpoint to {args.out}")
+    if args.json:
+        payload = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "seconds": seconds,
+                   "eval_loss": result.eval_loss, "eval_mtp_loss": result.eval_mtp_loss,
+                   "history": [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
+                               for r in result.history]}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0

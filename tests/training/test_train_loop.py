@@ -1,0 +1,78 @@
+"""The training loop, its checkpoints (reloaded by from_pretrained) and the `train` command."""
+
+import json
+
+import torch
+
+import deepseek_model as dsm
+from deepseek_model.cli import main as cli_main
+from deepseek_model.training import TrainConfig, build_model, save_checkpoint, train
+from deepseek_model.training_data import ByteCorpus, SyntheticCorpus
+
+
+def test_loss_decreases_and_biases_move(micro_cfg):
+    model = build_model(micro_cfg, seed=0)
+    records = []
+    result = train(model, SyntheticCorpus(micro_cfg.vocab_size, seed=0),
+                   TrainConfig(steps=30, batch_size=4, seq_len=16, gamma=1e-3, warmup=5, log_every=10),
+                   log=records.append)
+    assert [r["step"] for r in records] == [0, 10, 20, 29]
+    h = result.history
+    assert len(h) == 30
+    first, last = h[0]["lm_loss"], sum(r["lm_loss"] for r in h[-5:]) / 5
+    assert last < 0.8 * first
+    assert result.eval_loss < first and result.eval_mtp_loss is not None
+    assert set(h[-1]["load"]) == {"layers.1.ffn", "mtp.block.ffn"}
+    bias = model.layers[1].ffn.gate.bias
+    assert 0 < bias.abs().max() <= 30 * 1e-3 + 1e-6  # |Δ| = γ per step at most
+    assert not any(g.record_load for g in (model.layers[1].ffn.gate, model.mtp.block.ffn.gate))
+
+
+def test_micro_batches_and_fp8_loop_run(micro_cfg):
+    model = build_model(micro_cfg, seed=1, fp8=True)
+    result = train(model, SyntheticCorpus(micro_cfg.vocab_size, seed=1),
+                   TrainConfig(steps=3, batch_size=2, seq_len=12, micro_batches=2, warmup=1))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+
+
+def test_checkpoint_reloads_with_identical_logits(micro_cfg, tmp_path):
+    model = build_model(micro_cfg, seed=2)
+    train(model, SyntheticCorpus(micro_cfg.vocab_size, seed=2), TrainConfig(steps=3, batch_size=2, seq_len=12,
+                                                                            gamma=0.05, warmup=1))
+    model.eval()
+    assert model.layers[1].ffn.gate.bias.abs().sum() > 0  # the trained biases are part of the checkpoint
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    loaded = dsm.from_pretrained(path, dtype=torch.float32, attn="naive")
+    ids = torch.randint(0, micro_cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.mtp_logits(ids), model.mtp_logits(ids), rtol=0, atol=0)
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert cfg["torch_dtype"] == "float32" and "quantization_config" not in cfg
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in index["weight_map"]
+    assert "model.layers.2.shared_head.head.weight" in index["weight_map"]  # MTP copy of the tied head
+
+
+def test_byte_corpus(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"hello world\n" * 3)
+    b = ByteCorpus(path, 512).sample(3, 20, torch.Generator().manual_seed(0))
+    assert b.ids.shape == (3, 20) and int(b.ids.max()) < 256
+
+
+def test_train_command(tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    out, log = tmp_path / "out", tmp_path / "run.json"
+    code = cli_main(["train", "--config", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                     "--log-every", "1", "--text", str(text), "--out", str(out), "--json", str(log),
+                     "--save-dtype", "bf16"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "step     2/2" in printed and "load max/mean" in printed
+    run = json.loads(log.read_text())
+    assert len(run["history"]) == 2 and "cv" in run["history"][0]
+    model = dsm.from_pretrained(out)
+    assert model.cfg.num_hidden_layers == 3
+    assert cli_main(["train", "--steps", "0"]) == 2  # one-line error, non-zero exit
