@@ -17,6 +17,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("make-tiny", "deepseek_model.commands.make_tiny"),
     ("inspect", "deepseek_model.commands.inspect"),
     ("bench", "deepseek_model.commands.bench"),
+    ("train", "deepseek_model.commands.train"),
 )
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
