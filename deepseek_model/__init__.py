@@ -2,11 +2,12 @@
 
 from deepseek_model.config import ConfigError, ModelConfig
 from deepseek_model.convert.checkpoint import CheckpointError
+from deepseek_model.generate import GenerationResult, GenerationStats, generate
 from deepseek_model.loading import from_pretrained
 from deepseek_model.model import Cache, Transformer
 from deepseek_model.parallel import ParallelContext
 
 __version__ = "0.1.0"
 
-__all__ = ["Cache", "CheckpointError", "ConfigError", "ModelConfig", "ParallelContext", "Transformer", "__version__",
-           "from_pretrained"]
+__all__ = ["Cache", "CheckpointError", "ConfigError", "GenerationResult", "GenerationStats", "ModelConfig", "ParallelContext", "Transformer", "__version__",
+           "from_pretrained", "generate"]

@@ -18,19 +18,38 @@ from deepseek_model.rope import apply_rotary
 
 ATTN_MODES = ("absorb", "naive")
 GROWTH = 2  # the cache grows geometrically: amortised O(1) copies per token
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP8_SCALE_MIN = 1e-12  # keeps the per-token scale of an all-zero latent finite
+
+
+def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """apply_rotary with a shared (T, rope/2) table or per-row (B, T, rope/2) tables."""
+    if table.dim() == 2:
+        return apply_rotary(x, table)
+    b, t = x.shape[:2]
+    flat = x.reshape(1, b * t, *x.shape[2:])  # (1, B*T, [H,] rope): one row of B*T positions
+    return apply_rotary(flat, table.reshape(b * t, -1)).view_as(x)
 
 
 class LatentCache:
     """One layer's latent KV cache: grows with use, never preallocated to max_seq_len.
 
     Attributes:
-        kv: (B, capacity, kv_lora_rank) normalised latents.
-        pe: (B, capacity, qk_rope_head_dim) post-RoPE shared keys.
+        kv: (B, capacity, kv_lora_rank) normalised latents (float8_e4m3fn when fp8).
+        pe: (B, capacity, qk_rope_head_dim) post-RoPE shared keys (always in the compute dtype).
+        kv_scale: (B, capacity, 1) fp32 per-token dequantization scale of kv (fp8 only).
+
+    Args:
+        fp8: store the latent as float8_e4m3fn with one fp32 scale per token (amax/448); the rope
+            keys stay in the compute dtype.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fp8: bool = False) -> None:
+        self.fp8 = fp8
         self.kv: torch.Tensor | None = None
         self.pe: torch.Tensor | None = None
+        self.kv_scale: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -39,7 +58,17 @@ class LatentCache:
 
     def nbytes(self) -> int:
         """Bytes held by this layer's cache."""
-        return 0 if self.kv is None else self.kv.numel() * self.kv.element_size() + self.pe.numel() * self.pe.element_size()
+        if self.kv is None:
+            return 0
+        extra = 0 if self.kv_scale is None else self.kv_scale.numel() * self.kv_scale.element_size()
+        return self.kv.numel() * self.kv.element_size() + self.pe.numel() * self.pe.element_size() + extra
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (1-D index tensor), e.g. to drop finished sequences."""
+        if self.kv is not None:
+            self.kv, self.pe = self.kv[rows], self.pe[rows]
+            if self.kv_scale is not None:
+                self.kv_scale = self.kv_scale[rows]
 
     def update(self, start_pos: int, kv: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write positions [start_pos, start_pos + T) and return the latents for [0, start_pos + T).
@@ -60,15 +89,25 @@ class LatentCache:
             raise ValueError(f"start_pos {start_pos} > 0 but the cache is empty (prefill from position 0 first)")
         if end > self.capacity:
             new_cap = max(end, GROWTH * self.capacity)
-            kv_new = kv.new_zeros(bsz, new_cap, kv.shape[-1])
+            kv_new = torch.zeros(bsz, new_cap, kv.shape[-1], dtype=FP8_DTYPE if self.fp8 else kv.dtype,
+                                 device=kv.device)
             pe_new = pe.new_zeros(bsz, new_cap, pe.shape[-1])
+            scale_new = torch.ones(bsz, new_cap, 1, dtype=torch.float32, device=kv.device) if self.fp8 else None
             if self.kv is not None:
                 kv_new[:, : self.capacity] = self.kv
                 pe_new[:, : self.capacity] = self.pe
-            self.kv, self.pe = kv_new, pe_new
-        self.kv[:, start_pos:end] = kv
+                if self.fp8:
+                    scale_new[:, : self.capacity] = self.kv_scale
+            self.kv, self.pe, self.kv_scale = kv_new, pe_new, scale_new
         self.pe[:, start_pos:end] = pe
-        return self.kv[:, :end], self.pe[:, :end]
+        if not self.fp8:
+            self.kv[:, start_pos:end] = kv
+            return self.kv[:, :end], self.pe[:, :end]
+        scale = kv.float().abs().amax(-1, keepdim=True).clamp_min(FP8_SCALE_MIN) / FP8_MAX  # (B, T, 1)
+        self.kv[:, start_pos:end] = (kv.float() / scale).to(FP8_DTYPE)
+        self.kv_scale[:, start_pos:end] = scale
+        deq = self.kv[:, :end].float() * self.kv_scale[:, :end]  # (B, S, c) dequantized latents
+        return deq.to(kv.dtype), self.pe[:, :end]
 
 
 class MLA(nn.Module):
@@ -114,7 +153,8 @@ class MLA(nn.Module):
         Args:
             x: (B, T, hidden).
             start_pos: absolute position of x[:, 0].
-            rotary: complex (T, rope/2) rotations for positions [start_pos, start_pos + T).
+            rotary: complex (T, rope/2) rotations for positions [start_pos, start_pos + T), or
+                (B, T, rope/2) per-row rotations (rows at different positions, e.g. left-padded).
             mask: additive (T, S) or (B, 1, T, S) mask over keys [0, S = start_pos + T), or None.
             cache: this layer's latent cache (None: attend within x only; start_pos must be 0).
 
@@ -124,10 +164,10 @@ class MLA(nn.Module):
         bsz, t, _ = x.shape
         q = self._queries(x)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, T, H, nope), (B, T, H, rope)
-        q_pe = apply_rotary(q_pe, rotary)
+        q_pe = _rotate(q_pe, rotary)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)  # (B, T, c), (B, T, rope)
         kv = self.kv_norm(kv)
-        k_pe = apply_rotary(k_pe, rotary)  # one rope key shared by all heads
+        k_pe = _rotate(k_pe, rotary)  # one rope key shared by all heads
         if cache is not None:
             kv, k_pe = cache.update(start_pos, kv, k_pe)  # (B, S, c), (B, S, rope)
         elif start_pos:

@@ -16,8 +16,10 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("demo", "deepseek_model.commands.demo"),
     ("make-tiny", "deepseek_model.commands.make_tiny"),
     ("inspect", "deepseek_model.commands.inspect"),
+    ("convert", "deepseek_model.convert.cli"),
     ("bench", "deepseek_model.commands.bench"),
     ("train", "deepseek_model.commands.train"),
+    ("generate", "deepseek_model.commands.generate"),
 )
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130

@@ -14,11 +14,22 @@ from deepseek_model.rope import attention_factor, inv_frequencies, rotary_table
 
 
 class Cache:
-    """Latent caches of every decoder layer, plus one for the MTP block when the model has it."""
+    """Latent caches of every decoder layer, plus one for the MTP block when the model has it.
 
-    def __init__(self, num_layers: int, mtp: bool):
-        self.layers = [LatentCache() for _ in range(num_layers)]
-        self.mtp = LatentCache() if mtp else None
+    Args:
+        num_layers: decoder layers.
+        mtp: add a cache for the MTP block.
+        fp8: store latents as float8 with a per-token scale (see LatentCache).
+    """
+
+    def __init__(self, num_layers: int, mtp: bool, fp8: bool = False):
+        self.layers = [LatentCache(fp8) for _ in range(num_layers)]
+        self.mtp = LatentCache(fp8) if mtp else None
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` in every layer (drop finished sequences)."""
+        for c in self.layers + ([self.mtp] if self.mtp else []):
+            c.select(rows)
 
     def nbytes(self) -> int:
         """Bytes held by all layer caches (the MTP cache included)."""
@@ -30,6 +41,27 @@ def causal_mask(t: int, start_pos: int, dtype: torch.dtype, device: torch.device
     if t == 1:
         return None
     return torch.full((t, start_pos + t), float("-inf"), dtype=dtype, device=device).triu_(start_pos + 1)
+
+
+def row_mask(valid: torch.Tensor, t: int, start_pos: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, T, S) from per-row key validity (S = start_pos + T).
+
+    Query slot q = start_pos + i of row b sees key slot s when s <= q and (valid[b, s] or s == q):
+    invalid slots (left padding, rejected draft tokens) are hidden from every other query, and a
+    query always sees itself so padded rows stay finite.
+    """
+    s = valid.shape[1]
+    q_slot = torch.arange(start_pos, start_pos + t, device=valid.device).unsqueeze(-1)  # (T, 1)
+    k_slot = torch.arange(s, device=valid.device)  # (S,)
+    allowed = (k_slot <= q_slot) & (valid.unsqueeze(1) | (k_slot == q_slot))  # (B, T, S)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill_(~allowed, float("-inf"))
+    return mask.unsqueeze(1)  # (B, 1, T, S)
+
+
+def row_rotary(inv_freq: torch.Tensor, positions: torch.Tensor, magnitude: float) -> torch.Tensor:
+    """Per-row rotations (B, T, rope/2) complex64 for logical positions (B, T), as rotary_table."""
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq.float()  # (B, T, rope/2)
+    return torch.polar(torch.full_like(angles, magnitude), angles)
 
 
 class Block(nn.Module):
@@ -113,9 +145,9 @@ class Transformer(nn.Module):
         """Whether the MTP module is present."""
         return self.mtp is not None
 
-    def new_cache(self) -> Cache:
-        """An empty latent cache; it grows as tokens are written."""
-        return Cache(len(self.layers), self.has_mtp)
+    def new_cache(self, fp8: bool = False) -> Cache:
+        """An empty latent cache; it grows as tokens are written (fp8: float8 latents, per-token scale)."""
+        return Cache(len(self.layers), self.has_mtp, fp8)
 
     def _check_input(self, input_ids: torch.Tensor, start_pos: int) -> None:
         if input_ids.dim() != 2:
@@ -128,26 +160,49 @@ class Transformer(nn.Module):
         if start_pos < 0 or end > self.max_seq_len:
             raise ValueError(f"positions [{start_pos}, {end}) exceed max_seq_len {self.max_seq_len}")
 
-    def _rotary_and_mask(self, t: int, start_pos: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        rotary = rotary_table(self.inv_freq, start_pos, t, self.rope_magnitude)  # (T, rope/2)
-        return rotary, causal_mask(t, start_pos, self.spec.dtype, self.inv_freq.device)
+    def _rotary_and_mask(self, t: int, start_pos: int, positions: torch.Tensor | None = None,
+                         valid: torch.Tensor | None = None, bsz: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if positions is None:
+            rotary = rotary_table(self.inv_freq, start_pos, t, self.rope_magnitude)  # (T, rope/2)
+        else:
+            if tuple(positions.shape) != (bsz, t):
+                raise ValueError(f"positions must have shape {(bsz, t)}, got {tuple(positions.shape)}")
+            rotary = row_rotary(self.inv_freq, positions.to(self.inv_freq.device), self.rope_magnitude)  # (B, T, rope/2)
+        if valid is None:
+            return rotary, causal_mask(t, start_pos, self.spec.dtype, self.inv_freq.device)
+        if tuple(valid.shape) != (bsz, start_pos + t) or valid.dtype != torch.bool:
+            raise ValueError(f"valid must be a bool tensor of shape {(bsz, start_pos + t)}, got "
+                             f"{valid.dtype} {tuple(valid.shape)}")
+        return rotary, row_mask(valid.to(self.inv_freq.device), t, start_pos, self.spec.dtype)
 
-    def hidden(self, input_ids: torch.Tensor, start_pos: int = 0, cache: Cache | None = None) -> torch.Tensor:
-        """Final hidden states after the last norm: (B, T, hidden)."""
+    def hidden(self, input_ids: torch.Tensor, start_pos: int = 0, cache: Cache | None = None, *,
+               positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states after the last norm: (B, T, hidden).
+
+        Args:
+            input_ids: (B, T) token ids, written at cache slots [start_pos, start_pos + T).
+            start_pos: first cache slot.
+            cache: the latent cache (None: plain causal prefill from slot 0).
+            positions: optional (B, T) RoPE positions per row (default start_pos + arange(T));
+                rows whose slots are offset by left padding or rejected drafts pass their own.
+            valid: optional (B, start_pos + T) bool: which key slots may be attended (default all).
+        """
         self._check_input(input_ids, start_pos)
-        rotary, mask = self._rotary_and_mask(input_ids.shape[1], start_pos)
+        rotary, mask = self._rotary_and_mask(input_ids.shape[1], start_pos, positions, valid, input_ids.shape[0])
         x = self.embed(input_ids)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
             x = layer(x, start_pos, rotary, mask, cache.layers[i] if cache is not None else None)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: Cache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: Cache | None = None, *,
+                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32.
 
         Without a cache this is a full causal prefill (start_pos must be 0); with a cache, tokens
         are written at positions [start_pos, start_pos + T) and attend to everything before.
+        `positions` / `valid` as for `hidden` (per-row positions and key validity).
         """
-        return self.head(self.hidden(input_ids, start_pos, cache))
+        return self.head(self.hidden(input_ids, start_pos, cache, positions=positions, valid=valid))
 
     def mtp_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """MTP predictions (B, T-1, vocab) fp32: row i uses h_i and token i+1 and predicts token i+2."""
@@ -158,7 +213,8 @@ class Transformer(nn.Module):
         rotary, mask = self._rotary_and_mask(t, 0)
         return self.mtp(h[:, :-1], input_ids[:, 1:], 0, rotary, mask, None)
 
-    def mtp_step(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int, cache: Cache) -> torch.Tensor:
+    def mtp_step(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int, cache: Cache, *,
+                 positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """MTP logits for positions [start_pos, start_pos + T) using the MTP block's cache.
 
         Args:
@@ -166,8 +222,9 @@ class Transformer(nn.Module):
             next_ids: (B, T) the tokens that follow them.
             start_pos: position of h[:, 0].
             cache: the model cache (its `mtp` layer is used).
+            positions, valid: per-row positions and key validity, as for `hidden`.
         """
         if self.mtp is None:
             raise ValueError("this model has no MTP module")
-        rotary, mask = self._rotary_and_mask(h.shape[1], start_pos)
+        rotary, mask = self._rotary_and_mask(h.shape[1], start_pos, positions, valid, h.shape[0])
         return self.mtp(h, next_ids, start_pos, rotary, mask, cache.mtp)

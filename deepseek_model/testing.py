@@ -9,9 +9,11 @@ router biases of both signs. Tests and the demo use it; nothing is downloaded.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -23,7 +25,34 @@ from deepseek_model.kernels import ops
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARDS = 4
+TINY_TOKENIZER_VOCAB = 512  # the tiny tokenizer never exceeds this, even for larger-vocab configs
 ROUTER_BIAS_RANGE = 0.25  # biases drawn from U(-r, r): both signs, large enough to change routing
+# The tiny tokenizer: DeepSeek's special tokens at the config's bos (0) / eos (1) ids, then the 256
+# byte-level symbols, then BPE merges learned from TOKENIZER_CORPUS up to the vocabulary size.
+BOS_TOKEN = "<｜begin▁of▁sentence｜>"
+EOS_TOKEN = "<｜end▁of▁sentence｜>"
+USER_TOKEN = "<｜User｜>"
+ASSISTANT_TOKEN = "<｜Assistant｜>"
+SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
+TOKENIZER_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Hello world! Hello there, how are you today? "
+    "DeepSeek-V3 is a mixture-of-experts language model with multi-head latent attention. "
+    "The model predicts the next token, and the multi-token prediction module predicts the one after it. "
+    "Once upon a time there was a little model that wanted to generate text on a small computer. "
+    "What is the capital of France? The capital of France is Paris. One, two, three, four, five. "
+    "def main():\n    return 0\n\nprint('hello, world')\n 0 1 2 3 4 5 6 7 8 9 10 100 2024"
+)
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}{% endif %}{% endfor %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '" + USER_TOKEN + "' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '" + ASSISTANT_TOKEN + "' + message['content'] + '" + EOS_TOKEN + "' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ASSISTANT_TOKEN + "' }}{% endif %}"
+)
+_PRETOKEN_RE = re.compile(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+")
 
 
 def shard_file_name(index: int, total: int) -> str:
@@ -143,6 +172,91 @@ def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor
     return out_dir
 
 
+def _byte_symbols() -> list[str]:
+    """GPT-2 byte-level alphabet: byte b → a printable unicode character (index = byte value)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def _learn_merges(corpus: str, num_merges: int, symbols: list[str]) -> list[tuple[str, str]]:
+    """Plain BPE on the byte-level corpus: repeatedly merge the most frequent adjacent pair
+    (ties: the lexicographically smallest pair), deterministic."""
+    words = collections.Counter(tuple(symbols[b] for b in w.encode("utf-8")) for w in _PRETOKEN_RE.findall(corpus))
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges:
+        pairs: collections.Counter = collections.Counter()
+        for w, n in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = collections.Counter()
+        for w, n in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return merges
+
+
+def write_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512, bos_id: int = 0, eos_id: int = 1,
+                         model_max_length: int = 1024) -> None:
+    """Write a tiny byte-level BPE tokenizer.json and a tokenizer_config.json with a DeepSeek-style
+    chat template (no downloads; deterministic bytes).
+
+    Args:
+        out_dir: checkpoint directory.
+        vocab_size: total vocabulary (special tokens + 256 byte symbols + merges), at most the model's.
+        bos_id: id of <｜begin▁of▁sentence｜> (must be 0 or 1, as DeepSeek configs use).
+        eos_id: id of <｜end▁of▁sentence｜>.
+        model_max_length: recorded in tokenizer_config.json.
+    """
+    if {bos_id, eos_id} != {0, 1}:
+        raise ValueError(f"bos_id/eos_id must be 0 and 1 in some order, got {bos_id}/{eos_id}")
+    specials = [BOS_TOKEN, EOS_TOKEN] if bos_id == 0 else [EOS_TOKEN, BOS_TOKEN]
+    specials += [USER_TOKEN, ASSISTANT_TOKEN]
+    symbols = _byte_symbols()
+    base = len(specials) + len(symbols)
+    if vocab_size < base:
+        raise ValueError(f"vocab_size must be >= {base} for a byte-level tokenizer, got {vocab_size}")
+    merges = _learn_merges(TOKENIZER_CORPUS, vocab_size - base, symbols)
+    vocab = {t: i for i, t in enumerate(specials + symbols + [a + b for a, b in merges])}
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for i, t in enumerate(specials)]
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": BOS_TOKEN, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": BOS_TOKEN, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {BOS_TOKEN: {"id": BOS_TOKEN, "ids": [bos_id], "tokens": [BOS_TOKEN]}}},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]},
+    }
+    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
+              "pad_token": EOS_TOKEN, "clean_up_tokenization_spaces": False, "legacy": True,
+              "model_max_length": model_max_length, "tokenizer_class": "PreTrainedTokenizerFast",
+              "chat_template": CHAT_TEMPLATE}
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+
+
 def make_tiny_checkpoint(out_dir: str | os.PathLike, config: str | dict | ModelConfig = "tiny",
                          fp8: bool = False, seed: int = 0, mtp: bool = True,
                          num_shards: int = DEFAULT_SHARDS) -> str:
@@ -163,4 +277,8 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, config: str | dict | ModelC
     d = _config_dict(config, fp8, mtp)
     cfg = ModelConfig.from_dict(d, source="config")
     tensors = make_tiny_tensors(cfg, fp8=fp8, seed=seed, mtp=mtp)
-    return write_checkpoint(out_dir, tensors, d, num_shards=num_shards)
+    path = write_checkpoint(out_dir, tensors, d, num_shards=num_shards)
+    if cfg.bos_token_id in (0, 1) and cfg.eos_token_id in (0, 1) and cfg.bos_token_id != cfg.eos_token_id:
+        write_tiny_tokenizer(path, min(cfg.vocab_size, TINY_TOKENIZER_VOCAB), cfg.bos_token_id, cfg.eos_token_id,
+                             cfg.max_position_embeddings)
+    return path

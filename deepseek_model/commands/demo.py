@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -10,13 +11,21 @@ import torch
 
 from deepseek_model.config import ModelConfig
 from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.generate import generate
+from deepseek_model.kernels import reference
 from deepseek_model.loading import from_pretrained
 from deepseek_model.summary import model_summary
 from deepseek_model.testing import make_tiny_checkpoint
+from deepseek_model.tokenizer import load_tokenizer
 
-HELP = "build a tiny FP8 checkpoint with MTP, inspect it, load it, check it and generate (CPU, seconds)"
+HELP = "build a tiny FP8 checkpoint with MTP, inspect, convert, load, check, generate (with MTP speculation)"
 PROMPT = (1, 17, 42, 7, 99, 3)
+TEXT_PROMPTS = ("Hello world!", "What is the capital of France?")
 ABSORB_TOL = 1e-5
+CONVERT_TOL = 1e-5  # bf16 logits: converted checkpoint vs FP8 dequantized to bf16 at load (same weights)
+KERNEL_SHAPE = (77, 256, 384)  # M (with a tail), K, N for the kernel self-check
+TWIN_FP64_REL_TOL = 0.02  # W8A8 twin vs the fp64 product of its dequantized operands
+DEMO_THREADS = 1  # tiny matmuls: one thread is fastest and immune to a busy machine
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,25 +33,66 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="checkpoint seed")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate")
     p.add_argument("--keep", metavar="DIR", help="write the checkpoint to DIR and keep it")
+    p.add_argument("--threads", type=int, default=DEMO_THREADS, help="torch CPU threads")
 
 
-def _greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    cache = model.new_cache()
-    logits = model(prompt, 0, cache)
-    out, pos = prompt, prompt.shape[1]
-    for _ in range(n):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        out = torch.cat([out, nxt], 1)
-        logits = model(nxt, pos, cache)
-        pos += 1
-    return out
+def _convert(path: str, prompt: torch.Tensor) -> tuple[str, bool]:
+    """fp8→bf16 with deepseek_model.convert when that API is present; compare logits."""
+    try:
+        from deepseek_model.convert.fp8 import fp8_to_bf16  # noqa: PLC0415 (optional, written concurrently)
+    except ImportError as e:
+        return f"skipped (no fp8_to_bf16 converter in this install: {e})", True
+    dst = os.path.join(os.path.dirname(path), os.path.basename(path) + "-bf16")
+    t0 = time.perf_counter()
+    try:
+        fp8_to_bf16(path, dst, quiet=True)
+    except Exception as e:  # noqa: BLE001 (a converter failure is reported, not fatal to the demo)
+        return f"skipped (converter failed: {str(e).splitlines()[0] if str(e) else type(e).__name__})", True
+    converted = from_pretrained(dst, dtype=torch.bfloat16, mtp=False)
+    at_load = from_pretrained(path, dtype=torch.bfloat16, weights="bf16", mtp=False)
+    with torch.no_grad():
+        diff = (converted(prompt) - at_load(prompt)).abs().max().item()
+    ok = diff <= CONVERT_TOL
+    return (f"fp8-to-bf16 in {time.perf_counter() - t0:.2f} s; loaded, logits vs dequantized-at-load max diff "
+            f"{diff:.1e} in bf16 ({'ok' if ok else 'FAILED'})"), ok
+
+
+def _kernel_check() -> tuple[str, bool]:
+    """Triton (interpreter) vs torch twins when possible, else the torch twin vs fp64."""
+    m, k, n = KERNEL_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    wq, ws = reference.weight_quant(w)
+    a, a_s = reference.act_quant(x)
+    twin = reference.fp8_gemm(a, a_s, wq, ws, torch.float32)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            from deepseek_model.kernels import triton_ops  # noqa: PLC0415
+        except ImportError:
+            triton_ops = None
+        if triton_ops is not None:
+            ta, ta_s = triton_ops.act_quant(x)
+            tw = triton_ops.fp8_gemm(ta, ta_s, wq, ws, torch.float32)
+            same_q = torch.equal(ta.view(torch.uint8), a.view(torch.uint8)) and torch.equal(ta_s, a_s)
+            diff = (tw - twin).abs().max().item()
+            ok = same_q and diff <= 1e-4 * twin.abs().max().item()
+            return (f"triton interpreter vs torch twins ({m}x{k}x{n}): act_quant bit-exact {same_q}, fp8_gemm max "
+                    f"diff {diff:.1e} ({'ok' if ok else 'FAILED'})"), ok
+    exact = (a.double() * a_s.double().repeat_interleave(reference.BLOCK, 1)[:, :k]) @ \
+        reference.weight_dequant(wq, ws, dtype=torch.float32).double().T  # (M, N) fp64 of the same operands
+    rel = ((twin.double() - exact).abs().max() / exact.abs().max()).item()
+    ok = rel <= TWIN_FP64_REL_TOL
+    return (f"torch twin fp8_gemm vs fp64 ({m}x{k}x{n}, no Triton interpreter): max relative diff {rel:.1e} "
+            f"({'ok' if ok else 'FAILED'})"), ok
 
 
 def _run(path: str, args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
+    start = time.perf_counter()
+    checks: dict[str, bool] = {}
     make_tiny_checkpoint(path, "tiny", fp8=True, seed=args.seed)
-    print(f"[1] wrote a tiny FP8 checkpoint with MTP in the published layout: {path} "
-          f"({time.perf_counter() - t0:.2f} s)")
+    print(f"[1] wrote a tiny FP8 checkpoint with MTP and a byte-level BPE tokenizer in the published layout: "
+          f"{path} ({time.perf_counter() - start:.2f} s)")
     with CheckpointReader(path) as reader:
         cfg = ModelConfig.from_dict(reader.config())
         s = model_summary(cfg, reader)
@@ -57,26 +107,46 @@ def _run(path: str, args: argparse.Namespace) -> int:
     prompt = torch.tensor([PROMPT])
     with torch.no_grad():
         la, ln, l8 = absorb(prompt), naive(prompt), w8a8(prompt)
-        diff = (la - ln).abs().max().item()
-        print(f"[4] logits {tuple(la.shape)}, scale {la.abs().max().item():.3f}; absorbed vs naive max diff "
-              f"{diff:.2e} ({'ok' if diff <= ABSORB_TOL else 'FAILED'}); W8A8 vs dequantized max diff "
-              f"{(l8 - la).abs().max().item():.3f}")
-        mtp = absorb.mtp_logits(prompt)
-        print(f"[5] MTP logits {tuple(mtp.shape)}: row i predicts token i+2")
-        t0 = time.perf_counter()
-        tokens = _greedy(absorb, prompt, args.new_tokens)
-        dt = time.perf_counter() - t0
-    print(f"[6] greedy with the latent cache: {tokens[0, len(PROMPT):].tolist()} "
-          f"({args.new_tokens / dt:.1f} tokens/s)")
-    return 0 if diff <= ABSORB_TOL else 1
+    diff = (la - ln).abs().max().item()
+    checks["absorbed vs naive"] = diff <= ABSORB_TOL
+    print(f"[4] logits {tuple(la.shape)}, scale {la.abs().max().item():.3f}; absorbed vs naive max diff "
+          f"{diff:.2e} ({'ok' if checks['absorbed vs naive'] else 'FAILED'}); W8A8 vs dequantized max diff "
+          f"{(l8 - la).abs().max().item():.3f}")
+    line, checks["conversion"] = _convert(path, prompt)
+    print(f"[5] convert: {line}")
+    tok = load_tokenizer(path)
+    t0 = time.perf_counter()
+    plain = generate(absorb, list(TEXT_PROMPTS), max_new_tokens=args.new_tokens, eos=[], tokenizer=tok, chat=True)
+    dt_plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    spec = generate(absorb, list(TEXT_PROMPTS), max_new_tokens=args.new_tokens, eos=[], tokenizer=tok, chat=True,
+                    speculative="mtp")
+    dt_spec = time.perf_counter() - t0
+    checks["MTP greedy == plain greedy"] = spec.tokens == plain.tokens
+    st = spec.stats
+    print(f"[6] generate (chat template, batch of {len(TEXT_PROMPTS)} prompts of different lengths, latent cache "
+          f"{plain.stats.peak_cache_bytes} B): {plain.tokens[0][:8]}... = {tok.decode(plain.tokens[0])[:40]!r} "
+          f"({plain.stats.new_tokens / dt_plain:.0f} tokens/s)")
+    print(f"    MTP speculative: identical tokens {checks['MTP greedy == plain greedy']}, acceptance "
+          f"{st.acceptance_rate:.2f} ({st.accepted}/{st.drafted}; random weights), {st.tokens_per_forward:.2f} tokens "
+          f"per main forward ({st.new_tokens / dt_spec:.0f} tokens/s)")
+    line, checks["kernels"] = _kernel_check()
+    print(f"[7] kernels: {line}")
+    failed = [k for k, ok in checks.items() if not ok]
+    print(f"[8] report: {len(checks) - len(failed)}/{len(checks)} checks ok"
+          f"{' (FAILED: ' + ', '.join(failed) + ')' if failed else ''}; {time.perf_counter() - start:.1f} s total")
+    return 1 if failed else 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; non-zero if a self-check fails."""
     if args.new_tokens < 1:
         raise ValueError(f"--new-tokens must be >= 1, got {args.new_tokens}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.keep:
         return _run(args.keep, args)
     with tempfile.TemporaryDirectory(prefix="deepseek-demo-") as tmp:
-        return _run(tmp, args)
+        return _run(os.path.join(tmp, "tiny-fp8"), args)

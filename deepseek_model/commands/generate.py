@@ -1,0 +1,104 @@
+"""generate: continue a prompt (text, a file of prompts, or token ids) with a checkpoint, on CPU or GPU."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from deepseek_model.generate import GenerationResult, generate
+from deepseek_model.loading import WEIGHT_FORMATS, from_pretrained
+from deepseek_model.tokenizer import Tokenizer, load_tokenizer
+
+HELP = "generate text or token ids from a checkpoint (greedy or sampled, optional MTP speculative decoding)"
+QUIT_WORDS = ("exit", "quit")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `generate`."""
+    p.add_argument("ckpt", help="checkpoint directory (config.json, index, shards, tokenizer files)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs tokenizer.json in CKPT)")
+    src.add_argument("--input-file", metavar="FILE", help="one text prompt per line (batched)")
+    src.add_argument("--token-ids", type=int, nargs="+", metavar="ID", help="prompt as token ids")
+    src.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
+    p.add_argument("--chat", action="store_true", help="wrap text prompts in the checkpoint's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto", help="weight format to run")
+    p.add_argument("--attn", choices=["absorb", "naive"], default="absorb")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--fp8-cache", action="store_true", help="float8 latent cache (per-token scale)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--stats", action="store_true", help="print acceptance rate, tokens per forward, speed")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not os.path.isdir(args.ckpt):
+        raise ValueError(f"{args.ckpt}: not a checkpoint directory")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.chat and args.token_ids:
+        raise ValueError("--chat applies to text prompts, not --token-ids")
+
+
+def _prompts(args: argparse.Namespace) -> list[str] | list[list[int]]:
+    if args.token_ids:
+        return [args.token_ids]
+    if args.prompt is not None:
+        return [args.prompt]
+    with open(args.input_file, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    if not lines:
+        raise ValueError(f"--input-file {args.input_file}: no prompts in it")
+    return lines
+
+
+def _print(result: GenerationResult, tok: Tokenizer | None, as_text: bool, stats: bool) -> None:
+    for i, ids in enumerate(result.tokens):
+        body = tok.decode(ids) if as_text and tok is not None else " ".join(map(str, ids))
+        prefix = f"[{i}] " if len(result.tokens) > 1 else ""
+        print(f"{prefix}{body}")
+    if stats:
+        s = result.stats
+        rate = s.new_tokens / s.decode_seconds if s.decode_seconds else float("nan")
+        print(f"stats: {s.new_tokens} tokens, {s.main_forwards} main forwards, {s.tokens_per_forward:.2f} tokens per "
+              f"forward, acceptance {s.acceptance_rate:.2f} ({s.accepted}/{s.drafted}), {rate:.1f} tokens/s decode, "
+              f"finish {','.join(result.finish_reasons)}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the checkpoint, generate, print the continuations (text, or ids for --token-ids)."""
+    _check(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    needs_text = not args.token_ids
+    tok = load_tokenizer(args.ckpt) if needs_text or os.path.isfile(os.path.join(args.ckpt, "tokenizer.json")) else None
+    model = from_pretrained(args.ckpt, dtype=args.dtype, attn=args.attn, weights=args.weights,
+                            mtp=args.speculative == "mtp")
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+              speculative=args.speculative, seed=args.seed, cache_fp8=args.fp8_cache, tokenizer=tok, chat=args.chat)
+    if not args.interactive:
+        _print(generate(model, _prompts(args), **kw), tok, needs_text, args.stats)
+        return 0
+    print("type a prompt and press enter (exit or Ctrl-D to quit)", file=sys.stderr)
+    for line in sys.stdin:
+        text = line.strip()
+        if text in QUIT_WORDS:
+            break
+        if not text:
+            continue
+        try:
+            _print(generate(model, [text], **kw), tok, True, args.stats)
+        except ValueError as e:  # bad input keeps the session alive
+            print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+    return 0

@@ -1,0 +1,138 @@
+"""Tokenizer of a checkpoint directory: tokenizer.json + tokenizer_config.json, with its chat template.
+
+The `tokenizers` package reads tokenizer.json (transformers' AutoTokenizer is used when `tokenizers`
+alone is missing); the chat template (tokenizer_config.json "chat_template") is rendered with jinja2
+the way transformers does (trim_blocks, lstrip_blocks, `raise_exception`), or by transformers when
+jinja2 is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as written in tokenizer_config.json: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Text ⇄ token ids for one checkpoint, plus its chat template.
+
+    Args:
+        path: checkpoint directory holding tokenizer.json (and usually tokenizer_config.json).
+
+    Raises:
+        ValueError: tokenizer.json is missing or unreadable (one line naming the file).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        tok_file = os.path.join(self.path, TOKENIZER_FILE)
+        if not os.path.isfile(tok_file):
+            raise ValueError(f"{tok_file}: no tokenizer in the checkpoint (pass token ids instead)")
+        cfg_file = os.path.join(self.path, TOKENIZER_CONFIG_FILE)
+        self.config: dict[str, Any] = {}
+        if os.path.isfile(cfg_file):
+            try:
+                with open(cfg_file, encoding="utf-8") as f:
+                    self.config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        self._tok, self._hf = self._load(tok_file)
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.bos_id = self.token_to_id(self.bos_token)
+        self.eos_id = self.token_to_id(self.eos_token)
+        self.chat_template: str | None = self.config.get("chat_template")
+
+    def _load(self, tok_file: str):
+        try:
+            import tokenizers  # noqa: PLC0415 (optional dependency)
+        except ImportError:
+            tokenizers = None
+        try:
+            if tokenizers is not None:
+                return tokenizers.Tokenizer.from_file(tok_file), None
+            from transformers import AutoTokenizer  # noqa: PLC0415
+
+            return None, AutoTokenizer.from_pretrained(self.path)
+        except ImportError:
+            raise ValueError("reading tokenizer.json needs the 'tokenizers' package (pip install tokenizers)") from None
+        except Exception as e:  # the Rust tokenizer raises plain Exceptions on bad files
+            raise ValueError(f"{tok_file}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (added tokens included)."""
+        return self._tok.get_vocab_size(with_added_tokens=True) if self._tok is not None else len(self._hf)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        """The id of a token string (None when absent)."""
+        if token is None:
+            return None
+        if self._tok is not None:
+            return self._tok.token_to_id(token)
+        tid = self._hf.convert_tokens_to_ids(token)
+        return None if tid == self._hf.unk_token_id else tid
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`; add_bos prepends the BOS token (as tokenizer_config add_bos_token says)."""
+        add_bos = add_bos and bool(self.config.get("add_bos_token", True))
+        if self._tok is not None:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self._hf(text, add_special_tokens=False).input_ids
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + list(ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids."""
+        if self._tok is not None:
+            return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render the checkpoint's chat template over messages [{"role": ..., "content": ...}].
+
+        Raises:
+            ValueError: the checkpoint has no chat template, or the template rejects the messages.
+        """
+        if not self.chat_template:
+            raise ValueError(f"{os.path.join(self.path, TOKENIZER_CONFIG_FILE)}: no chat_template")
+        try:
+            import jinja2  # noqa: PLC0415
+            from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
+        except ImportError:
+            if self._hf is None:
+                from transformers import AutoTokenizer  # noqa: PLC0415
+
+                self._hf = AutoTokenizer.from_pretrained(self.path)
+            return self._hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+        def raise_exception(message: str):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "")
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"chat template: {e}") from None
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered chat template (its own BOS, no extra one)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of the checkpoint directory `path` (see Tokenizer)."""
+    return Tokenizer(path)

@@ -1,0 +1,96 @@
+"""`deepseek-model generate`: text, chat, file, interactive, token ids, MTP; bad input exits 2 with one
+`error:` line and no traceback. A few cases run as subprocesses (`python -m deepseek_model.cli
+generate ...`, the real entry point); the rest call cli.main in-process (same code path, no
+interpreter start-up on a shared 2-core box)."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+import deepseek_model as dsm
+from deepseek_model import cli
+
+THREADS = ("--threads", "1")
+
+
+def _subprocess(*args):
+    return subprocess.run([sys.executable, "-m", "deepseek_model.cli", "generate", *args, *THREADS],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _inprocess(capsys, *args):
+    code = cli.main(["generate", *args, *THREADS])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_error_line(stderr: str, needle: str) -> None:
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], stderr
+
+
+def test_subprocess_token_ids_greedy(tiny_ckpt, model):
+    proc = _subprocess(tiny_ckpt, "--token-ids", "5", "6", "7", "--max-new-tokens", "6")
+    assert proc.returncode == 0, proc.stderr
+    ref = dsm.generate(model, [[5, 6, 7]], max_new_tokens=6).tokens[0]
+    assert proc.stdout.split() == [str(t) for t in ref]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--token-ids", "1", "600"], "outside [0, vocab_size=512)"),
+    (["--token-ids", *(["7"] * 1030)], "longer than max_seq_len 1024"),
+])
+def test_subprocess_bad_input_exits_2(tiny_ckpt, extra, needle):
+    proc = _subprocess(tiny_ckpt, *extra)
+    assert proc.returncode == 2
+    _one_error_line(proc.stderr, needle)
+
+
+def test_subprocess_missing_checkpoint(tmp_path):
+    proc = _subprocess(str(tmp_path / "missing"), "--token-ids", "1")
+    assert proc.returncode == 2
+    _one_error_line(proc.stderr, "not a checkpoint directory")
+
+
+def test_mtp_matches_greedy_and_prints_stats(tiny_ckpt, capsys):
+    code_a, out_a, _ = _inprocess(capsys, tiny_ckpt, "--token-ids", "5", "6", "7", "--max-new-tokens", "6")
+    code_b, out_b, err_b = _inprocess(capsys, tiny_ckpt, "--token-ids", "5", "6", "7", "--max-new-tokens", "6",
+                                      "--speculative", "mtp", "--stats")
+    assert code_a == code_b == 0 and out_a == out_b
+    assert "tokens per forward" in err_b and "acceptance" in err_b
+
+
+def test_text_chat_file_interactive(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    code, out, _ = _inprocess(capsys, tiny_ckpt, "--prompt", "Hello", "--chat", "--max-new-tokens", "4",
+                              "--temperature", "0.7", "--top-p", "0.9", "--top-k", "20", "--seed", "1")
+    assert code == 0 and out.strip()
+    f = tmp_path / "prompts.txt"
+    f.write_text("Hello world\nThe capital of France\n")
+    code, out, _ = _inprocess(capsys, tiny_ckpt, "--input-file", str(f), "--max-new-tokens", "3")
+    assert code == 0 and out.startswith("[0] ") and "\n[1] " in out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\nexit\n"))
+    code, out, _ = _inprocess(capsys, tiny_ckpt, "--interactive", "--max-new-tokens", "2")
+    assert code == 0 and len(out.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--token-ids", "1", "2", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--token-ids", "1", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--token-ids", "1", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--input-file", "/no/such/file.txt"], "No such file"),
+    (["--token-ids", "1", "--chat"], "--chat applies to text prompts"),
+])
+def test_bad_input_exits_2(tiny_ckpt, capsys, extra, needle):
+    code, _, err = _inprocess(capsys, tiny_ckpt, *extra)
+    assert code == 2
+    _one_error_line(err, needle)
+
+
+def test_checkpoint_without_tokenizer(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = _inprocess(capsys, str(tmp_path / "empty"), "--prompt", "hi")
+    assert code == 2
+    _one_error_line(err, "tokenizer.json")
