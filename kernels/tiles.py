@@ -66,6 +66,15 @@ def get_moe_tile(rows_per_expert: int, path: Path = TILES_FILE) -> TileConfig:
     return TileConfig(**entry)
 
 
+def all_tiles(path: Path = TILES_FILE) -> list[TileConfig]:
+    """Every distinct config in the table (default, per-shape and MoE entries)."""
+    table = _table(str(path))
+    entries = [v for k, v in table["default"].items()]
+    entries += [v for k, v in table["moe"].items() if not k.startswith("_")]
+    entries += [cfg for shape in table["shapes"].values() for cfg in shape.values()]
+    return list(dict.fromkeys(TileConfig(**e) for e in entries))
+
+
 def check_tile(cfg: TileConfig, block_k: int) -> None:
     """Raise ValueError if `cfg` with K tile `block_k` could not compile/run on an NVIDIA GPU.
 
