@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from deepseek_model import parallel
 from deepseek_model.generate import GenerationResult, generate
 from deepseek_model.loading import WEIGHT_FORMATS, from_pretrained
 from deepseek_model.tokenizer import Tokenizer, load_tokenizer
@@ -78,16 +79,23 @@ def _print(result: GenerationResult, tok: Tokenizer | None, as_text: bool, stats
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint, generate, print the continuations (text, or ids for --token-ids)."""
     _check(args)
+    ctx = parallel.init()  # joins the job when started by torchrun; single process otherwise
+    if args.interactive and ctx.is_distributed:
+        raise ValueError("--interactive reads stdin in one process; under torchrun use --prompt, --input-file "
+                         "or --token-ids")
     if args.threads:
         torch.set_num_threads(args.threads)
     needs_text = not args.token_ids
     tok = load_tokenizer(args.ckpt) if needs_text or os.path.isfile(os.path.join(args.ckpt, "tokenizer.json")) else None
     model = from_pretrained(args.ckpt, dtype=args.dtype, attn=args.attn, weights=args.weights,
-                            mtp=args.speculative == "mtp")
+                            mtp=args.speculative == "mtp", parallel=ctx)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               speculative=args.speculative, seed=args.seed, cache_fp8=args.fp8_cache, tokenizer=tok, chat=args.chat)
     if not args.interactive:
-        _print(generate(model, _prompts(args), **kw), tok, needs_text, args.stats)
+        result = generate(model, _prompts(args), **kw)  # every rank samples the same tokens (same logits, same seed)
+        if ctx.is_main:
+            _print(result, tok, needs_text, args.stats)
+        parallel.shutdown(ctx)
         return 0
     print("type a prompt and press enter (exit or Ctrl-D to quit)", file=sys.stderr)
     for line in sys.stdin:

@@ -5,7 +5,10 @@ its o_proj input (4 x 32 = 128 columns) would be cut into 64-column halves of on
 `tp` config changes only head and MLP widths so every FP8 split at 2 ranks falls on 128-blocks.
 """
 
+import contextlib
+
 import pytest
+import torch
 
 from deepseek_model.config import builtin_config_dict
 from deepseek_model.convert.shard import shard
@@ -16,6 +19,18 @@ TP_FP8_CHANGES = {"qk_nope_head_dim": 64, "qk_rope_head_dim": 64, "v_head_dim": 
                   "moe_intermediate_size": 128, "n_shared_experts": 2}
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run torch single-threaded for a while (on a busy 2-core machine a multi-threaded pool mostly
+    waits for its threads), then restore the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def tp_fp8_config() -> dict:
     """The tiny config with head/MLP widths whose 2-way splits are whole FP8 128-blocks."""
     return {**builtin_config_dict("tiny"), **TP_FP8_CHANGES}
@@ -23,17 +38,20 @@ def tp_fp8_config() -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_bf16(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("par_tiny_bf16"), "tiny", fp8=False, seed=1)
+    with one_thread():
+        return make_tiny_checkpoint(tmp_path_factory.mktemp("par_tiny_bf16"), "tiny", fp8=False, seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_fp8(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("par_tiny_fp8"), "tiny", fp8=True, seed=2)
+    with one_thread():
+        return make_tiny_checkpoint(tmp_path_factory.mktemp("par_tiny_fp8"), "tiny", fp8=True, seed=2)
 
 
 @pytest.fixture(scope="session")
 def tp_fp8(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("par_tp_fp8"), tp_fp8_config(), fp8=True, seed=4)
+    with one_thread():
+        return make_tiny_checkpoint(tmp_path_factory.mktemp("par_tp_fp8"), tp_fp8_config(), fp8=True, seed=4)
 
 
 @pytest.fixture(scope="session")

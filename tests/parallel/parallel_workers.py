@@ -13,7 +13,6 @@ import torch
 import deepseek_model as dsm
 from deepseek_model.convert.checkpoint import CheckpointReader
 from deepseek_model.convert.shard import split_rule
-from deepseek_model.convert.sharded import SPLIT_EXPERT, SPLIT_REPLICATED
 
 BATCH, SEQ = 2, 12
 PROMPT_LEN, NEW_TOKENS = 5, 6
@@ -109,5 +108,19 @@ def split_kind(hf_name: str) -> str:
     return split_rule(hf_name)[0]
 
 
-__all__ = ["SPLIT_EXPERT", "SPLIT_REPLICATED", "forward_all", "greedy_decode", "input_ids", "load_error",
-           "load_or_die", "die_before_collective", "reads_during_load", "split_kind"]
+
+GEN_PROMPTS = [[3, 17, 42, 7, 99], [5, 11]]  # unequal lengths: the left-padded batched path
+GEN_NEW_TOKENS = 8
+GEN_SEED = 11
+GEN_CASES = ((0.0, None), (0.8, None), (0.0, "mtp"), (0.8, "mtp"))  # (temperature, speculative)
+
+
+def generate_all(ctx, path: str) -> dict[tuple[float, str | None], list[list[int]]]:
+    """dsm.generate on this rank, greedy and sampled, plain and MTP-speculative: new tokens per prompt."""
+    model = dsm.from_pretrained(path, parallel=ctx)
+    out = {}
+    for temperature, speculative in GEN_CASES:
+        res = dsm.generate(model, GEN_PROMPTS, max_new_tokens=GEN_NEW_TOKENS, temperature=temperature, top_p=0.9,
+                           speculative=speculative, seed=GEN_SEED, eos=[])
+        out[(temperature, speculative)] = res.tokens
+    return out
