@@ -19,6 +19,17 @@ from dataclasses import dataclass
 SM90 = 90
 WARP_SIZE = 32
 SMEM_LIMIT = {89: 99 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
+DIVISIBILITY = 16
+# Integer arguments that are multiples of 16 at every DeepSeek-V3 shape (K, N, 2I, 576-wide cache
+# rows, ...). A real launch gets the same `tt.divisibility=16` specialisation from Triton's JIT for
+# such values and for 16-byte-aligned pointers; without it the build would not vectorise or
+# software-pipeline its loads, and the AOT shared-memory figures would not be the launched ones.
+ALIGNED_INTS = frozenset({
+    "stride_xm", "stride_ym", "stride_wn", "stride_on", "stride_am", "stride_cm", "stride_cs",
+    "stride_ws", "stride_wm", "stride_we", "stride_gu", "stride_y", "stride_qlb", "stride_qlh",
+    "stride_qrb", "stride_qrh", "stride_kvb", "stride_kvs", "stride_krb", "stride_krs", "stride_ob",
+    "stride_oh", "stride_os", "stride_pb", "stride_ph", "stride_ps", "N", "K",
+})
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,8 @@ def _specs(tile) -> list[tuple[object, dict, dict, dict]]:
                  "stride_krs", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh"),
           "C": "constexpr", "R": "constexpr", "NUM_SPLITS": "constexpr", "BLOCK_H": "constexpr",
           "BLOCK_N": "constexpr"},
-         {"C": 512, "R": 64, "NUM_SPLITS": 8, "BLOCK_H": mla_decode.BLOCK_H, "BLOCK_N": mla_decode.BLOCK_N}, {}),
+         {"C": 512, "R": 64, "NUM_SPLITS": 8, "BLOCK_H": mla_decode.BLOCK_H, "BLOCK_N": mla_decode.BLOCK_N},
+         {"num_stages": mla_decode.NUM_STAGES}),
         (mla_decode._mla_combine_kernel,
          {"o_part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp32",
           **_i32("stride_pb", "stride_ph", "stride_ps", "stride_lb", "stride_lh", "stride_ob", "stride_oh"),
@@ -118,7 +130,9 @@ def compile_all(arch: int = SM90, tile=None, names: tuple[str, ...] | None = Non
     for fn, sig, consts, opts in _specs(tile):
         if names is not None and fn.__name__ not in names:
             continue
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+        attrs = {(i,): [["tt.divisibility", DIVISIBILITY]] for i, (arg, ty) in enumerate(sig.items())
+                 if ty.startswith("*") or (ty == "i32" and arg in ALIGNED_INTS)}
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                                 target=GPUTarget("cuda", arch, WARP_SIZE), options=opts)
         shared = int(kernel.metadata.shared)
         if shared > SMEM_LIMIT[arch]:

@@ -21,6 +21,7 @@ from deepseek_model.kernels import reference
 
 BLOCK_H = 16  # heads per program (tl.dot needs >= 16 rows; extra heads are masked)
 BLOCK_N = 16  # cached tokens per inner step (fp32 tiles: 32 would need 108 KB smem, > sm_89)
+NUM_STAGES = 2  # software-pipelined cache tiles: 3 stages of fp32 [16, 576] exceed sm_89's 99 KB
 MAX_SPLITS = 64
 TOKENS_PER_SPLIT = 256  # default split: about this many cached tokens per program
 SMEM_BYTES = 227 * 1024
@@ -158,7 +159,7 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_ro
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
         kv.stride(0), kv.stride(1), k_rope.stride(0), k_rope.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        C=c, R=r, NUM_SPLITS=splits, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N)
+        C=c, R=r, NUM_SPLITS=splits, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, num_stages=NUM_STAGES)
     _mla_combine_kernel[(b, h)](
         o_part, lse, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),

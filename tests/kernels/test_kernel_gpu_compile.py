@@ -29,6 +29,7 @@ for arch in (89, 90):
                                                   and not l.strip().startswith("//")})}
 big = compile_all(90, get_tile(7168, 18432, 4096), names=("_fp8_gemm_kernel",))[0]
 out["90/big_gemm_mma"] = sorted({l.split()[0] for l in big.ptx.splitlines() if "wgmma.mma_async" in l})
+out["90/big_gemm_cp_async"] = big.ptx.count("cp.async")
 print("JSON" + json.dumps(out))
 """
 
@@ -64,6 +65,11 @@ def test_divisions_are_correctly_rounded(builds):
         for name in ("_act_quant_kernel", "_silu_mul_quant_kernel"):
             b = builds[f"{arch}/{name}"]
             assert b["div_rn"] > 0 and b["div_approx"] == 0
+
+
+def test_gemm_k_loop_is_software_pipelined(builds):
+    assert builds["90/big_gemm_cp_async"] > 0  # multi-stage async copies of the A/W tiles
+    assert builds["90/_fp8_gemm_kernel"]["shared"] > 2 * 128 * 64  # more than one stage resident
 
 
 def test_fp8_tensor_core_instructions(builds):
