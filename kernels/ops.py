@@ -7,6 +7,8 @@ a CUDA device of compute capability >= 8.9, else torch).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -20,9 +22,12 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
     """Map "auto" to a concrete backend for `device`; validate the name."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if backend == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment "
+                         "(set before triton is imported)")
     if backend != "auto":
         return backend
-    dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(dev) >= (8, 9):
         return "triton"
     return "torch"

@@ -50,3 +50,10 @@ def test_linear_fp8_weight_triton_vs_torch(dtype):
     assert yt.shape == (2, 3, 576) and yt.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert (yt.float() - yr.float()).abs().max() <= tol * yr.float().abs().max()
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs TRITON_INTERPRET=1"):
+        ops.act_quant(torch.randn(2, 128), backend="triton")
+    assert ops.resolve_backend("auto", "cpu") == "torch"
