@@ -5,30 +5,16 @@ its o_proj input (4 x 32 = 128 columns) would be cut into 64-column halves of on
 `tp` config changes only head and MLP widths so every FP8 split at 2 ranks falls on 128-blocks.
 """
 
-import contextlib
-
 import pytest
-import torch
 
 from deepseek_model.config import builtin_config_dict
 from deepseek_model.convert.shard import shard
 from deepseek_model.testing import make_tiny_checkpoint
+from parallel_harness import one_thread
 
 # Per-rank parts at world size 2: q_b 4·128/2, kv_b 4·128/2, o_proj 4·64/2, dense 256/2, shared 2·128/2.
 TP_FP8_CHANGES = {"qk_nope_head_dim": 64, "qk_rope_head_dim": 64, "v_head_dim": 64, "intermediate_size": 256,
                   "moe_intermediate_size": 128, "n_shared_experts": 2}
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run torch single-threaded for a while (on a busy 2-core machine a multi-threaded pool mostly
-    waits for its threads), then restore the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def tp_fp8_config() -> dict:
@@ -40,6 +26,13 @@ def tp_fp8_config() -> dict:
 def tiny_bf16(tmp_path_factory):
     with one_thread():
         return make_tiny_checkpoint(tmp_path_factory.mktemp("par_tiny_bf16"), "tiny", fp8=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_v2(tmp_path_factory):
+    """V2-Lite style: plain q_proj (no q LoRA), softmax greedy routing, 2 shared experts, no MTP."""
+    with one_thread():
+        return make_tiny_checkpoint(tmp_path_factory.mktemp("par_tiny_v2"), "tiny-v2", fp8=False, seed=3)
 
 
 @pytest.fixture(scope="session")

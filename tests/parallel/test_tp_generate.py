@@ -8,9 +8,8 @@ import os
 import subprocess
 import sys
 
-from conftest import one_thread
 from deepseek_model import cli
-from parallel_harness import free_port, results, run_workers, torchrun_env
+from parallel_harness import free_port, one_thread, results, run_workers, torchrun_env
 from parallel_workers import GEN_CASES, generate_all
 
 TORCHRUN_TIMEOUT_S = 180
