@@ -94,7 +94,8 @@ def per_rank_weight_bytes(cfg: ModelConfig, world_size: int, mtp: bool = True) -
     Returns:
         {"world_size", "bf16": {"split", "experts", "replicated", "total"}, "fp8": {...},
         "valid": {"bf16": bool, "fp8": bool}, "problems": {"bf16": [...], "fp8": [...]}}; the
-        problems say why a world size cannot split the model (FP8 adds the 128-block rule).
+        problems say why a world size cannot split the model (FP8 adds the 128-block rule, which
+        also binds an FP8 checkpoint dequantized at load: its scales are sliced with the weights).
     """
     block = cfg.quantization.block_size[0] if cfg.quantization else 128
     out: dict[str, Any] = {"world_size": world_size}

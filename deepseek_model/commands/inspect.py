@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
               f"MTP present: {c['mtp_present']}")
     for par in s.get("parallel", []):
         _print_parallel(par)
+    if s.get("parallel"):
+        print("  (an FP8 checkpoint needs the fp8 split rule even when dequantized at load: its scales are sliced)")
     return 0
 
 
