@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _format(rec: dict[str, Any], steps: int) -> str:
     line = (f"step {rec['step'] + 1:>5}/{steps}  loss {rec['loss']:.4f}  lm {rec['lm_loss']:.4f}  "
-            f"mtp {rec['mtp_loss']:.4f}  bal {rec['balance_loss']:.2e}  lr {rec['lr']:.2e}  gnorm {rec['grad_norm']:.2f}")
+            f"mtp {rec['mtp_loss']:.4f}  bal {rec['balance_loss']:.2e}  lr {rec['lr']:.2e}  "
+            f"gnorm {rec['grad_norm']:.2f}")
     if "max_over_mean" in rec:
         line += f"  load max/mean {rec['max_over_mean']:.2f} cv {rec['cv']:.2f}"
         per_layer = " ".join(f"{n}:{v['max_over_mean']:.2f}" for n, v in rec["load"].items())

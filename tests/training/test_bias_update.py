@@ -95,3 +95,19 @@ def test_recording_is_off_unless_a_balancer_is_attached(micro_cfg):
     forward_train(model, torch.zeros(1, 8, dtype=torch.long))
     assert all(int(g.load.sum()) == 0 for g in model.modules() if isinstance(g, Gate))
     assert "load" not in " ".join(model.state_dict())  # never written to checkpoints
+
+
+def test_attach_runs_the_update_after_each_optimizer_step(micro_cfg):
+    model = build_model(micro_cfg, seed=0)
+    updater = BiasUpdater(model, gamma=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    handle = updater.attach(opt)
+    ids = torch.randint(0, micro_cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    logits, _ = forward_train(model, ids)
+    lm_loss(logits, ids).backward()
+    gate = model.layers[1].ffn.gate
+    load = gate.load.double().clone()
+    opt.step()
+    torch.testing.assert_close(gate.bias, (0.01 * torch.sign(load.mean() - load)).float())
+    assert int(gate.load.sum()) == 0 and updater.last_stats["layers.1.ffn"].counts.tolist() == load.long().tolist()
+    handle.remove()
