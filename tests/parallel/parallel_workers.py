@@ -7,6 +7,7 @@ test process to give the world-size-1 reference.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -124,3 +125,11 @@ def generate_all(ctx, path: str) -> dict[tuple[float, str | None], list[list[int
                            speculative=speculative, seed=GEN_SEED, eos=[])
         out[(temperature, speculative)] = res.tokens
     return out
+
+
+def stall_before_collective(ctx, path: str, stall_s: float) -> None:
+    """Rank 1 stays alive but never joins the collective; rank 0 must time out, not hang."""
+    if ctx.rank == 1:
+        time.sleep(stall_s)
+        os._exit(4)
+    dsm.from_pretrained(path, parallel=ctx)

@@ -16,10 +16,12 @@ from deepseek_model.convert import names
 from deepseek_model.convert.sharded import SPLIT_EXPERT, SPLIT_REPLICATED
 from deepseek_model.testing import make_tiny_tensors, write_checkpoint
 from parallel_harness import results, run_workers
-from parallel_workers import die_before_collective, load_error, load_or_die, reads_during_load, split_kind
+from parallel_workers import (die_before_collective, load_error, load_or_die, reads_during_load, split_kind,
+                              stall_before_collective)
 
 BAD_EXPERT = "model.layers.1.mlp.experts.15.up_proj.weight"  # expert 15: rank 1's alone at world size 2
 DEAD_RANK_TIMEOUT_S = 10.0
+STALL_TIMEOUT_S = 2.0  # collective timeout while a live rank stalls
 
 
 def _expert(name: str) -> int:
@@ -104,3 +106,13 @@ def test_dead_rank_ends_the_job_instead_of_hanging(tiny_bf16):
     assert outcomes[1].exitcode == 3
     assert outcomes[0].exitcode not in (0, None), outcomes[0].error
     assert os.path.isdir(tiny_bf16)
+
+
+def test_stalled_rank_times_out_the_collective(tiny_bf16):
+    """Rank 1 is alive but never reaches the post-load check: rank 0's collective times out."""
+    outcomes = run_workers(stall_before_collective, 2, tiny_bf16, STALL_TIMEOUT_S * 2,
+                           collective_timeout_s=STALL_TIMEOUT_S, timeout_s=60)
+    assert outcomes[1].exitcode == 4
+    assert outcomes[0].exitcode not in (0, None)
+    print(outcomes[0].error.splitlines()[0][:300])
+    assert "timed out" in outcomes[0].error.lower() or "timeout" in outcomes[0].error.lower(), outcomes[0].error[:500]
