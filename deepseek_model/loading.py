@@ -23,7 +23,7 @@ import torch
 from deepseek_model.config import ModelConfig
 from deepseek_model.convert import names
 from deepseek_model.convert.checkpoint import CONFIG_FILE, CheckpointError, CheckpointReader
-from deepseek_model.convert.sharded import RankReader, is_sharded_dir, read_manifest
+from deepseek_model.convert.sharded import SPLIT_COLUMN, SPLIT_ROW, RankReader, is_sharded_dir, read_manifest
 from deepseek_model.kernels import ops, reference
 from deepseek_model.layers import FP8_DTYPE, LinearSpec
 from deepseek_model.model import Transformer
@@ -101,7 +101,7 @@ class _Loader:
             return
         info = self.split_info.get(hf_name, {})
         want = self._shard_dim(internal) if self.ctx.is_distributed else None
-        got = info.get("dim") if info.get("split") in ("column", "row") else None
+        got = info.get("dim") if info.get("split") in (SPLIT_COLUMN, SPLIT_ROW) else None
         if self.ctx.is_distributed and got != want:
             raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' is split along dim {got} in the "
                                   f"manifest, the model splits it along dim {want}")
