@@ -11,6 +11,11 @@ The gradient is straight-through for the quantizers: with X̂, Ŵ the fake-quant
 forward (Y = X̂·Ŵᵀ) and Ĝ the fake-quantized output gradient (1×128 tiles along the output
 channels), dX = Ĝ·Ŵ and dW = Ĝᵀ·X̂.
 
+Differences from the report's kernels, by design of an emulation: products are accumulated in full
+fp32 (the report promotes the tensor cores' limited-precision partial sums to fp32 every 128
+elements, so its accumulation error is slightly larger), and the weight gradient reuses the forward's
+1×128-tiled X̂ (the report re-tiles activations 128×1 for that GEMM).
+
 Enabled per model by `LinearSpec(fp8_training=True)`; there is no global switch.
 """
 

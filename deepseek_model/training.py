@@ -385,10 +385,14 @@ class TrainResult:
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to tc.lr, then cosine decay to tc.lr·MIN_LR_RATIO at the last step."""
-    if step < tc.warmup:
-        return tc.lr * (step + 1) / tc.warmup
-    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    """Linear warm-up to tc.lr, then cosine decay to tc.lr·MIN_LR_RATIO at the last step.
+
+    The warm-up is capped at a fifth of the run, so short runs reach the peak rate.
+    """
+    warmup = min(tc.warmup, max(1, tc.steps // 5))
+    if step < warmup:
+        return tc.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, tc.steps - warmup)
     return tc.lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
