@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import socket
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,7 +27,7 @@ COLLECTIVE_TIMEOUT_S = 20.0
 WORKER_THREADS = 1  # 2 cores shared by all ranks
 # Workers fork from one server process that imported these once (spawning a fresh interpreter per
 # rank re-imports torch every time); the server never runs torch ops, so forking it is safe.
-PRELOAD = ["torch", "torch.distributed", "deepseek_model", "deepseek_model.loading"]
+PRELOAD = ("torch", "torch.distributed", "deepseek_model", "deepseek_model.loading")
 EXIT_FAILED = 1
 
 
@@ -94,16 +95,16 @@ def run_workers(fn: Callable, world_size: int, *args: Any, timeout_s: float = JO
         collective_timeout_s: the process group's collective timeout.
     """
     mp = multiprocessing.get_context("forkserver")
-    mp.set_forkserver_preload(PRELOAD)
+    mp.set_forkserver_preload(list(PRELOAD))
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="dsm-parallel-") as out_dir:
         procs = [mp.Process(target=_entry, args=(fn, r, world_size, port, out_dir, collective_timeout_s, args))
                  for r in range(world_size)]
         for p in procs:
             p.start()
-        deadline = _now() + timeout_s
+        deadline = time.monotonic() + timeout_s
         for p in procs:
-            p.join(max(0.0, deadline - _now()))
+            p.join(max(0.0, deadline - time.monotonic()))
         outcomes = []
         for rank, p in enumerate(procs):
             if p.is_alive():
@@ -124,8 +125,3 @@ def results(outcomes: list[RankOutcome]) -> list[Any]:
     assert not bad, "\n".join(bad)
     return [o.result for o in outcomes]
 
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()

@@ -6,8 +6,6 @@ every rank before any weight is read; a rank that fails to load makes every rank
 that dies makes the others exit instead of hanging.
 """
 
-import os
-
 import pytest
 
 import deepseek_model as dsm
@@ -105,7 +103,6 @@ def test_dead_rank_ends_the_job_instead_of_hanging(tiny_bf16):
                            timeout_s=6 * DEAD_RANK_TIMEOUT_S)
     assert outcomes[1].exitcode == 3
     assert outcomes[0].exitcode not in (0, None), outcomes[0].error
-    assert os.path.isdir(tiny_bf16)
 
 
 def test_stalled_rank_times_out_the_collective(tiny_bf16):
