@@ -76,3 +76,18 @@ def test_train_command(tmp_path, capsys):
     model = dsm.from_pretrained(out)
     assert model.cfg.num_hidden_layers == 3
     assert cli_main(["train", "--steps", "0"]) == 2  # one-line error, non-zero exit
+
+
+def test_bias_update_lowers_the_expert_load_imbalance(micro_cfg):
+    # Same seed, same batches: the Zipf-skewed corpus drives the router to imbalance without γ.
+    def final_load(gamma):
+        model = build_model(micro_cfg, seed=0)
+        h = train(model, SyntheticCorpus(micro_cfg.vocab_size, seed=0),
+                  TrainConfig(steps=60, batch_size=4, seq_len=32, gamma=gamma)).history
+        return sum(r["max_over_mean"] for r in h[-10:]) / 10, sum(r["lm_loss"] for r in h[-10:]) / 10, h[0]
+
+    unbalanced, loss0, first = final_load(0.0)
+    balanced, loss1, _ = final_load(0.02)
+    assert unbalanced > first["max_over_mean"]  # imbalance grows when nothing counters it
+    assert balanced < 0.7 * unbalanced
+    assert max(loss0, loss1) < 0.5 * first["lm_loss"]
