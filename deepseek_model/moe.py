@@ -152,12 +152,18 @@ class MoE(nn.Module):
         self.last_routing, self.last_token_shape = (routing, tuple(shape[:-1])) if self.training else (None, None)
         fused = self._fused_experts()
         if fused is not None:  # fp8 experts: one grouped W8A8 op (Triton kernel or its torch twin)
-            local = (routing.indices >= self.lo) & (routing.indices < self.hi)  # (N, K)
-            ids = (routing.indices - self.lo).clamp(0, self.hi - self.lo - 1)  # (N, K) local expert ids
             spec = self.experts[self.lo].w1.spec
-            y = ops.fused_moe(flat, routing.weights * local, ids, *fused, block_size=spec.block_size,
-                              scale_fmt=spec.scale_fmt, backend=spec.backend)
-            return self._combine(flat, y).view(shape)
+            kw = {"block_size": spec.block_size, "scale_fmt": spec.scale_fmt, "backend": spec.backend}
+            if not self.ctx.is_distributed:
+                y = ops.fused_moe(flat, routing.weights, routing.indices, *fused, **kw)
+                return self._combine(flat, y).view(shape)
+            # Expert parallel: only the (token, slot) pairs routed to this rank's experts, as top-1 rows.
+            token, slot = torch.where((routing.indices >= self.lo) & (routing.indices < self.hi))  # (P,), (P,)
+            order = torch.argsort(routing.indices[token, slot], stable=True)  # sum in expert order, as 1 rank does
+            token, slot = token[order], slot[order]
+            ids = (routing.indices[token, slot] - self.lo).unsqueeze(1)  # (P, 1) local expert ids
+            out = ops.fused_moe(flat[token], routing.weights[token, slot].unsqueeze(1), ids, *fused, **kw)  # (P, H)
+            return self._combine(flat, torch.zeros_like(flat).index_add_(0, token, out)).view(shape)
         y = torch.zeros_like(flat)
         counts = torch.bincount(routing.indices.flatten(), minlength=self.n_experts).tolist()
         for e in range(self.lo, self.hi):
