@@ -171,6 +171,11 @@ class _Loader:
                     raise CheckpointError(f"{self.where(hf_name)}: scale '{hf_name}' has no weight '{weight}'")
                 continue
             self.load_tensor(hf_name)
+        for copy, main in (("mtp.embed.weight", "embed.weight"), ("mtp.head.weight", "head.weight")):
+            if copy in self.targets and copy not in self.loaded and main in self.loaded:
+                # A deduplicated checkpoint (convert --dedupe-mtp): the MTP module shares the main tensor.
+                self.model.get_submodule(copy.rpartition(".")[0]).weight = self.targets[main]
+                self.loaded.add(copy)
         missing = [n for n in self.targets if n not in self.loaded]
         if missing:
             hf = names.internal_to_hf(missing[0], self.model.cfg.num_hidden_layers)

@@ -164,3 +164,18 @@ def test_bad_arguments(tiny_bf16):
         dsm.from_pretrained(tiny_bf16, attn="flash")
     with pytest.raises(dsm.CheckpointError, match="not a checkpoint directory"):
         dsm.from_pretrained(os.path.join(tiny_bf16, "nope"))
+
+
+def test_deduplicated_mtp_copies_share_the_main_tensors(tiny_fp8, tmp_path):
+    from deepseek_model.convert.fp8 import fp8_to_bf16
+
+    dst = str(tmp_path / "dedup")
+    fp8_to_bf16(tiny_fp8, dst, dedupe_mtp=True, quiet=True)
+    with CheckpointReader(dst) as r:
+        assert "model.layers.3.embed_tokens.weight" not in r and "model.layers.3.eh_proj.weight" in r
+    model = dsm.from_pretrained(dst)
+    assert model.mtp.embed.weight is model.embed.weight and model.mtp.head.weight is model.head.weight
+    full = dsm.from_pretrained(tiny_fp8, weights="bf16", dtype=torch.bfloat16)
+    ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model.to(torch.float32).mtp_logits(ids), full.float().mtp_logits(ids))
