@@ -9,6 +9,7 @@ folds kv_b into the query and the output instead (equal to fp32 round-off).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deepseek_model.config import ModelConfig
@@ -16,7 +17,7 @@ from deepseek_model.layers import ColumnParallelLinear, Linear, LinearSpec, RMSN
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
 from deepseek_model.rope import apply_rotary
 
-ATTN_MODES = ("absorb", "naive")
+ATTN_MODES = ("absorb", "naive", "auto")  # auto: naive for multi-token chunks (prefill), absorbed for decode
 GROWTH = 2  # the cache grows geometrically: amortised O(1) copies per token
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -117,7 +118,9 @@ class MLA(nn.Module):
         cfg: model config.
         spec: how linears store/run weights.
         ctx: parallel context (heads are split across ranks).
-        mode: "absorb" (default) or "naive".
+        mode: "absorb" (default), "naive", or "auto" (naive math for multi-token chunks, where the
+            per-head dims are smaller than the latent; absorbed for single-token decode). All
+            three read and write the same latent cache.
     """
 
     def __init__(self, cfg: ModelConfig, spec: LinearSpec, ctx: ParallelContext = SINGLE_PROCESS,
@@ -172,7 +175,7 @@ class MLA(nn.Module):
             kv, k_pe = cache.update(start_pos, kv, k_pe)  # (B, S, c), (B, S, rope)
         elif start_pos:
             raise ValueError("start_pos > 0 needs a cache")
-        if self.mode == "naive":
+        if self.mode == "naive" or (self.mode == "auto" and t > 1):
             out = self._naive(q_nope, q_pe, kv, k_pe, mask)
         else:
             out = self._absorbed(q_nope, q_pe, kv, k_pe, mask)
@@ -185,10 +188,33 @@ class MLA(nn.Module):
             scores = scores + mask.unsqueeze(-2)  # broadcast over heads: (.., T, 1, S)
         return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
 
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Fused softmax(q·kᵀ·scale + mask)·v for multi-token chunks (no (T, H, S) score tensor).
+
+        q (B, T, H, D), k (B, S, H|1, D), v (B, S, H|1, Dv ≤ D); a single K/V head is shared by all
+        heads (the absorbed latent). mask: additive (T, S) or (B, 1, T, S). Returns (B, T, H, Dv).
+        v is zero-padded to D: the CPU flash kernel needs equal q/k/v head dims.
+        """
+        bsz, t, heads, d = q.shape
+        s, dv = k.shape[1], v.shape[-1]
+        if dv < d:
+            v = F.pad(v, (0, d - dv))  # (B, S, H|1, D)
+        k = k.transpose(1, 2).expand(bsz, heads, s, d)  # (B, H, S, D)
+        v = v.transpose(1, 2).expand(bsz, heads, s, d)  # (B, H, S, D)
+        if mask.dim() == 2 and mask.shape[0] == mask.shape[1]:  # plain causal from slot 0: skip masked blocks
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask.to(q.dtype),
+                                                 scale=self.scale)  # (B, H, T, D)
+        return out.transpose(1, 2)[..., :dv]  # (B, T, H, Dv)
+
     def _naive(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
         bsz, s, _ = kv.shape
         kvb = self.wkv_b(kv).view(bsz, s, self.n_heads, self.nope + self.v_dim)  # (B, S, H, nope+v)
         k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)  # (B, S, H, nope), (B, S, H, v)
+        if mask is not None:  # multi-token chunk: fused attention
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(bsz, s, self.n_heads, self.rope)], -1)  # (B, S, H, nope+rope)
+            return self._sdpa(torch.cat([q_nope, q_pe], -1), k, v, mask)  # (B, T, H, v)
         scores = (torch.einsum("bthd,bshd->bths", q_nope, k_nope)
                   + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
         probs = self._softmax(scores, mask, q_nope.dtype)
@@ -198,6 +224,10 @@ class MLA(nn.Module):
         w = self.wkv_b.dense_weight(q_nope.dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # (H, nope, c), (H, v, c)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, c)
+        if mask is not None:  # multi-token chunk: fused attention, one latent K/V head shared by all heads
+            k = torch.cat([kv, k_pe], -1).unsqueeze(2)  # (B, S, 1, c+rope); its first c columns are the values
+            o_lat = self._sdpa(torch.cat([q_lat, q_pe], -1), k, k, mask)[..., : self.kv_lora_rank]  # (B, T, H, c)
+            return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
         scores = (torch.einsum("bthc,bsc->bths", q_lat, kv)
                   + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
         probs = self._softmax(scores, mask, q_nope.dtype)

@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
     p.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto", help="weight format to run")
-    p.add_argument("--attn", choices=["absorb", "naive"], default="absorb")
+    p.add_argument("--attn", choices=["absorb", "naive", "auto"], default="absorb",
+                   help="attention math (auto: naive for the prompt, absorbed for decoding)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--fp8-cache", action="store_true", help="float8 latent cache (per-token scale)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -125,3 +125,15 @@ def test_one_line_errors(model, kwargs, needle):
         dsm.generate(model, **kwargs)
     msg = str(e.value)
     assert needle in msg and "\n" not in msg
+
+
+def test_auto_attention_mode(tiny_ckpt, model):
+    """attn="auto" (naive math for the prefill chunk, absorbed decode, same latent cache) gives the
+    same logits and tokens as the absorbed model, including the ragged-batch path."""
+    auto = dsm.from_pretrained(tiny_ckpt, dtype=torch.float32, attn="auto")
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(auto(ids), model(ids), rtol=0, atol=1e-5)
+    a = dsm.generate(auto, PROMPTS, max_new_tokens=10, eos=NO_EOS)
+    b = dsm.generate(model, PROMPTS, max_new_tokens=10, eos=NO_EOS)
+    assert a.tokens == b.tokens
