@@ -7,6 +7,19 @@ MoE layers and over the last --window steps), the loss at the start and end, the
 and the FP8-vs-fp32 final-loss gap in percent. Writes JSON with --json.
 
     python -m deepseek_model.benchmarks.bench_train --config tiny --steps 200 --json bench_train.json
+
+Recorded on this project's 2-core CPU machine (tiny config, seed 0, 8×64 tokens per step; "final" =
+mean of the last 20 steps; max/mean averaged over the 3 MoE layers incl. the MTP block):
+
+    steps  γ      fp8    max/mean load   CV     next-token CE   held-out CE
+    600    0      no     1.66 → 3.28     1.05   6.75 → 1.788    1.7999
+    600    1e-3   no     1.66 → 1.40     0.15   6.75 → 1.790    1.8001
+    600    1e-3   yes    1.65 → 1.26     0.13   6.75 → 1.789    1.8016   (FP8 gap: total loss −0.08 %,
+                                                                           held-out CE +0.08 %)
+    200    0      no     1.66 → 3.44     1.17   6.75 → 1.771    1.8572
+    200    1e-3   no     1.66 → 3.14     0.91   6.75 → 1.771    1.8489   (γ = 1e-3 is slow for 200 steps:
+    200    1e-2   no     1.66 → 1.32     0.15   6.75 → 1.775    1.8490    the bias moves ≤ 0.2 in total)
+    200    1e-3   yes    1.65 → 3.06     0.82   6.75 → 1.772    1.8528   (FP8 gap +0.01 % / +0.21 %)
 """
 
 from __future__ import annotations
