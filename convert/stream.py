@@ -22,7 +22,8 @@ from deepseek_model.convert.checkpoint import CheckpointError, CheckpointReader,
 
 HEADER_LEN_BYTES = 8
 HEADER_ALIGN = 8  # safetensors pads the JSON header with spaces to a multiple of 8 bytes
-BAND_BYTES = 64 << 20  # target bytes of one row band of a source tensor (bounds the working set)
+BAND_BYTES = 4 << 20  # target bytes of one source row band: its fp32 work buffers (16 MB) stay below
+# glibc's mmap threshold, so they are reused instead of page-faulted in again for every band
 COPY_CHUNK_BYTES = 256 << 20  # one copy_file_range call at most
 SAFETENSORS_METADATA = {"format": "pt"}
 

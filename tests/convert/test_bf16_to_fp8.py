@@ -97,3 +97,20 @@ def test_roundtrip_fp8_bf16_fp8_within_block_bound(tiny_fp8, tmp_path):
     s = report["summary"]
     assert s["ok"] and s["fp8_blocks"] > 0 and s["fp8_blocks_over_bound"] == 0
     assert 0 < s["max_rel_err"] < 1e-2
+
+
+def test_quant_band_equals_reference_on_edge_blocks():
+    """All-zero blocks (also of -0.0), tiny and huge magnitudes, aligned and ragged bands."""
+    from deepseek_model.convert.fp8 import quant_band
+    from deepseek_model.kernels.reference import weight_quant
+
+    g = torch.Generator().manual_seed(0)
+    for rows, k in ((256, 384), (130, 300)):
+        w = torch.randn(rows, k, generator=g) * torch.logspace(-8, 4, k)
+        w[:128, :128] = -0.0
+        w[128:, 128:256] = 0.0
+        for fmt in (None, "ue8m0"):
+            q, s = quant_band(w.to(torch.bfloat16), scale_fmt=fmt)
+            rq, rs = weight_quant(w.to(torch.bfloat16), scale_fmt=fmt)
+            assert torch.equal(s, rs)
+            assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))

@@ -94,3 +94,20 @@ def test_transformers_loads_output(converted):
         pytest.skip(f"deepseek_model.from_pretrained unavailable: {e}")
     with torch.no_grad():
         assert torch.allclose(ours(ids).float(), logits, atol=1e-4, rtol=0)
+
+
+def test_dequant_band_bit_exact_on_every_byte():
+    """The bit-placement decode equals torch's fp8 cast times the scale for all 256 codes
+    (subnormals, ±0, ±448, NaN), with scales of very different magnitudes and a ragged band."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    q = codes.repeat(130 * 2)[: 130 * 300].view(130, 300)  # 130 rows (ragged), K=300 (ragged)
+    s = torch.tensor([[1e-6, 3.0, 0.5], [2.0 ** -30, 250.0, 1.0]])
+    for dtype in (torch.bfloat16, torch.float32):
+        want = weight_dequant(q, s, dtype=dtype)
+        got = dequant_band(q, s, dtype=dtype)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+    finite = q.view(torch.uint8).bitwise_and(0x7F) != 0x7F
+    q_finite = torch.where(finite, q.view(torch.uint8), 0).view(torch.float8_e4m3fn)
+    assert torch.equal(dequant_band(q_finite, s).view(torch.int16),
+                       weight_dequant(q_finite, s, dtype=torch.bfloat16).view(torch.int16))
