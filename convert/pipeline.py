@@ -8,12 +8,14 @@ and config.json, copies the other files, re-checks every written header, then re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import torch
 from tqdm import tqdm
 
 from deepseek_model.convert.checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointReader
@@ -22,6 +24,7 @@ from deepseek_model.convert.stream import ShardWriter, SourceReader, TensorSpec,
 
 # Seconds to sleep after each written tensor: lets tests kill a run deterministically mid-way.
 DELAY_ENV = "DEEPSEEK_CONVERT_TEST_DELAY"
+CONVERT_COMPUTE_THREADS = 1  # torch threads for band math; the shard writer thread does the I/O
 
 Advance = Callable[[int], None]
 
@@ -114,6 +117,21 @@ def check_hf_output(out_dir: str, written: dict[str, list[TensorSpec]]) -> None:
 PlanFn = Callable[[CheckpointReader, SourceReader], tuple[dict[str, list[TensorJob]], dict[str, Any]]]
 
 
+@contextlib.contextmanager
+def compute_threads(n: int) -> Iterator[None]:
+    """Run torch's elementwise work on `n` threads for the duration (the previous count is restored).
+
+    The band math is small and memory-bound; with intra-op threads it mostly waits on the other
+    core, which the shard writer's I/O thread is using (3x slower measured with a busy core).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_hf_conversion(src: str, dst: str, plan: PlanFn, *, overwrite: bool = False, quiet: bool = False,
                       desc: str = "convert") -> dict[str, Any]:
     """Run one HF → HF conversion safely.
@@ -137,7 +155,7 @@ def run_hf_conversion(src: str, dst: str, plan: PlanFn, *, overwrite: bool = Fal
         for fname in reader.files:  # every shard header is validated before anything is written
             reader.header(fname)
         files, config = plan(reader, source)
-        with AtomicOutputDir(dst) as out:
+        with AtomicOutputDir(dst) as out, compute_threads(CONVERT_COMPUTE_THREADS):
             written = write_shards(out.tmp, files, desc, quiet)
             total = write_index(out.tmp, written)
             write_json(out.path(CONFIG_FILE), config)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -22,6 +24,7 @@ from deepseek_model.convert.checkpoint import CheckpointError, CheckpointReader,
 
 HEADER_LEN_BYTES = 8
 HEADER_ALIGN = 8  # safetensors pads the JSON header with spaces to a multiple of 8 bytes
+WRITES_IN_FLIGHT = 2  # band writes queued behind the one being computed (bounds the extra memory)
 BAND_BYTES = 4 << 20  # target bytes of one source row band: its fp32 work buffers (16 MB) stay below
 # glibc's mmap threshold, so they are reused instead of page-faulted in again for every band
 COPY_CHUNK_BYTES = 256 << 20  # one copy_file_range call at most
@@ -182,6 +185,10 @@ class ShardWriter:
         self.size = self._data_start + pos
         self._written = {s.name: 0 for s in specs}
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # Band writes run on one background thread (pwrite releases the GIL) so the next band is
+        # computed while this one goes to the page cache; at most WRITES_IN_FLIGHT bands wait.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: deque[Future] = deque()
         os.ftruncate(self._fd, self.size)
         os.pwrite(self._fd, len(raw).to_bytes(HEADER_LEN_BYTES, "little") + raw, 0)
 
@@ -198,11 +205,24 @@ class ShardWriter:
         spec = self.specs[name]
         if rows.dtype != spec.dtype:
             raise ValueError(f"{self.path}: tensor '{name}' declared {spec.dtype}, got {rows.dtype}")
-        data = as_bytes(rows)
+        data = as_bytes(rows)  # keeps the band's storage alive until the write is done
         pos = self._pos(name, start_row, len(data))
+        while len(self._pending) >= WRITES_IN_FLIGHT:
+            self._pending.popleft().result()  # re-raises a failed write here
+        self._pending.append(self._io.submit(self._pwrite_all, data, pos))
+
+    def _pwrite_all(self, data: memoryview, pos: int) -> None:
         done = 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], pos + done)
+
+    def _drain(self) -> None:
+        """Wait for every queued band write (re-raising the first failure) and stop the thread."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._io.shutdown(wait=True)
 
     def copy_from(self, name: str, start_row: int, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Copy `nbytes` raw bytes from another file into tensor `name` from row `start_row`."""
@@ -225,6 +245,7 @@ class ShardWriter:
             ValueError: a declared tensor did not receive exactly its bytes.
         """
         try:
+            self._drain()
             for name, spec in self.specs.items():
                 if self._written[name] != spec.nbytes:
                     raise ValueError(f"{self.path}: tensor '{name}' received {self._written[name]} of "
@@ -236,7 +257,12 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close without checks (the temporary directory is removed by the caller)."""
-        os.close(self._fd)
+        try:
+            self._drain()
+        except OSError:
+            pass  # the conversion is being abandoned anyway
+        finally:
+            os.close(self._fd)
 
 
 def check_written_file(path: str, specs: list[TensorSpec]) -> None:
