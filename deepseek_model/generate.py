@@ -259,7 +259,7 @@ def _batched(model: Transformer, rows: list[list[int]], max_new: int, sampling: 
     valid = slots >= pad.unsqueeze(1) if ragged else None  # (B, L)
     cache = model.new_cache(fp8=cache_fp8)
     t0 = time.perf_counter()
-    logits = model(ids, 0, cache, positions=positions, valid=valid)[:, -1]  # (B, V)
+    logits = model.head(model.hidden(ids, 0, cache, positions=positions, valid=valid)[:, -1])  # (B, V) last only
     stats.prefill_seconds += time.perf_counter() - t0
     stats.main_forwards += 1
     stats.token_forwards += bsz

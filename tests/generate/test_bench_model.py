@@ -1,0 +1,31 @@
+"""bench_model end to end on the smallest setting: both models timed, JSON + markdown + PNG written,
+cache bytes per token as the formula says, V3 cache ratio above 71x."""
+
+import json
+
+import pytest
+
+from deepseek_model.benchmarks import bench_model
+from deepseek_model.config import ModelConfig
+
+
+def test_bench_model_smallest(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    code = bench_model.main(["--contexts", "16", "--batches", "1", "--no-compile", "--threads", "1",
+                             "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text().startswith("# bench_model")
+    assert (tmp_path / "results.png").stat().st_size > 0
+    row = report["rows"][0]
+    assert row["ours"]["decode_tok_s"] > 0 and row["hf"]["decode_tok_s"] > 0 and row["decode_ratio"] > 0
+    cfg = ModelConfig.builtin("small")
+    latent = cfg.latent_dim * 4 * cfg.num_hidden_layers  # fp32
+    assert row["ours"]["cache_bytes_per_token"] == latent
+    assert report["cache"]["small"]["latent"] == latent
+    assert report["cache"]["v3"]["ratio"] > 71
+    # transformers 5.x caches MLA's compressed latent too (and re-expands it every step): same bytes
+    assert row["hf"]["cache_bytes_per_token"] in (latent, report["cache"]["small"]["per_head_kv"])
+    assert report["hf_logit_max_diff"] < 1e-3
+    assert 0 <= report["fp8_cache"]["argmax_agreement"] <= 1
