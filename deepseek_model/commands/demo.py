@@ -17,6 +17,8 @@ from deepseek_model.loading import from_pretrained
 from deepseek_model.summary import model_summary
 from deepseek_model.testing import make_tiny_checkpoint
 from deepseek_model.tokenizer import load_tokenizer
+from deepseek_model.training import TrainConfig, build_model, train
+from deepseek_model.training_data import SyntheticCorpus
 
 HELP = "build a tiny FP8 checkpoint with MTP, inspect, convert, load, check, generate (with MTP speculation)"
 PROMPT = (1, 17, 42, 7, 99, 3)
@@ -25,6 +27,7 @@ ABSORB_TOL = 1e-5
 CONVERT_TOL = 1e-5  # bf16 logits: converted checkpoint vs FP8 dequantized to bf16 at load (same weights)
 KERNEL_SHAPE = (77, 256, 384)  # M (with a tail), K, N for the kernel self-check
 TWIN_FP64_REL_TOL = 0.02  # W8A8 twin vs the fp64 product of its dequantized operands
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_SEQ = 8, 4, 32  # a few seconds of the balancing loop
 DEMO_THREADS = 1  # tiny matmuls: one thread is fastest and immune to a busy machine
 
 
@@ -87,6 +90,21 @@ def _kernel_check() -> tuple[str, bool]:
             f"({'ok' if ok else 'FAILED'})"), ok
 
 
+def _training_check(cfg: ModelConfig, seed: int) -> tuple[str, bool]:
+    """A few steps of the full objective (CE + MTP + sequence balance) with the bias update."""
+    model = build_model(cfg, seed=seed)
+    corpus = SyntheticCorpus(cfg.vocab_size, seed=seed)
+    tc = TrainConfig(steps=TRAIN_STEPS, batch_size=TRAIN_BATCH, seq_len=TRAIN_SEQ, seed=seed)
+    t0 = time.perf_counter()
+    hist = train(model, corpus, tc).history
+    first, last = hist[0], hist[-1]
+    ok = last["lm_loss"] < first["lm_loss"]
+    return (f"{TRAIN_STEPS} AdamW steps (CE + {tc.mtp_lambda}·MTP + balance, bias update γ={tc.gamma}) in "
+            f"{time.perf_counter() - t0:.1f} s: loss {first['loss']:.3f} → {last['loss']:.3f}, MTP loss "
+            f"{first['mtp_loss']:.3f} → {last['mtp_loss']:.3f}, max/mean expert load {first['max_over_mean']:.2f} → "
+            f"{last['max_over_mean']:.2f} ({'ok' if ok else 'FAILED'})"), ok
+
+
 def _run(path: str, args: argparse.Namespace) -> int:
     start = time.perf_counter()
     checks: dict[str, bool] = {}
@@ -132,8 +150,10 @@ def _run(path: str, args: argparse.Namespace) -> int:
           f"per main forward ({st.new_tokens / dt_spec:.0f} tokens/s)")
     line, checks["kernels"] = _kernel_check()
     print(f"[7] kernels: {line}")
+    line, checks["training"] = _training_check(cfg, args.seed)
+    print(f"[8] training: {line}")
     failed = [k for k, ok in checks.items() if not ok]
-    print(f"[8] report: {len(checks) - len(failed)}/{len(checks)} checks ok"
+    print(f"[9] report: {len(checks) - len(failed)}/{len(checks)} checks ok"
           f"{' (FAILED: ' + ', '.join(failed) + ')' if failed else ''}; {time.perf_counter() - start:.1f} s total")
     return 1 if failed else 0
 
