@@ -34,6 +34,8 @@ setup(
         "einops",
         "numpy",
         "tqdm",
+        "tokenizers",
+        "jinja2",
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
