@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_model.config import ModelConfig
+from deepseek_model.kernels import ops
 from deepseek_model.layers import ColumnParallelLinear, Linear, LinearSpec, RMSNorm, RowParallelLinear
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
 from deepseek_model.rope import apply_rotary
@@ -129,6 +130,7 @@ class MLA(nn.Module):
         if mode not in ATTN_MODES:
             raise ValueError(f"attn must be one of {ATTN_MODES}, got {mode!r}")
         self.mode = mode
+        self.backend = spec.backend  # kernel backend of the decode step ("triton": ops.mla_decode)
         self.n_heads = ctx.split(cfg.num_attention_heads, "num_attention_heads")
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
@@ -228,6 +230,11 @@ class MLA(nn.Module):
             k = torch.cat([kv, k_pe], -1).unsqueeze(2)  # (B, S, 1, c+rope); its first c columns are the values
             o_lat = self._sdpa(torch.cat([q_lat, q_pe], -1), k, k, mask)[..., : self.kv_lora_rank]  # (B, T, H, c)
             return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
+        if mask is None and q_lat.shape[1] == 1 and ops.resolve_backend(self.backend, kv.device) == "triton":
+            # one-token decode over the whole latent cache: the split-K flash-decoding kernel
+            lens = torch.full((kv.shape[0],), kv.shape[1], dtype=torch.int32, device=kv.device)  # (B,)
+            o_lat = ops.mla_decode(q_lat[:, 0], q_pe[:, 0], kv, k_pe, lens, self.scale, backend="triton")  # (B, H, c)
+            return torch.einsum("bhc,hvc->bhv", o_lat.to(q_lat.dtype), w_uv).unsqueeze(1)  # (B, 1, H, v)
         scores = (torch.einsum("bthc,bsc->bths", q_lat, kv)
                   + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
         probs = self._softmax(scores, mask, q_nope.dtype)
