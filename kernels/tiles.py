@@ -1,4 +1,4 @@
-"""Tile configurations for the Triton GEMMs, read from tiles.json (data, not @triton.autotune).
+"""Tile configurations for the Triton GEMMs, read from tiles.json (data, not a run-time autotuner).
 
 A config is chosen by (N, K, M bucket); shapes not in the table use the "default" entry of the
 same bucket. `check_tile` holds the GPU-legality rules the interpreter does not enforce.

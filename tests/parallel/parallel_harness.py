@@ -113,7 +113,7 @@ def run_workers(fn: Callable, world_size: int, *args: Any, timeout_s: float = JO
                 outcomes.append(RankOutcome(None, error=f"rank {rank} still running after {timeout_s:.0f} s"))
                 continue
             res_path, err_path = os.path.join(out_dir, f"rank{rank}.pt"), os.path.join(out_dir, f"rank{rank}.err")
-            result = torch.load(res_path, weights_only=False) if os.path.exists(res_path) else None
+            result = torch.load(res_path, weights_only=True) if os.path.exists(res_path) else None
             error = open(err_path, encoding="utf-8").read() if os.path.exists(err_path) else None
             outcomes.append(RankOutcome(p.exitcode, result, error))
     return outcomes

@@ -39,6 +39,6 @@ def test_counts_are_all_reduced_over_ranks(tmp_path):
     total = torch.tensor(LOADS[0]) + torch.tensor(LOADS[1])  # mean 4.25
     want = 0.5 * torch.sign(total.double().mean() - total.double()).float()
     for rank in range(WORLD):
-        got = torch.load(f"{out}.{rank}")
+        got = torch.load(f"{out}.{rank}", weights_only=True)
         assert got["counts"].tolist() == total.tolist()
         torch.testing.assert_close(got["bias"], want, rtol=0, atol=0)  # every rank applies the same update
