@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-HELP = "run a benchmark: kernels | model | convert (arguments after the name go to the benchmark)"
-BENCHMARKS = ("kernels", "model", "convert")
+HELP = "run a benchmark: kernels | model | convert | train (arguments after the name go to the benchmark)"
+BENCHMARKS = ("kernels", "model", "convert", "train")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
