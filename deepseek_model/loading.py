@@ -137,30 +137,26 @@ class _Loader:
             raise CheckpointError(f"{self.where(hf_name)}: unexpected tensor '{hf_name}'")
         self._check_shape(hf_name, internal, target)
         src_dtype = self.reader.dtype(hf_name)
+        w = self._read(hf_name, internal)
+        if src_dtype == FP8_DTYPE:
+            s = self._scale_for(hf_name, internal, self.reader.shape(hf_name))
+        elif names.scale_name(hf_name) in self.reader:
+            raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' is {src_dtype} but has a "
+                                  f"scale '{names.scale_name(hf_name)}' (only fp8 weights have scales)")
+        else:
+            s = None
         with torch.no_grad():
-            if src_dtype == FP8_DTYPE:
-                w = self._read(hf_name, internal)
-                s = self._scale_for(hf_name, internal, self.reader.shape(hf_name))
-                if target.dtype == FP8_DTYPE:
-                    target.copy_(w)
-                    scale_internal = internal[: -len("weight")] + "scale"
-                    self.targets[scale_internal].copy_(s)
-                    self.loaded.add(scale_internal)
-                else:
-                    target.copy_(ops.weight_dequant(w, s, self.block, dtype=target.dtype))
+            if target.dtype == FP8_DTYPE:  # keep fp8 (quantizing a dense checkpoint at load)
+                if s is None:
+                    w, s = ops.weight_quant(w.float(), self.block, self.scale_fmt)
+                scale_internal = internal[: -len("weight")] + "scale"
+                target.copy_(w)
+                self.targets[scale_internal].copy_(s)
+                self.loaded.add(scale_internal)
+            elif s is not None:
+                target.copy_(ops.weight_dequant(w, s, self.block, dtype=target.dtype))
             else:
-                if names.scale_name(hf_name) in self.reader:
-                    raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' is {src_dtype} but has a "
-                                          f"scale '{names.scale_name(hf_name)}' (only fp8 weights have scales)")
-                w = self._read(hf_name, internal)
-                if target.dtype == FP8_DTYPE:
-                    q, s = ops.weight_quant(w.float(), self.block, self.scale_fmt)
-                    target.copy_(q)
-                    scale_internal = internal[: -len("weight")] + "scale"
-                    self.targets[scale_internal].copy_(s)
-                    self.loaded.add(scale_internal)
-                else:
-                    target.copy_(w.to(target.dtype))
+                target.copy_(w.to(target.dtype))
         self.loaded.add(internal)
 
     def run(self) -> None:

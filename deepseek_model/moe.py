@@ -196,10 +196,9 @@ class MoE(nn.Module):
         stacked = getattr(self, "_stacked", None)
         if stacked is None:
             local = [self.experts[e] for e in range(self.lo, self.hi)]
-            w13 = torch.stack([torch.cat([ex.w1.weight, ex.w3.weight]) for ex in local])  # (E_local, 2I, H)
-            w13_s = torch.stack([torch.cat([ex.w1.scale, ex.w3.scale]) for ex in local])  # (E_local, 2I/b, H/b)
-            w2 = torch.stack([ex.w2.weight for ex in local])  # (E_local, H, I)
-            w2_s = torch.stack([ex.w2.scale for ex in local])  # (E_local, H/b, I/b)
+            w13, w13_s, w2, w2_s = ops.stack_experts(  # (E_local, 2I, H), (E_local, 2I/b, H/b), (E_local, H, I), ...
+                [(ex.w1.weight, ex.w1.scale) for ex in local], [(ex.w3.weight, ex.w3.scale) for ex in local],
+                [(ex.w2.weight, ex.w2.scale) for ex in local], block)
             inter = first.w1.out_features
             for i, ex in enumerate(local):
                 ex.w1.weight.data, ex.w3.weight.data = w13[i, :inter], w13[i, inter:]

@@ -126,6 +126,13 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
     return reference.fused_moe(x, topk_weights, topk_ids, w13, w13_s, w2, w2_s, block_size, scale_fmt)
 
 
+def stack_experts(gate: list[tuple[torch.Tensor, torch.Tensor]], up: list[tuple[torch.Tensor, torch.Tensor]],
+                  down: list[tuple[torch.Tensor, torch.Tensor]],
+                  block_size: int = reference.BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-expert (fp8 weight, scale) pairs → the fused_moe layout; see reference.stack_experts."""
+    return reference.stack_experts(gate, up, down, block_size)
+
+
 def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
                cache_seqlens: torch.Tensor, scale: float, backend: str = "torch") -> torch.Tensor:
     """Absorbed MLA decode over the latent cache; see reference.mla_decode.
