@@ -81,6 +81,17 @@ def read_safetensors_header(path: str) -> dict[str, Any]:
     return header
 
 
+def read_json_file(path: str, missing: str = "missing") -> Any:
+    """Parse a JSON file; a missing or malformed file is a one-line CheckpointError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {missing}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 class CheckpointReader:
     """Tensors of an HF checkpoint directory, looked up through its index.
 
@@ -108,21 +119,26 @@ class CheckpointReader:
             if os.path.exists(single):
                 return {name: SINGLE_FILE for name in read_safetensors_header(single)}
             raise CheckpointError(f"{index_path}: missing (no index and no {SINGLE_FILE})")
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        index = read_json_file(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: no 'weight_map' object")
+        return self._checked_weight_map(weight_map, index_path)
+
+    def _checked_weight_map(self, weight_map: dict[str, str], listed_in: str) -> dict[str, str]:
+        """`weight_map` after checking that every file it names is a file inside the directory.
+
+        Args:
+            weight_map: tensor name → file name.
+            listed_in: path of the JSON file the map came from (for error messages).
+        """
         for name, fname in weight_map.items():
             if not isinstance(fname, str) or not self._inside(fname):
-                raise CheckpointError(f"{index_path}: tensor '{name}' maps to {fname!r}, which is outside "
+                raise CheckpointError(f"{listed_in}: tensor '{name}' maps to {fname!r}, which is outside "
                                       f"the checkpoint directory")
             if not os.path.isfile(os.path.join(self.path, fname)):
                 raise CheckpointError(f"{os.path.join(self.path, fname)}: shard missing (named by "
-                                      f"{INDEX_FILE} for tensor '{name}')")
+                                      f"{os.path.basename(listed_in)} for tensor '{name}')")
         return dict(weight_map)
 
     def _inside(self, fname: str) -> bool:
@@ -205,14 +221,7 @@ class CheckpointReader:
 
     def config(self) -> dict[str, Any]:
         """The parsed config.json of the checkpoint."""
-        path = os.path.join(self.path, CONFIG_FILE)
-        try:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: missing") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return read_json_file(os.path.join(self.path, CONFIG_FILE))
 
     def close(self) -> None:
         """Drop the open shard handles."""

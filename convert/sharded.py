@@ -20,14 +20,13 @@ e // (n_routed_experts / N) only. A weight's `weight_scale_inv` is split the sam
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from deepseek_model.convert.checkpoint import CheckpointError, CheckpointReader
+from deepseek_model.convert.checkpoint import CheckpointError, CheckpointReader, read_json_file
 from deepseek_model.convert.stream import DTYPE_OF_CODE, SourceReader, TensorSpec
 
 MANIFEST_FILE = "tp_manifest.json"
@@ -60,13 +59,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         CheckpointError: missing, unreadable or inconsistent manifest.
     """
     mpath = os.path.join(os.fspath(path), MANIFEST_FILE)
-    try:
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{mpath}: missing (not a sharded checkpoint)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mpath}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    manifest = read_json_file(mpath, missing="missing (not a sharded checkpoint)")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise CheckpointError(f"{mpath}: not a {MANIFEST_FORMAT} manifest")
     n = manifest.get("world_size")
@@ -87,14 +80,7 @@ class RankReader(CheckpointReader):
         super().__init__(path)
 
     def _read_weight_map(self) -> dict[str, str]:
-        for name, fname in self._manifest_map.items():
-            if not isinstance(fname, str) or not self._inside(fname):
-                raise CheckpointError(f"{self.path}/{MANIFEST_FILE}: tensor '{name}' maps to {fname!r}, outside "
-                                      f"the directory")
-            if not os.path.isfile(os.path.join(self.path, fname)):
-                raise CheckpointError(f"{os.path.join(self.path, fname)}: rank file missing (named by "
-                                      f"{MANIFEST_FILE} for tensor '{name}')")
-        return self._manifest_map
+        return self._checked_weight_map(self._manifest_map, os.path.join(self.path, MANIFEST_FILE))
 
 
 def load_rank(path: str | os.PathLike, rank: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
