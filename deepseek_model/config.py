@@ -18,7 +18,8 @@ from typing import Any
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 SCALE_FMTS = (None, "ue8m0")
-BUILTIN_CONFIGS = ("deepseek-v3", "deepseek-v3.1", "deepseek-v2", "deepseek-v2-lite", "tiny", "tiny-v2", "small")
+BUILTIN_CONFIGS = ("deepseek-v3", "deepseek-v3.1", "deepseek-v2", "deepseek-v2-lite", "tiny", "tiny-v2", "small",
+                   "mini-shakespeare")
 
 
 class ConfigError(ValueError):

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from deepseek_model.config import ModelConfig, builtin_config_dict
 from deepseek_model.convert import names
 from deepseek_model.kernels import ops
+from deepseek_model.tokenizer import ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN, write_tokenizer_config
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARDS = 4
@@ -29,11 +30,6 @@ TINY_TOKENIZER_VOCAB = 512  # the tiny tokenizer never exceeds this, even for la
 ROUTER_BIAS_RANGE = 0.25  # biases drawn from U(-r, r): both signs, large enough to change routing
 # The tiny tokenizer: DeepSeek's special tokens at the config's bos (0) / eos (1) ids, then the 256
 # byte-level symbols, then BPE merges learned from TOKENIZER_CORPUS up to the vocabulary size.
-BOS_TOKEN = "<｜begin▁of▁sentence｜>"
-EOS_TOKEN = "<｜end▁of▁sentence｜>"
-USER_TOKEN = "<｜User｜>"
-ASSISTANT_TOKEN = "<｜Assistant｜>"
-SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
 TOKENIZER_CORPUS = (
     "The quick brown fox jumps over the lazy dog. Hello world! Hello there, how are you today? "
     "DeepSeek-V3 is a mixture-of-experts language model with multi-head latent attention. "
@@ -41,16 +37,6 @@ TOKENIZER_CORPUS = (
     "Once upon a time there was a little model that wanted to generate text on a small computer. "
     "What is the capital of France? The capital of France is Paris. One, two, three, four, five. "
     "def main():\n    return 0\n\nprint('hello, world')\n 0 1 2 3 4 5 6 7 8 9 10 100 2024"
-)
-CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{{ bos_token }}"
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}{% endif %}{% endfor %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '" + USER_TOKEN + "' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '" + ASSISTANT_TOKEN + "' + message['content'] + '" + EOS_TOKEN + "' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + ASSISTANT_TOKEN + "' }}{% endif %}"
 )
 _PRETOKEN_RE = re.compile(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+")
 
@@ -247,14 +233,9 @@ def write_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512, bos_
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]},
     }
-    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
-              "pad_token": EOS_TOKEN, "clean_up_tokenization_spaces": False, "legacy": True,
-              "model_max_length": model_max_length, "tokenizer_class": "PreTrainedTokenizerFast",
-              "chat_template": CHAT_TEMPLATE}
     with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(tokenizer, f, indent=2, ensure_ascii=False)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
+    write_tokenizer_config(out_dir, model_max_length)
 
 
 def make_tiny_checkpoint(out_dir: str | os.PathLike, config: str | dict | ModelConfig = "tiny",

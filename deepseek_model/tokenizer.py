@@ -14,6 +14,21 @@ from typing import Any
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# DeepSeek's special tokens (ids 0 and 1 are BOS/EOS in every DeepSeek config) and a DeepSeek-style chat template.
+BOS_TOKEN = "<｜begin▁of▁sentence｜>"
+EOS_TOKEN = "<｜end▁of▁sentence｜>"
+USER_TOKEN = "<｜User｜>"
+ASSISTANT_TOKEN = "<｜Assistant｜>"
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}{% endif %}{% endfor %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '" + USER_TOKEN + "' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '" + ASSISTANT_TOKEN + "' + message['content'] + '" + EOS_TOKEN + "' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ASSISTANT_TOKEN + "' }}{% endif %}"
+)
 
 
 def _token_text(value: Any) -> str | None:
@@ -27,14 +42,17 @@ class Tokenizer:
     """Text ⇄ token ids for one checkpoint, plus its chat template.
 
     Args:
-        path: checkpoint directory holding tokenizer.json (and usually tokenizer_config.json).
+        path: checkpoint directory holding tokenizer.json (and usually tokenizer_config.json), or
+            the name of a shipped checkpoint ("mini-shakespeare").
 
     Raises:
         ValueError: tokenizer.json is missing or unreadable (one line naming the file).
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        from deepseek_model.pretrained import resolve_checkpoint  # noqa: PLC0415
+
+        self.path = resolve_checkpoint(path)
         tok_file = os.path.join(self.path, TOKENIZER_FILE)
         if not os.path.isfile(tok_file):
             raise ValueError(f"{tok_file}: no tokenizer in the checkpoint (pass token ids instead)")
@@ -131,6 +149,26 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat template (its own BOS, no extra one)."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+
+
+def write_tokenizer_config(out_dir: str | os.PathLike, model_max_length: int) -> str:
+    """Write tokenizer_config.json for a byte-level BPE tokenizer.json with the DeepSeek special tokens.
+
+    Args:
+        out_dir: checkpoint directory.
+        model_max_length: the context length recorded for transformers' AutoTokenizer.
+
+    Returns:
+        The file written.
+    """
+    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
+              "pad_token": EOS_TOKEN, "clean_up_tokenization_spaces": False, "legacy": True,
+              "model_max_length": model_max_length, "tokenizer_class": "PreTrainedTokenizerFast",
+              "chat_template": CHAT_TEMPLATE}
+    path = os.path.join(os.fspath(out_dir), TOKENIZER_CONFIG_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    return path
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -11,10 +11,11 @@ extreme imbalance within one sequence (`sequence_balance_loss`), and the MTP mod
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -320,6 +321,16 @@ class BiasUpdater:
         for _, gate in self.gates:
             gate.record_load = False
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards inside the block (e.g. a held-out evaluation) are not counted as load."""
+        self.detach()
+        try:
+            yield
+        finally:
+            for _, gate in self.gates:
+                gate.record_load = True
+
 
 # --------------------------------------------------------------------------- the loop
 class Corpus(Protocol):
@@ -429,13 +440,51 @@ def evaluate(model: Transformer, batches: list[Batch]) -> tuple[float, float | N
     return sum(lm) / len(lm), (sum(mt) / len(mt) if mt else None)
 
 
+def train_step(model: Transformer, opt: torch.optim.Optimizer, balancer: BiasUpdater, corpus: Corpus,
+               tc: TrainConfig, step: int, gen: torch.Generator) -> dict[str, Any]:
+    """One optimizer step: `tc.micro_batches` forwards and backwards, clipping, AdamW, bias update.
+
+    The loss of a micro-batch is CE + λ·MTP CE + α·Σ_layers sequence balance loss; the learning rate
+    follows `lr_at(step, tc)`.
+
+    Args:
+        model: the Transformer in train mode.
+        opt: its optimizer (from `make_optimizer`).
+        balancer: the bias updater attached to the model's routers.
+        corpus: batch source.
+        tc: hyper-parameters.
+        step: the step number (0-based), for the learning-rate schedule and the record.
+        gen: generator the batches are drawn with.
+
+    Returns:
+        The step record (loss terms, lr, gradient norm, per-layer load statistics).
+    """
+    device = model.inv_freq.device
+    has_moe = bool(moe_layers(model))
+    lr = lr_at(step, tc)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    terms = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+    for _ in range(tc.micro_batches):
+        batch = corpus.sample(tc.batch_size, tc.seq_len, gen)
+        ids, docs = batch.ids.to(device), batch.doc_ids.to(device)
+        logits, mtp = forward_train(model, ids)
+        lm = lm_loss(logits, ids, docs)
+        mt = mtp_loss(mtp, ids, docs, lam=tc.mtp_lambda) if mtp is not None else lm * 0.0
+        bal = balance_loss(model, tc.alpha) if has_moe else lm * 0.0
+        loss = lm + mt + bal
+        (loss / tc.micro_batches).backward()
+        for key, v in (("loss", loss), ("lm_loss", lm), ("mtp_loss", mt), ("balance_loss", bal)):
+            terms[key] += v.item() / tc.micro_batches
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return _step_record(step, terms, lr, grad_norm, balancer.step())
+
+
 def train(model: Transformer, corpus: Corpus, tc: TrainConfig, log: Callable[[dict[str, Any]], None] | None = None,
           group: Any = None) -> TrainResult:
-    """Train `model` on batches from `corpus`.
-
-    Each step: `micro_batches` forwards (main + MTP logits from one trunk pass), loss =
-    CE + λ·MTP CE + α·Σ_layers sequence balance loss, backward; then gradient clipping, AdamW, and
-    the bias update from the step's expert counts.
+    """Train `model` on batches from `corpus` (`train_step` tc.steps times).
 
     Args:
         model: a Transformer (e.g. from `build_model`); trained in place.
@@ -452,32 +501,12 @@ def train(model: Transformer, corpus: Corpus, tc: TrainConfig, log: Callable[[di
     gen = torch.Generator().manual_seed(tc.seed)
     eval_gen = torch.Generator().manual_seed(tc.seed + 1_000_003)
     held_out = [corpus.sample(tc.batch_size, tc.seq_len, eval_gen) for _ in range(tc.eval_batches)]
-    device = model.inv_freq.device
     opt = make_optimizer(model, tc)
     balancer = BiasUpdater(model, tc.gamma, tc.recenter, group)
-    has_moe = bool(moe_layers(model))
     result = TrainResult()
     model.train()
     for step in range(tc.steps):
-        lr = lr_at(step, tc)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        terms = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-        for _ in range(tc.micro_batches):
-            batch = corpus.sample(tc.batch_size, tc.seq_len, gen)
-            ids, docs = batch.ids.to(device), batch.doc_ids.to(device)
-            logits, mtp = forward_train(model, ids)
-            lm = lm_loss(logits, ids, docs)
-            mt = mtp_loss(mtp, ids, docs, lam=tc.mtp_lambda) if mtp is not None else lm * 0.0
-            bal = balance_loss(model, tc.alpha) if has_moe else lm * 0.0
-            loss = lm + mt + bal
-            (loss / tc.micro_batches).backward()
-            for key, v in (("loss", loss), ("lm_loss", lm), ("mtp_loss", mt), ("balance_loss", bal)):
-                terms[key] += v.item() / tc.micro_batches
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        rec = _step_record(step, terms, lr, grad_norm, balancer.step())
+        rec = train_step(model, opt, balancer, corpus, tc, step, gen)
         result.history.append(rec)
         if log is not None and (step % tc.log_every == 0 or step == tc.steps - 1):
             log(rec)

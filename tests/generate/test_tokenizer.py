@@ -7,7 +7,7 @@ import os
 import pytest
 
 import deepseek_model as dsm
-from deepseek_model.testing import ASSISTANT_TOKEN, BOS_TOKEN, USER_TOKEN
+from deepseek_model.tokenizer import ASSISTANT_TOKEN, BOS_TOKEN, USER_TOKEN
 from deepseek_model.tokenizer import load_tokenizer
 
 TEXT = "Hello world! The capital of France is Paris. ünïcode 日本"
