@@ -15,6 +15,8 @@ setup(
     packages=[
         "deepseek_model",
         "deepseek_model.commands",
+        "deepseek_model.pretrained",
+        "deepseek_model.recipes",
         "deepseek_model.kernels",
         "deepseek_model.convert",
         "deepseek_model.benchmarks",
@@ -27,7 +29,8 @@ setup(
         "deepseek_model.benchmarks": "benchmarks",
         "deepseek_model.configs": "configs",
     },
-    package_data={"deepseek_model.configs": ["*.json"], "deepseek_model.kernels": ["*.json"]},
+    package_data={"deepseek_model.configs": ["*.json"], "deepseek_model.kernels": ["*.json"],
+                  "deepseek_model.pretrained": ["mini-shakespeare/*"]},
     install_requires=[
         "torch",
         "safetensors",

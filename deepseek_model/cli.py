@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from deepseek_model.pretrained import resolve_checkpoint
+
 # (command, module): the module provides HELP, add_arguments(parser), run(args).
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("demo", "deepseek_model.commands.demo"),
@@ -21,6 +23,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("train", "deepseek_model.commands.train"),
     ("generate", "deepseek_model.commands.generate"),
 )
+CHECKPOINT_ARGS = ("ckpt", "src", "a", "b")  # argument names that take a checkpoint directory
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     try:
+        for name in CHECKPOINT_ARGS:  # a shipped checkpoint's name stands for its directory
+            if isinstance(getattr(args, name, None), str):
+                setattr(args, name, resolve_checkpoint(getattr(args, name)))
         return int(modules[args.command].run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -28,6 +28,7 @@ from deepseek_model.kernels import ops, reference
 from deepseek_model.layers import FP8_DTYPE, LinearSpec
 from deepseek_model.model import Transformer
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext, check_splits
+from deepseek_model.pretrained import resolve_checkpoint
 
 WEIGHT_FORMATS = ("auto", "bf16", "fp8")
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -202,7 +203,7 @@ def _is_fp8_checkpoint(reader: CheckpointReader, split_info: dict | None) -> boo
 
 def _load(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, attn: str, weights: str,
           mtp: bool, max_seq_len: int | None, ctx: ParallelContext, backend: str) -> Transformer:
-    reader, config, split_info = _open(path, ctx)
+    reader, config, split_info = _open(resolve_checkpoint(path), ctx)
     cfg = ModelConfig.from_dict(config, source=os.path.join(reader.path, CONFIG_FILE))
     ckpt_fp8 = _is_fp8_checkpoint(reader, split_info)
     use_fp8 = ckpt_fp8 if weights == "auto" else weights == "fp8"
@@ -228,7 +229,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     Args:
         path: directory with config.json, model.safetensors.index.json and shards, or a directory
             written by `deepseek-model convert shard` (recognised by its tp_manifest.json; its
-            world size must equal the job's).
+            world size must equal the job's), or the name of a shipped checkpoint
+            ("mini-shakespeare", see `pretrained_path`).
         dtype: compute dtype (torch.float32 or torch.bfloat16, or their names).
         device: where the parameters live.
         attn: "absorb" (latent-space attention) or "naive".
