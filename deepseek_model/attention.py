@@ -152,7 +152,7 @@ class MLA(nn.Module):
         return q.view(*x.shape[:2], self.n_heads, self.nope + self.rope)  # (B, T, H, nope+rope)
 
     def forward(self, x: torch.Tensor, start_pos: int, rotary: torch.Tensor, mask: torch.Tensor | None,
-                cache: LatentCache | None = None) -> torch.Tensor:
+                cache: LatentCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Attend from x's tokens (absolute positions start_pos…) to every cached and new token.
 
         Args:
@@ -162,17 +162,25 @@ class MLA(nn.Module):
                 (B, T, rope/2) per-row rotations (rows at different positions, e.g. left-padded).
             mask: additive (T, S) or (B, 1, T, S) mask over keys [0, S = start_pos + T), or None.
             cache: this layer's latent cache (None: attend within x only; start_pos must be 0).
+            last_only: every token's latent is computed (and cached), but only the last token
+                attends: the output is (B, 1, hidden). The last row equals that of a full call.
 
         Returns:
-            (B, T, hidden).
+            (B, T, hidden), or (B, 1, hidden) with last_only.
         """
         bsz, t, _ = x.shape
-        q = self._queries(x)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, T, H, nope), (B, T, H, rope)
-        q_pe = _rotate(q_pe, rotary)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)  # (B, T, c), (B, T, rope)
         kv = self.kv_norm(kv)
         k_pe = _rotate(k_pe, rotary)  # one rope key shared by all heads
+        if last_only and t > 1:
+            x, rotary = x[:, -1:], rotary[..., -1:, :]  # (B, 1, hidden), (.., 1, rope/2)
+            if mask is not None:
+                mask = mask[..., -1:, :]  # (1, S) or (B, 1, 1, S)
+                mask = None if mask.dim() == 2 else mask  # the last query of a plain causal chunk sees every key
+            t = 1
+        q = self._queries(x)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, T, H, nope), (B, T, H, rope)
+        q_pe = _rotate(q_pe, rotary)
         if cache is not None:
             kv, k_pe = cache.update(start_pos, kv, k_pe)  # (B, S, c), (B, S, rope)
         elif start_pos:

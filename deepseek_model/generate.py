@@ -340,7 +340,7 @@ def _speculative_one(model: Transformer, prompt: list[int], max_new: int, sampli
     out = [cur]
     # MTP over the prompt: row i uses h_i and token i+1 (the last row uses the token just sampled)
     follow = torch.cat([ids[:, 1:], torch.tensor([[cur]], device=device)], dim=1)  # (1, n)
-    draft, q = _draft(sampling, model.mtp_step(h, follow, 0, cache)[0, -1], gen)
+    draft, q = _draft(sampling, model.mtp_step(h, follow, 0, cache, last_only=True)[0, -1], gen)
     pos = n  # slot of `cur`, not yet written to the main cache
     while len(out) < max_new and cur not in eos:
         if len(out) == max_new - 1 or pos + SPEC_TOKENS > model.max_seq_len:  # room for one token only
@@ -360,10 +360,10 @@ def _speculative_one(model: Transformer, prompt: list[int], max_new: int, sampli
             stats.accepted += 1
             bonus = int(sampling.pick(logits[1:], [gen])[0])
             new = [draft, bonus]
-            mtp = model.mtp_step(h, torch.tensor([new], device=device), pos, cache)[0, -1]
+            mtp = model.mtp_step(h, torch.tensor([new], device=device), pos, cache, last_only=True)[0, -1]
         else:  # the draft's slot pos + 1 is overwritten by the next write: the rollback
             new = [tok]
-            mtp = model.mtp_step(h[:, :1], torch.tensor([new], device=device), pos, cache)[0, -1]
+            mtp = model.mtp_step(h[:, :1], torch.tensor([new], device=device), pos, cache, last_only=True)[0, -1]
         out.extend(new)
         pos += len(new)
         cur = new[-1]

@@ -165,5 +165,5 @@ class ParallelHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(ctx.split(vocab_size, "vocab_size"), dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight.to(x.dtype)).float()  # (B, T, V/world)
+        logits = ops.linear(x, self.weight).float()  # (B, T, V/world)
         return self.ctx.all_gather(logits, dim=-1)

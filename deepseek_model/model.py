@@ -76,8 +76,11 @@ class Block(nn.Module):
                                                                                spec, ctx)
 
     def forward(self, x: torch.Tensor, start_pos: int, rotary: torch.Tensor, mask: torch.Tensor | None,
-                cache: LatentCache | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), start_pos, rotary, mask, cache)
+                cache: LatentCache | None, last_only: bool = False) -> torch.Tensor:
+        """(B, T, hidden) → (B, T, hidden); with last_only every token is cached but only the last
+        one's output is computed: (B, 1, hidden)."""
+        h = self.attn(self.attn_norm(x), start_pos, rotary, mask, cache, last_only)  # (B, T or 1, hidden)
+        x = (x[:, -1:] if last_only else x) + h
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -101,16 +104,18 @@ class MTP(nn.Module):
         self.head = ParallelHead(cfg.hidden_size, cfg.vocab_size, dtype, device, ctx)
 
     def forward(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int, rotary: torch.Tensor,
-                mask: torch.Tensor | None, cache: LatentCache | None) -> torch.Tensor:
-        """Logits (B, T, V) fp32 for tokens two ahead.
+                mask: torch.Tensor | None, cache: LatentCache | None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) fp32 for tokens two ahead ((B, 1, V) for the last row with last_only).
 
         Args:
             h: (B, T, hidden) main-model hidden states after the final norm, positions start_pos…
             next_ids: (B, T) the token following each of those positions.
             start_pos, rotary, mask, cache: as for Block.
+            last_only: every row is cached, but attention output, FFN and head run for the last row
+                only (a drafter needs no other): (B, 1, V).
         """
         x = torch.cat([self.enorm(self.embed(next_ids)), self.hnorm(h)], dim=-1)  # (B, T, 2·hidden)
-        x = self.block(self.eh_proj(x), start_pos, rotary, mask, cache)
+        x = self.block(self.eh_proj(x), start_pos, rotary, mask, cache, last_only)  # (B, T or 1, hidden)
         return self.head(self.norm(x))
 
 
@@ -214,7 +219,8 @@ class Transformer(nn.Module):
         return self.mtp(h[:, :-1], input_ids[:, 1:], 0, rotary, mask, None)
 
     def mtp_step(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int, cache: Cache, *,
-                 positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                 positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                 last_only: bool = False) -> torch.Tensor:
         """MTP logits for positions [start_pos, start_pos + T) using the MTP block's cache.
 
         Args:
@@ -223,8 +229,9 @@ class Transformer(nn.Module):
             start_pos: position of h[:, 0].
             cache: the model cache (its `mtp` layer is used).
             positions, valid: per-row positions and key validity, as for `hidden`.
+            last_only: logits (B, 1, V) of the last position only (every position is still cached).
         """
         if self.mtp is None:
             raise ValueError("this model has no MTP module")
         rotary, mask = self._rotary_and_mask(h.shape[1], start_pos, positions, valid, h.shape[0])
-        return self.mtp(h, next_ids, start_pos, rotary, mask, cache.mtp)
+        return self.mtp(h, next_ids, start_pos, rotary, mask, cache.mtp, last_only)
