@@ -1,24 +1,27 @@
-"""bench: run one of the benchmarks (kernels, model, convert) with its own arguments."""
+"""bench: run one of the benchmarks (kernels, model, convert, train, mini, gpu) with its own arguments."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 
-HELP = "run a benchmark: kernels | model | convert | train (arguments after the name go to the benchmark)"
-BENCHMARKS = ("kernels", "model", "convert", "train")
+HELP = ("run a benchmark: kernels | model | convert | train | mini | gpu (arguments after the name go to the "
+        "benchmark)")
+# benchmark name → module under deepseek_model.benchmarks
+BENCHMARKS = {"kernels": "bench_kernels", "model": "bench_model", "convert": "bench_convert", "train": "bench_train",
+              "mini": "bench_mini", "gpu": "gpu_check"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `bench`: the benchmark name, then its own arguments."""
-    p.add_argument("name", choices=BENCHMARKS, help="which benchmark")
+    p.add_argument("name", choices=tuple(BENCHMARKS), help="which benchmark")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (see NAME --help)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Import deepseek_model.benchmarks.bench_NAME and call its main(argv)."""
+    """Import the benchmark's module and call its main(argv)."""
     try:
-        module = importlib.import_module(f"deepseek_model.benchmarks.bench_{args.name}")
+        module = importlib.import_module(f"deepseek_model.benchmarks.{BENCHMARKS[args.name]}")
     except ModuleNotFoundError as e:
         raise ValueError(f"benchmark '{args.name}' is not available in this install ({e.name})") from None
     return int(module.main(args.args) or 0)

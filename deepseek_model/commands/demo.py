@@ -1,4 +1,11 @@
-"""demo: the main job end to end on a built-in tiny model, on CPU, in seconds."""
+"""demo: the main job end to end on CPU in seconds.
+
+The shipped mini-shakespeare model (trained here, FP8 layout) shows what the model paths do on
+weights that have learned language: a continuation, held-out bits/byte, MTP speculative decoding
+with its real acceptance and speed-up, and the FP8 numerics. A random tiny checkpoint then
+exercises the mechanics: building the published layout, conversion, absorbed vs naive attention,
+the kernels and the training loop.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +18,26 @@ import torch
 
 from deepseek_model.config import ModelConfig
 from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.evaluation import bits_per_byte, token_byte_lengths, windows
 from deepseek_model.generate import generate
 from deepseek_model.kernels import reference
 from deepseek_model.loading import from_pretrained
+from deepseek_model.pretrained import pretrained_path
 from deepseek_model.summary import model_summary
 from deepseek_model.testing import make_tiny_checkpoint
 from deepseek_model.tokenizer import load_tokenizer
 from deepseek_model.training import TrainConfig, build_model, train
 from deepseek_model.training_data import SyntheticCorpus
 
-HELP = "build a tiny FP8 checkpoint with MTP, inspect, convert, load, check, generate (with MTP speculation)"
+HELP = ("run the shipped mini-shakespeare model (continuation, held-out bits/byte, MTP speculation, FP8), then "
+        "build, inspect, convert, load and check a tiny FP8 checkpoint, kernels and training")
+PRETRAINED = "mini-shakespeare"
+HELD_OUT_SAMPLE = "heldout_sample.txt"  # a passage of a held-out play shipped beside the checkpoint
+STORY_PROMPT = "KING.\nNow, my good lords,"
 PROMPT = (1, 17, 42, 7, 99, 3)
 TEXT_PROMPTS = ("Hello world!", "What is the capital of France?")
+SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.95
+CACHE_FP8_REL_TOL = 0.05  # relative logit change from storing the latent cache in float8
 ABSORB_TOL = 1e-5
 CONVERT_TOL = 1e-5  # bf16 logits: converted checkpoint vs FP8 dequantized to bf16 at load (same weights)
 KERNEL_SHAPE = (77, 256, 384)  # M (with a tail), K, N for the kernel self-check
@@ -34,7 +49,7 @@ DEMO_THREADS = 1  # tiny matmuls: one thread is fastest and immune to a busy mac
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `demo`."""
     p.add_argument("--seed", type=int, default=0, help="checkpoint seed")
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate")
+    p.add_argument("--new-tokens", type=int, default=48, help="tokens to generate")
     p.add_argument("--keep", metavar="DIR", help="write the checkpoint to DIR and keep it")
     p.add_argument("--threads", type=int, default=DEMO_THREADS, help="torch CPU threads")
 
@@ -105,55 +120,89 @@ def _training_check(cfg: ModelConfig, seed: int) -> tuple[str, bool]:
             f"{last['max_over_mean']:.2f} ({'ok' if ok else 'FAILED'})"), ok
 
 
-def _run(path: str, args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    checks: dict[str, bool] = {}
-    make_tiny_checkpoint(path, "tiny", fp8=True, seed=args.seed)
-    print(f"[1] wrote a tiny FP8 checkpoint with MTP and a byte-level BPE tokenizer in the published layout: "
-          f"{path} ({time.perf_counter() - start:.2f} s)")
+def _pretrained(args: argparse.Namespace, checks: dict[str, bool]) -> None:
+    """[1]–[4]: the shipped trained model."""
+    path = pretrained_path(PRETRAINED)
+    t0 = time.perf_counter()
+    model = from_pretrained(path, dtype=torch.float32, weights="bf16")
+    tok = load_tokenizer(path)
     with CheckpointReader(path) as reader:
         cfg = ModelConfig.from_dict(reader.config())
         s = model_summary(cfg, reader)
     p, c = s["parameters"], s["checkpoint"]
-    print(f"[2] inspect: {p['total']:,} parameters ({p['active']:,} active per token, MTP {p['mtp']:,}); "
-          f"fp8 weights {c['fp8_weights']}/{c['fp8_eligible']}; MTP present: {c['mtp_present']}")
+    print(f"[1] loaded the shipped '{PRETRAINED}' (DeepSeek-V3 in miniature trained on Shakespeare, FP8 layout: "
+          f"{c['fp8_weights']}/{c['fp8_eligible']} weights in e4m3) in {time.perf_counter() - t0:.2f} s: "
+          f"{p['total'] / 1e6:.1f}M parameters ({p['active'] / 1e6:.1f}M active per token) + MTP module "
+          f"{p['mtp'] / 1e6:.1f}M (embedding and head shared), {cfg.num_hidden_layers} layers, "
+          f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}), context {cfg.max_position_embeddings}")
+    with open(os.path.join(path, HELD_OUT_SAMPLE), encoding="utf-8") as f:
+        text = f.read()
+    wins = windows([tok.encode(text, add_bos=False)], cfg.max_position_embeddings)
+    m = bits_per_byte(model, wins, token_byte_lengths(tok))
+    print(f"[2] held-out bits/byte on a passage of a play never seen in training ({m.bytes} bytes): "
+          f"{m.bits_per_byte:.3f} (a uniform byte model: 8.0)")
+    prompt = tok.encode(STORY_PROMPT)
     t0 = time.perf_counter()
-    absorb = from_pretrained(path, dtype=torch.float32, weights="bf16", attn="absorb")
-    naive = from_pretrained(path, dtype=torch.float32, weights="bf16", attn="naive")
-    w8a8 = from_pretrained(path, dtype=torch.float32, weights="fp8")
-    print(f"[3] loaded three ways (dequantized absorbed / naive, W8A8 fp8) in {time.perf_counter() - t0:.2f} s")
-    prompt = torch.tensor([PROMPT])
-    with torch.no_grad():
-        la, ln, l8 = absorb(prompt), naive(prompt), w8a8(prompt)
-    diff = (la - ln).abs().max().item()
-    checks["absorbed vs naive"] = diff <= ABSORB_TOL
-    print(f"[4] logits {tuple(la.shape)}, scale {la.abs().max().item():.3f}; absorbed vs naive max diff "
-          f"{diff:.2e} ({'ok' if checks['absorbed vs naive'] else 'FAILED'}); W8A8 vs dequantized max diff "
-          f"{(l8 - la).abs().max().item():.3f}")
-    line, checks["conversion"] = _convert(path, prompt)
-    print(f"[5] convert: {line}")
-    tok = load_tokenizer(path)
-    t0 = time.perf_counter()
-    plain = generate(absorb, list(TEXT_PROMPTS), max_new_tokens=args.new_tokens, eos=[], tokenizer=tok, chat=True)
+    plain = generate(model, [prompt], max_new_tokens=args.new_tokens, eos=[])
     dt_plain = time.perf_counter() - t0
     t0 = time.perf_counter()
-    spec = generate(absorb, list(TEXT_PROMPTS), max_new_tokens=args.new_tokens, eos=[], tokenizer=tok, chat=True,
-                    speculative="mtp")
+    spec = generate(model, [prompt], max_new_tokens=args.new_tokens, eos=[], speculative="mtp")
     dt_spec = time.perf_counter() - t0
     checks["MTP greedy == plain greedy"] = spec.tokens == plain.tokens
     st = spec.stats
-    print(f"[6] generate (chat template, batch of {len(TEXT_PROMPTS)} prompts of different lengths, latent cache "
-          f"{plain.stats.peak_cache_bytes} B): {plain.tokens[0][:8]}... = {tok.decode(plain.tokens[0])[:40]!r} "
-          f"({plain.stats.new_tokens / dt_plain:.0f} tokens/s)")
-    print(f"    MTP speculative: identical tokens {checks['MTP greedy == plain greedy']}, acceptance "
-          f"{st.acceptance_rate:.2f} ({st.accepted}/{st.drafted}; random weights), {st.tokens_per_forward:.2f} tokens "
-          f"per main forward ({st.new_tokens / dt_spec:.0f} tokens/s)")
+    sampled = generate(model, [prompt], max_new_tokens=args.new_tokens, eos=[], temperature=SAMPLE_TEMPERATURE,
+                       top_p=SAMPLE_TOP_P, seed=args.seed)
+    print(f"[3] sampled continuation (temperature {SAMPLE_TEMPERATURE}, top-p {SAMPLE_TOP_P}):")
+    for line in (STORY_PROMPT + tok.decode(sampled.tokens[0])).splitlines():
+        print(f"      | {line}")
+    print(f"    greedy: {tok.decode(plain.tokens[0])[:72]!r}...")
+    print(f"    MTP speculative decoding (greedy): identical tokens {checks['MTP greedy == plain greedy']}, acceptance "
+          f"{st.acceptance_rate:.2f} ({st.accepted}/{st.drafted}), {st.tokens_per_forward:.2f} tokens per main "
+          f"forward, {plain.stats.new_tokens / dt_plain:.0f} → {st.new_tokens / dt_spec:.0f} tokens/s "
+          f"({dt_plain / dt_spec:.2f}x)")
+    ids = torch.tensor([tok.encode(text[:600], add_bos=False)])
+    w8a8 = from_pretrained(path, dtype=torch.float32, weights="fp8", mtp=False)
+    with torch.no_grad():
+        ref = model(ids)
+        rel_w8 = ((w8a8(ids) - ref).norm() / ref.norm()).item()
+        rel_cache = ((model(ids, 0, model.new_cache(fp8=True)) - ref).norm() / ref.norm()).item()
+    checks["fp8 latent cache"] = rel_cache <= CACHE_FP8_REL_TOL
+    print(f"[4] FP8 numerics on held-out text: W8A8 (1x128 activations) vs weight-only logits relative diff "
+          f"{rel_w8:.4f}; float8 latent cache {rel_cache:.4f} ({'ok' if checks['fp8 latent cache'] else 'FAILED'})")
+
+
+def _run(path: str, args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    checks: dict[str, bool] = {}
+    _pretrained(args, checks)
+    t0 = time.perf_counter()
+    make_tiny_checkpoint(path, "tiny", fp8=True, seed=args.seed)
+    print(f"[5] mechanics on a random tiny checkpoint: wrote FP8 + MTP + BPE tokenizer in the published layout "
+          f"({time.perf_counter() - t0:.2f} s)")
+    with CheckpointReader(path) as reader:
+        cfg = ModelConfig.from_dict(reader.config())
+    absorb = from_pretrained(path, dtype=torch.float32, weights="bf16", attn="absorb")
+    naive = from_pretrained(path, dtype=torch.float32, weights="bf16", attn="naive")
+    prompt = torch.tensor([PROMPT])
+    with torch.no_grad():
+        diff = (absorb(prompt) - naive(prompt)).abs().max().item()
+    checks["absorbed vs naive"] = diff <= ABSORB_TOL
+    print(f"    absorbed vs naive attention max diff {diff:.2e} ({'ok' if checks['absorbed vs naive'] else 'FAILED'})")
+    line, checks["conversion"] = _convert(path, prompt)
+    print(f"    convert: {line}")
+    tok = load_tokenizer(path)
+    plain = generate(absorb, list(TEXT_PROMPTS), max_new_tokens=8, eos=[], tokenizer=tok, chat=True)
+    spec = generate(absorb, list(TEXT_PROMPTS), max_new_tokens=8, eos=[], tokenizer=tok, chat=True,
+                    speculative="mtp")
+    checks["batched chat generation"] = spec.tokens == plain.tokens
+    print(f"    batched chat-template generation of {len(TEXT_PROMPTS)} prompts of different lengths, plain == MTP "
+          f"speculative: {checks['batched chat generation']}")
     line, checks["kernels"] = _kernel_check()
-    print(f"[7] kernels: {line}")
+    print(f"[6] kernels: {line}")
     line, checks["training"] = _training_check(cfg, args.seed)
-    print(f"[8] training: {line}")
+    print(f"[7] training: {line}")
     failed = [k for k, ok in checks.items() if not ok]
-    print(f"[9] report: {len(checks) - len(failed)}/{len(checks)} checks ok"
+    print(f"[8] report: {len(checks) - len(failed)}/{len(checks)} checks ok"
           f"{' (FAILED: ' + ', '.join(failed) + ')' if failed else ''}; {time.perf_counter() - start:.1f} s total")
     return 1 if failed else 0
 
