@@ -69,7 +69,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _versions() -> dict:
+def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
     try:
         import triton  # noqa: PLC0415
@@ -80,7 +80,7 @@ def _versions() -> dict:
     return out
 
 
-def _time_cpu(fn: Callable[[], object], trials: int = TRIALS) -> float:
+def time_cpu(fn: Callable[[], object], trials: int = TRIALS) -> float:
     """Minimum wall time in seconds over `trials` calls after WARMUP calls.
 
     The minimum, not the median: on a shared CPU other processes only ever add time, so the
@@ -96,7 +96,7 @@ def _time_cpu(fn: Callable[[], object], trials: int = TRIALS) -> float:
     return min(times)
 
 
-def _time_gpu(fn: Callable[[], object]) -> float:
+def time_gpu(fn: Callable[[], object]) -> float:
     """Median seconds from triton.testing.do_bench (warm-up, L2 flushed between repetitions)."""
     import triton.testing  # noqa: PLC0415
 
@@ -125,19 +125,19 @@ def _gemm_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> 
             flops, nbytes = roofline.gemm_flops(m, n, k), roofline.fp8_gemm_bytes(m, n, k)
             row = {"op": "fp8_gemm", "shape": name, "M": m, "N": n, "K": k}
             bf16_fn = lambda: F.linear(xb, wb)  # noqa: E731
-            t_bf16 = _time_gpu(bf16_fn) if on_gpu else _time_cpu(bf16_fn, args.trials)
+            t_bf16 = time_gpu(bf16_fn) if on_gpu else time_cpu(bf16_fn, args.trials)
             row["bf16_linear_s"] = t_bf16
             if on_gpu:
                 from deepseek_model.kernels import triton_ops  # noqa: PLC0415
 
-                t = _time_gpu(lambda: triton_ops.fp8_gemm(a, a_s, q, w_s, torch.bfloat16))
+                t = time_gpu(lambda: triton_ops.fp8_gemm(a, a_s, q, w_s, torch.bfloat16))
                 floor = roofline.fp8_gemm_floor(m, n, k)
                 row.update(triton_s=t, tflops=flops / t / 1e12, gbps=nbytes / t / 1e9,
                            pct_of_floor=100.0 * floor / t,
                            bf16_pct_of_floor=100.0 * roofline.bf16_gemm_floor(m, n, k) / t_bf16,
                            speedup_vs_bf16=t_bf16 / t, scaled_mm_s=_scaled_mm_time(a, q, m, n))
             else:
-                t = _time_cpu(lambda: reference.fp8_gemm(a, a_s, q, w_s, torch.bfloat16), args.trials)
+                t = time_cpu(lambda: reference.fp8_gemm(a, a_s, q, w_s, torch.bfloat16), args.trials)
                 row.update(twin_s=t, gflops=flops / t / 1e9, gbps=nbytes / t / 1e9,
                            ratio_vs_bf16=t / t_bf16)
             rows.append(row)
@@ -149,7 +149,7 @@ def _scaled_mm_time(a: torch.Tensor, q: torch.Tensor, m: int, n: int) -> float |
     try:
         sa = torch.ones(m, 1, device=a.device)
         sb = torch.ones(1, n, device=a.device)
-        return _time_gpu(lambda: torch._scaled_mm(a, q.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+        return time_gpu(lambda: torch._scaled_mm(a, q.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
     except (RuntimeError, TypeError):
         return None
 
@@ -166,11 +166,11 @@ def _act_quant_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool
         if on_gpu:
             from deepseek_model.kernels import triton_ops  # noqa: PLC0415
 
-            t = _time_gpu(lambda: triton_ops.act_quant(x, reference.BLOCK, None))
+            t = time_gpu(lambda: triton_ops.act_quant(x, reference.BLOCK, None))
             row.update(triton_s=t, gbps=nbytes / t / 1e9,
                        pct_of_floor=100.0 * nbytes / (roofline.H100_SXM.hbm_tbps * 1e12) / t)
         else:
-            t = _time_cpu(lambda: reference.act_quant(x), args.trials)
+            t = time_cpu(lambda: reference.act_quant(x), args.trials)
             row.update(twin_s=t, gbps=nbytes / t / 1e9)
         rows.append(row)
     return rows
@@ -219,7 +219,7 @@ def _moe_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> l
         flops = roofline.moe_flops(tokens, cfg["topk"], cfg["hidden"], cfg["inter"])
         row = {"op": "fused_moe", "shape": "E{experts} top{topk} H{hidden} I{inter}".format(**cfg), "M": tokens}
         def timer(fn):
-            return _time_gpu(fn) if on_gpu else _time_cpu(fn, args.trials)
+            return time_gpu(fn) if on_gpu else time_cpu(fn, args.trials)
 
         if on_gpu:
             from deepseek_model.kernels import triton_ops  # noqa: PLC0415
@@ -257,13 +257,13 @@ def _mla_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> l
         if on_gpu:
             from deepseek_model.kernels import triton_ops  # noqa: PLC0415
 
-            t = _time_gpu(lambda: triton_ops.mla_decode(*args_))
+            t = time_gpu(lambda: triton_ops.mla_decode(*args_))
             row.update(triton_s=t, gbps=nbytes / t / 1e9,
                        pct_of_floor=100.0 * nbytes / (roofline.H100_SXM.hbm_tbps * 1e12) / t)
         else:
             qb, kb = q.bfloat16().unsqueeze(2), cache.bfloat16().unsqueeze(1).expand(batch, h, seq, c + r)
-            t = _time_cpu(lambda: reference.mla_decode(*args_), args.trials)
-            t_peer = _time_cpu(lambda: F.scaled_dot_product_attention(qb, kb, kb[..., :c], scale=args_[-1]),
+            t = time_cpu(lambda: reference.mla_decode(*args_), args.trials)
+            t_peer = time_cpu(lambda: F.scaled_dot_product_attention(qb, kb, kb[..., :c], scale=args_[-1]),
                                args.trials)
             row.update(twin_s=t, gbps=nbytes / t / 1e9, bf16_sdpa_s=t_peer, ratio_vs_bf16=t / t_peer)
         rows.append(row)
@@ -288,7 +288,7 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def _table(rows: list[dict], cols: list[str]) -> str:
+def table(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -306,7 +306,7 @@ def _markdown(report: dict) -> str:
         cols = [c for c in rows[0] if c != "op"]
         for r in rows[1:]:
             cols += [c for c in r if c not in cols and c != "op"]
-        parts += [f"## {op}", "", _table(rows, cols), ""]
+        parts += [f"## {op}", "", table(rows, cols), ""]
     if not on_gpu:
         parts += ["ratio_vs_bf16 = fp8 twin time / bf16 peer time at the same shape in the same run "
                   "(> 1: the fp8 twin is slower on this CPU). Peers: F.linear (fp8_gemm), a bf16 "
@@ -315,7 +315,7 @@ def _markdown(report: dict) -> str:
                   "no GPU present.", ""]
     if report.get("interpret_checks"):
         parts += ["## Triton interpreter checks (correctness only, vs the torch twins)", "",
-                  _table(report["interpret_checks"], ["op", "shape", "metric", "value", "ok"]), ""]
+                  table(report["interpret_checks"], ["op", "shape", "metric", "value", "ok"]), ""]
     return "\n".join(parts)
 
 
@@ -347,7 +347,7 @@ def _plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
 
 
@@ -380,19 +380,19 @@ def _interpret_checks(args: argparse.Namespace) -> list[dict]:
         for split in (1, 3):
             cfg = TileConfig(BLOCK_M=16 if m == 1 else 64, BLOCK_N=128, SPLIT_K=split)
             got = triton_ops.fp8_gemm(a[:m], a_s[:m], q, w_s, torch.float32, config=cfg)
-            err = _rel_err(got, want)
+            err = rel_err(got, want)
             checks.append(_check("fp8_gemm", f"M={m} N=576 K=320 split_k={split}", "max rel err vs twin",
                                  err, err <= 1e-5))
     x, weights, ids, w13, w13_s, w2, w2_s = _moe_inputs(QUICK_MOE_CFG, 5, torch.device("cpu"), gen)
     x = x.float()
-    err = _rel_err(triton_ops.fused_moe(x, weights, ids, w13, w13_s, w2, w2_s),
+    err = rel_err(triton_ops.fused_moe(x, weights, ids, w13, w13_s, w2, w2_s),
                    reference.fused_moe(x, weights, ids, w13, w13_s, w2, w2_s))
     checks.append(_check("fused_moe", "T=5 E4 top2 H256 I128", "max rel err vs twin", err, err <= 1e-5))
     q = torch.randn(2, 4, 80, generator=gen)  # (B, H, 64 + 16)
     cache = torch.randn(2, 70, 80, generator=gen)  # (B, S, 64 + 16)
     lens = torch.tensor([70, 23])
     mla_args = (q[..., :64], q[..., 64:], cache[..., :64], cache[..., 64:], lens, 0.125)
-    err = _rel_err(triton_ops.mla_decode(*mla_args, num_splits=3), reference.mla_decode(*mla_args))
+    err = rel_err(triton_ops.mla_decode(*mla_args, num_splits=3), reference.mla_decode(*mla_args))
     checks.append(_check("mla_decode", "B2 H4 C64+R16 S70 lens(70,23) splits=3", "max rel err vs twin",
                          err, err <= 1e-5))
     return checks
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                       "H100 SXM paper roofline" if on_gpu else NO_GPU),
         "timer": ("triton.testing.do_bench median" if on_gpu
                   else f"time.perf_counter, minimum of {args.trials} runs after {WARMUP} warm-up"),
-        "versions": _versions(),
+        "versions": versions(),
         "config": {k: v for k, v in vars(args).items()},
         "rows": [],
     }

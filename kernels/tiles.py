@@ -60,6 +60,36 @@ def get_tile(n: int, k: int, m: int, path: Path = TILES_FILE) -> TileConfig:
     return TileConfig(**entry)
 
 
+def format_tiles(table: dict) -> str:
+    """tiles.json text: one space of indent per level, every config (a dict of scalars) on one line."""
+
+    def dump(obj: object, level: int) -> str:
+        if not isinstance(obj, dict) or not any(isinstance(v, dict) for v in obj.values()):
+            return json.dumps(obj, ensure_ascii=False)
+        pad = " " * (level + 1)
+        items = [f"{pad}{json.dumps(k)}: {dump(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * level + "}"
+
+    return dump(table, 0) + "\n"
+
+
+def write_tiles(table: dict, path: Path, block_k: int) -> None:
+    """Write a tile table (the layout get_tile reads) after checking every config; atomic replace.
+
+    Args:
+        table: {"default": {bucket: cfg}, "shapes": {"NxK": {bucket: cfg}}, "moe": {bucket: cfg}}
+            plus any "_"-prefixed note keys; cfg a dict of TileConfig fields.
+        path: destination JSON file.
+        block_k: the K tile the configs are checked with (the quantization block).
+    """
+    for entry in _entries(table):
+        check_tile(TileConfig(**entry), block_k)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(format_tiles(table), encoding="utf-8")
+    tmp.replace(path)
+    _table.cache_clear()
+
+
 def get_moe_tile(rows_per_expert: int, path: Path = TILES_FILE) -> TileConfig:
     """Fused-MoE grouped-GEMM config by the average rows (routed pairs) one expert receives."""
     entry = _table(str(path))["moe"][m_bucket(rows_per_expert)]
@@ -68,11 +98,14 @@ def get_moe_tile(rows_per_expert: int, path: Path = TILES_FILE) -> TileConfig:
 
 def all_tiles(path: Path = TILES_FILE) -> list[TileConfig]:
     """Every distinct config in the table (default, per-shape and MoE entries)."""
-    table = _table(str(path))
-    entries = [v for k, v in table["default"].items()]
+    return list(dict.fromkeys(TileConfig(**e) for e in _entries(_table(str(path)))))
+
+
+def _entries(table: dict) -> list[dict]:
+    """Every config dict of a table: default, MoE (not its "_" notes) and per-shape entries."""
+    entries = list(table["default"].values())
     entries += [v for k, v in table["moe"].items() if not k.startswith("_")]
-    entries += [cfg for shape in table["shapes"].values() for cfg in shape.values()]
-    return list(dict.fromkeys(TileConfig(**e) for e in entries))
+    return entries + [cfg for shape in table["shapes"].values() for cfg in shape.values()]
 
 
 def check_tile(cfg: TileConfig, block_k: int) -> None:
