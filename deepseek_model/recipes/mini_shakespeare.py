@@ -141,6 +141,13 @@ def tokenize(tok: Tokenizer, texts: list[str]) -> list[torch.Tensor]:
     return [torch.tensor(tok.encode(t, add_bos=False), dtype=torch.int64) for t in texts]
 
 
+def check_lossless(tok: Tokenizer, plays, token_lists: list[torch.Tensor]) -> None:
+    """decode(encode(text)) == text for every play, or a RecipeError naming the first that differs."""
+    for play, ids in zip(plays, token_lists):
+        if tok.decode(ids.tolist()) != play.text:
+            raise RecipeError(f"{tok.path}: the tokenizer does not round-trip '{play.name}' (bits/byte would be wrong)")
+
+
 def prepare_tokenizer(corpus: Corpus, out: str, vocab_size: int, context: int) -> Tokenizer:
     """Train the tokenizer into OUT/tokenizer (kept when it exists: a resumed run reuses it)."""
     tdir = os.path.join(out, TOKENIZER_DIR)
@@ -300,7 +307,9 @@ def run_recipe(out: str, recipe: Recipe = Recipe(), corpus: str | None = None, c
     if tok.vocab_size > cfg.vocab_size:
         raise RecipeError(f"tokenizer has {tok.vocab_size} tokens, more than the config's {cfg.vocab_size}")
     train_docs = tokenize(tok, [p.text for p in data.train])
-    held = Held(windows(tokenize(tok, [p.text for p in data.held_out]), context), token_byte_lengths(tok))
+    held_docs = tokenize(tok, [p.text for p in data.held_out])
+    check_lossless(tok, data.held_out, held_docs)
+    held = Held(windows(held_docs, context), token_byte_lengths(tok))
     n_tokens = sum(len(d) for d in train_docs)
     say(f"corpus: {len(data.train)} training texts ({data.train_bytes() / 1e6:.2f} MB, {n_tokens:,} tokens), "
         f"held out: {', '.join(p.name for p in data.held_out)} ({len(held.windows)} windows of {context})")
@@ -358,6 +367,7 @@ def run_recipe(out: str, recipe: Recipe = Recipe(), corpus: str | None = None, c
            "steps_done": len(history), "completed": stopped is None, "train_seconds": train_seconds,
            "wall_seconds": time.perf_counter() - t_start, "threads": torch.get_num_threads(),
            "held_out": {"plays": [p.name for p in data.held_out], "windows": len(held.windows),
+                        "tokenizer_round_trip": "exact",
                         "tokens": final.tokens, "bytes": final.bytes, "loss": final.loss,
                         "bits_per_byte": final.bits_per_byte, "dtype": "float32"},
            "evals": evals, "history": history}

@@ -1,6 +1,7 @@
 """The recipe's byte-level BPE tokenizer: lossless, special ids, loadable by both tokenizers."""
 
 import pytest
+import torch
 
 from deepseek_model.evaluation import token_byte_lengths
 from deepseek_model.recipes.bpe import SPECIALS, train_bpe
@@ -60,3 +61,16 @@ def test_token_byte_lengths_count_utf8_bytes(trained):
 def test_vocab_too_small_is_refused(tmp_path):
     with pytest.raises(ValueError, match="vocab_size must be >= 260"):
         train_bpe(["abc"], 100, tmp_path, 16)
+
+
+def test_check_lossless_names_the_play(trained):
+    from deepseek_model.recipes.mini_shakespeare import RecipeError, check_lossless
+    from deepseek_model.recipes.shakespeare import Play
+
+    path, corpus = trained
+    tok = Tokenizer(path)
+    plays = list(corpus.held_out)
+    ids = [torch.tensor(tok.encode(p.text, add_bos=False)) for p in plays]
+    check_lossless(tok, plays, ids)
+    with pytest.raises(RecipeError, match="does not round-trip 'bad'"):
+        check_lossless(tok, [Play("bad", "Lear.\n")], [torch.tensor(tok.encode("Lear!\n", add_bos=False))])
