@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -40,7 +41,7 @@ from deepseek_model.evaluation import bits_per_byte, token_byte_lengths, windows
 from deepseek_model.generate import generate
 from deepseek_model.loading import from_pretrained
 from deepseek_model.pretrained import resolve_checkpoint
-from deepseek_model.recipes.mini_shakespeare import RECIPE_NAME, Recipe, run_recipe, tokenize
+from deepseek_model.recipes.mini_shakespeare import RECIPE_NAME, Recipe, check_lossless, run_recipe, tokenize
 from deepseek_model.recipes.shakespeare import load_corpus
 from deepseek_model.tokenizer import load_tokenizer
 
@@ -49,7 +50,9 @@ DEFAULT_OUT = os.path.join("benchmarks", "results")
 PROMPT_TOKENS = 48  # prompt length of the speculative-decoding and sample prompts
 NEW_TOKENS = 96  # tokens generated per prompt in the speed comparison
 SPEED_PROMPTS = 8  # held-out prompts of the batch-1 comparison
+SPEED_ROUNDS = 3  # the batch-1 comparison is repeated; tokens/s over all rounds, ratios per round too
 BATCH = 4  # the batched comparison
+BREAKDOWN_PROMPTS = 2  # prompts of the per-call timing breakdown
 TRAIN_STEPS = 400  # each of the γ = 0 / γ = 1e-3 runs
 FP8_STEPS = 120  # each of the fp32 / FP8-emulation runs
 QUICK_STEPS = (60, 20)
@@ -57,13 +60,18 @@ SAMPLE_TOKENS = 80
 SAMPLE_TEMPERATURE = 0.7
 SAMPLE_TOP_P = 0.9
 LOAD_TAIL = 50  # final steps averaged for the expert-load comparison
+SECTIONS = ("bpb", "speculative", "training", "samples")
 
 
-def _windows_and_bytes(ckpt: str, corpus_texts: list[str]) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+def _windows_and_bytes(ckpt: str, plays) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """Held-out windows of the trained context, bytes per token id, the context; checks that the
+    checkpoint's tokenizer round-trips every held-out play."""
     tok = load_tokenizer(ckpt)
     with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
         context = json.load(f)["max_position_embeddings"]
-    return windows(tokenize(tok, corpus_texts), context), token_byte_lengths(tok), context
+    docs = tokenize(tok, [p.text for p in plays])
+    check_lossless(tok, plays, docs)
+    return windows(docs, context), token_byte_lengths(tok), context
 
 
 def _bpb_row(name: str, forward, wins, nbytes, note: str) -> dict[str, Any]:
@@ -135,6 +143,46 @@ def _timed(model, prompts, speculative):
     return out, time.perf_counter() - t0
 
 
+class PhaseTimer:
+    """Mean wall time of the model calls of decode steps (≤ 2 tokens), by kind and rows.
+
+    Used as a context manager around generate(): the model's `hidden`, `head` and `mtp_step` are
+    wrapped on the instance and restored on exit. Prefill calls (more rows) are not counted.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def _wrap(self, kind: str, fn):
+        def timed(x, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(x, *args, **kwargs)
+            rows = x.shape[1] if x.dim() == 3 or kind == "main forward" else 1
+            if rows <= 2:
+                key = f"{kind}, {rows} row{'s' if rows > 1 else ''}"
+                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
+                self.calls[key] = self.calls.get(key, 0) + 1
+            return out
+        return timed
+
+    def __enter__(self) -> PhaseTimer:
+        m = self.model
+        m.hidden = self._wrap("main forward", m.hidden)
+        m.head.forward = self._wrap("head", m.head.forward)
+        m.mtp_step = self._wrap("MTP step", m.mtp_step)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for obj, name in ((self.model, "hidden"), (self.model.head, "forward"), (self.model, "mtp_step")):
+            del obj.__dict__[name]
+
+    def means_ms(self) -> dict[str, float]:
+        """Mean milliseconds per call, by kind and rows."""
+        return {k: 1e3 * v / self.calls[k] for k, v in sorted(self.seconds.items())}
+
+
 def measure_speculative(ckpt: str, wins: list[torch.Tensor], threads: int, n_prompts: int) -> dict[str, Any]:
     """Section 2: greedy plain vs MTP-speculative decoding, interleaved per prompt, same model."""
     model = from_pretrained(ckpt, dtype=torch.float32, weights="bf16")
@@ -144,31 +192,44 @@ def measure_speculative(ckpt: str, wins: list[torch.Tensor], threads: int, n_pro
     plain_s = spec_s = 0.0
     accepted = drafted = forwards = new = 0
     identical = 0
-    for p in prompts:
-        a, ta = _timed(model, [p], None)
-        b, tb = _timed(model, [p], "mtp")
-        plain_s, spec_s = plain_s + ta, spec_s + tb
-        identical += a.tokens == b.tokens
-        accepted, drafted = accepted + b.stats.accepted, drafted + b.stats.drafted
-        forwards, new = forwards + b.stats.token_forwards, new + b.stats.new_tokens
+    rounds = []
+    for r in range(SPEED_ROUNDS):  # every round: each prompt plain then speculative, back to back
+        round_plain = round_spec = 0.0
+        for p in prompts:
+            a, ta = _timed(model, [p], None)
+            b, tb = _timed(model, [p], "mtp")
+            round_plain, round_spec = round_plain + ta, round_spec + tb
+            if r == 0:
+                identical += a.tokens == b.tokens
+                accepted, drafted = accepted + b.stats.accepted, drafted + b.stats.drafted
+                forwards, new = forwards + b.stats.token_forwards, new + b.stats.new_tokens
+        rounds.append(round_plain / round_spec)
+        plain_s, spec_s = plain_s + round_plain, spec_s + round_spec
     batch = prompts[:BATCH]
     a4, ta4 = _timed(model, batch, None)
     b4, tb4 = _timed(model, batch, "mtp")
-    n_tok = NEW_TOKENS * len(prompts)
+    with PhaseTimer(model) as phases:  # after the timed comparison: where a step's time goes
+        for p in prompts[:BREAKDOWN_PROMPTS]:
+            _timed(model, [p], None)
+            _timed(model, [p], "mtp")
+    n_tok = NEW_TOKENS * len(prompts) * SPEED_ROUNDS
     res = {
         "threads": threads, "dtype": "float32", "weights": "fp8 dequantized at load", "prompts": len(prompts),
         "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
         "acceptance_rate": accepted / drafted if drafted else 0.0, "tokens_per_forward": new / forwards,
         "identical_outputs": f"{identical}/{len(prompts)}",
-        "batch1": {"plain_tok_s": n_tok / plain_s, "speculative_tok_s": n_tok / spec_s, "speedup": plain_s / spec_s},
+        "batch1": {"plain_tok_s": n_tok / plain_s, "speculative_tok_s": n_tok / spec_s, "speedup": plain_s / spec_s,
+                   "speedup_per_round": rounds, "rounds": SPEED_ROUNDS},
         "batch4": {"plain_tok_s": NEW_TOKENS * len(batch) / ta4, "speculative_tok_s": NEW_TOKENS * len(batch) / tb4,
                    "speedup": ta4 / tb4, "identical": a4.tokens == b4.tokens,
                    "acceptance_rate": b4.stats.acceptance_rate,
                    "note": "speculative decoding runs the rows one at a time; plain decoding batches them"},
+        "step_breakdown_ms": phases.means_ms(),
     }
     print(f"  acceptance {res['acceptance_rate']:.3f}, {res['tokens_per_forward']:.2f} tokens/forward, "
           f"identical {res['identical_outputs']}; batch 1: plain {res['batch1']['plain_tok_s']:.1f} tok/s, "
-          f"speculative {res['batch1']['speculative_tok_s']:.1f} tok/s ({res['batch1']['speedup']:.2f}x); "
+          f"speculative {res['batch1']['speculative_tok_s']:.1f} tok/s ({res['batch1']['speedup']:.2f}x; rounds "
+          f"{', '.join(f'{x:.2f}' for x in rounds)}); "
           f"batch {len(batch)}: {res['batch4']['plain_tok_s']:.1f} vs {res['batch4']['speculative_tok_s']:.1f} tok/s",
           flush=True)
     return res
@@ -254,22 +315,18 @@ def plot(result: dict[str, Any], path: str) -> bool:
     ax.legend(fontsize=8)
     tr = result.get("training")
     if tr:
-        ax = axes[1][0]
-        for key, label in (("gamma0", "γ = 0"), ("gamma1e-3", "γ = 1e-3")):
-            c = tr[key]["curve"]
-            ax.plot([p["step"] for p in c], [p["max_over_mean"] for p in c], lw=0.7, label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("max / mean expert load (mean over MoE layers)")
-        ax.set_title("bias-update balancing")
-        ax.legend()
-        ax = axes[1][1]
-        for key, label in (("fp32", "fp32"), ("fp8", "FP8 emulation")):
-            c = tr[key]["curve"]
-            ax.plot([p["step"] for p in c], [p["lm_loss"] for p in c], lw=0.7, label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("train CE (nats / token)")
-        ax.set_title("FP8-training emulation vs fp32")
-        ax.legend()
+        panels = ((axes[1][0], (("gamma0", "γ = 0"), ("gamma1e-3", "γ = 1e-3")), "max_over_mean",
+                   "max / mean expert load (mean over MoE layers)", "bias-update balancing"),
+                  (axes[1][1], (("fp32", "fp32"), ("fp8", "FP8 emulation")), "lm_loss", "train CE (nats / token)",
+                   "FP8-training emulation vs fp32"))
+        for ax, runs, field, ylabel, title in panels:
+            for key, label in runs:
+                c = tr[key]["curve"]
+                ax.plot([p["step"] for p in c], [p[field] for p in c], lw=0.7, label=label)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            ax.legend()
     else:
         for ax in axes[1]:
             ax.axis("off")
@@ -282,8 +339,10 @@ def plot(result: dict[str, Any], path: str) -> bool:
 
 def markdown(result: dict[str, Any]) -> str:
     """The markdown report."""
-    lines = [f"# {RESULT_NAME}: measured figures", "", f"Command: `{result['command']}` "
-             f"({result['threads']} thread(s), {result['machine']}, torch {result['torch']}).", "",
+    commands = sorted(set(result["commands"].values()))
+    lines = [f"# {RESULT_NAME}: measured figures", "", "Command" + ("s" if len(commands) > 1 else "") + ": " +
+             "; ".join(f"`{c}`" for c in commands) +
+             f" ({result['threads']} thread(s), {result['machine']}, torch {result['torch']}).", "",
              "## Held-out bits per byte (Hamlet, Macbeth, The Tempest)", "",
              "| mode | bits/byte | vs bf16 | tokens | bytes |", "|---|---|---|---|---|"]
     for r in result["bits_per_byte"]["rows"]:
@@ -303,9 +362,13 @@ def markdown(result: dict[str, Any]) -> str:
               f"{sp['batch1']['speedup']:.2f}x |",
               f"| batch {BATCH} | {sp['batch4']['plain_tok_s']:.1f} | {sp['batch4']['speculative_tok_s']:.1f} | "
               f"{sp['batch4']['speedup']:.2f}x |", "",
+              f"Batch 1 over {sp['batch1']['rounds']} rounds (each prompt plain then speculative, back to back); "
+              "speed-up per round: " + ", ".join(f"{x:.2f}x" for x in sp["batch1"]["speedup_per_round"]) + ".", "",
               f"Acceptance {sp['acceptance_rate']:.3f}, {sp['tokens_per_forward']:.2f} tokens per main forward; "
               f"speculative output identical to plain greedy: {sp['identical_outputs']} prompts "
-              f"(batch {BATCH}: {sp['batch4']['identical']})."]
+              f"(batch {BATCH}: {sp['batch4']['identical']}).", "",
+              "Mean time per decode-step call (ms): " + ", ".join(f"{k} {v:.2f}"
+                                                                  for k, v in sp["step_breakdown_ms"].items()) + "."]
     tr = result.get("training")
     if tr:
         lines += ["", "## Training comparisons (two runs from one init and one batch stream each)", "",
@@ -336,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help=f"short training runs ({QUICK_STEPS[0]}/{QUICK_STEPS[1]} steps)")
     p.add_argument("--skip-training", action="store_true", help="no γ and FP8-training runs")
     p.add_argument("--prompts", type=int, default=SPEED_PROMPTS, help="prompts of the batch-1 speed comparison")
+    p.add_argument("--only", nargs="+", choices=SECTIONS,
+                   help="rerun these sections; the others are kept from OUT/mini-shakespeare.json")
     args = p.parse_args(argv)
     if args.threads < 1 or args.train_threads < 1 or args.prompts < 1:
         raise ValueError("--threads, --train-threads and --prompts must be >= 1")
@@ -344,26 +409,39 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{args.reference}: --reference is not a checkpoint directory")
     torch.set_num_threads(args.threads)
     corpus = load_corpus(args.corpus)
-    wins, nbytes, context = _windows_and_bytes(ckpt, [p.text for p in corpus.held_out])
+    wins, nbytes, context = _windows_and_bytes(ckpt, corpus.held_out)
+    base = os.path.join(args.out, RESULT_NAME)
+    sections = set(args.only or SECTIONS) - ({"training"} if args.skip_training else set())
+    result: dict[str, Any] = {}
+    if args.only:  # keep the other sections of an earlier run of the same checkpoint
+        try:
+            with open(base + ".json", encoding="utf-8") as f:
+                result = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            raise ValueError(f"{base}.json: --only needs the results of an earlier full run there") from None
     t0 = time.perf_counter()
-    result: dict[str, Any] = {"command": "deepseek-model bench mini" + (" --quick" if args.quick else ""),
-                              "threads": args.threads, "machine": platform.processor() or platform.machine(),
-                              "torch": torch.__version__, "checkpoint": args.checkpoint, "context": context,
-                              "held_out_windows": len(wins)}
-    print("held-out bits/byte:", flush=True)
-    result["bits_per_byte"] = measure_bits_per_byte(ckpt, args.reference, wins, nbytes)
-    result["transformers"] = measure_transformers(ckpt, wins, nbytes)
-    print("MTP speculative decoding:", flush=True)
-    result["speculative"] = measure_speculative(ckpt, wins, args.threads, args.prompts)
-    if not args.skip_training:
+    command = " ".join(["deepseek-model bench mini"] + (argv if argv is not None else sys.argv[1:]))
+    result.update({"threads": args.threads, "machine": platform.processor() or platform.machine(),
+                   "torch": torch.__version__, "checkpoint": args.checkpoint, "context": context,
+                   "held_out_windows": len(wins), "held_out_plays": [p.name for p in corpus.held_out],
+                   "tokenizer_round_trip": "exact"})
+    result.setdefault("commands", {}).update({name: command for name in sections})
+    if "bpb" in sections:
+        print("held-out bits/byte:", flush=True)
+        result["bits_per_byte"] = measure_bits_per_byte(ckpt, args.reference, wins, nbytes)
+        result["transformers"] = measure_transformers(ckpt, wins, nbytes)
+    if "speculative" in sections:
+        print("MTP speculative decoding:", flush=True)
+        result["speculative"] = measure_speculative(ckpt, wins, args.threads, args.prompts)
+    if "training" in sections:
         print("training comparisons:", flush=True)
         steps, fp8_steps = QUICK_STEPS if args.quick else (TRAIN_STEPS, FP8_STEPS)
         result["training"] = train_runs(args.corpus, steps, fp8_steps, args.train_threads)
     torch.set_num_threads(args.threads)
-    result["samples"] = samples(ckpt, wins)
+    if "samples" in sections:
+        result["samples"] = samples(ckpt, wins)
     result["seconds"] = time.perf_counter() - t0
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, RESULT_NAME)
     with open(base + ".json", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     with open(base + ".md", "w", encoding="utf-8") as f:

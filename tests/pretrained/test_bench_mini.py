@@ -52,3 +52,20 @@ def test_speculative_section(result):
     assert 0 < sp["acceptance_rate"] <= 1 and sp["tokens_per_forward"] == pytest.approx(1 + sp["acceptance_rate"],
                                                                                         abs=0.1)
     assert len(res["samples"]) == 3 and all(s["continuation"] for s in res["samples"])
+    steps = sp["step_breakdown_ms"]
+    for key in ("main forward, 1 row", "main forward, 2 rows", "head, 1 row", "head, 2 rows", "MTP step, 1 row"):
+        assert steps[key] > 0, key
+
+
+def test_only_reruns_a_section_and_keeps_the_rest(result):
+    out, before = result
+    r = subprocess.run([sys.executable, "-m", "deepseek_model.cli", "bench", "mini", "--corpus", SAMPLE_DIR,
+                        "--out", str(out), "--only", "samples"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = json.loads((out / "mini-shakespeare.json").read_text())
+    assert after["bits_per_byte"] == before["bits_per_byte"] and after["speculative"] == before["speculative"]
+    assert after["samples"] == before["samples"]  # seeded sampling: the same continuations
+    assert after["commands"]["samples"].endswith("--only samples")
+    r = subprocess.run([sys.executable, "-m", "deepseek_model.cli", "bench", "mini", "--corpus", SAMPLE_DIR,
+                        "--out", str(out / "empty"), "--only", "samples"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "--only needs the results of an earlier full run" in r.stderr
