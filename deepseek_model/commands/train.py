@@ -19,6 +19,9 @@ HELP = ("train a model: the mini-shakespeare recipe (--recipe), or a tiny/small 
         "text file; log loss and expert load; save an HF checkpoint")
 RECIPES = ("mini-shakespeare",)
 RECIPE_OUT = "mini-shakespeare-run"
+# train options a recipe run accepts as overrides → Recipe field
+RECIPE_OVERRIDES = {"steps": "steps", "gamma": "gamma", "alpha": "alpha", "mtp_lambda": "mtp_lambda", "fp8": "fp8",
+                    "seed": "seed", "batch_size": "batch_size", "lr": "lr"}
 TRAIN_CONFIGS = ("tiny", "small")
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -69,9 +72,17 @@ def run_recipe_command(args: argparse.Namespace) -> int:
     """`train --recipe NAME`: run the recipe (progress bar, periodic state, FP8 export, plots)."""
     from deepseek_model.recipes.mini_shakespeare import Recipe, run_recipe  # noqa: PLC0415
 
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    fixed = sorted(given - {"recipe", "corpus", "minutes", "resume", "quiet", "threads", "out"} - set(RECIPE_OVERRIDES))
+    if fixed:
+        raise ValueError(f"--{fixed[0].replace('_', '-')} does not apply to --recipe runs (the recipe fixes it; it takes "
+                         f"{', '.join('--' + k.replace('_', '-') for k in RECIPE_OVERRIDES)} as overrides)")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    recipe = Recipe() if args.steps is None else Recipe(steps=args.steps)
+    recipe = Recipe(**{RECIPE_OVERRIDES[k]: getattr(args, k) for k in given & set(RECIPE_OVERRIDES)})
     threads = args.threads if args.threads is not None else max(1, os.cpu_count() or 1)
     run_recipe(args.out or RECIPE_OUT, recipe, corpus=args.corpus, minutes=args.minutes, resume=args.resume,
                threads=threads, quiet=args.quiet)

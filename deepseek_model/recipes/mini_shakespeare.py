@@ -295,6 +295,11 @@ def run_recipe(out: str, recipe: Recipe = Recipe(), corpus: str | None = None, c
         raise RecipeError(f"--threads must be >= 1, got {threads}")
     if recipe.steps < 1 or recipe.batch_size < 1:
         raise RecipeError(f"steps and batch size must be >= 1, got {recipe.steps} and {recipe.batch_size}")
+    for name in ("gamma", "alpha", "mtp_lambda", "lr"):
+        value = getattr(recipe, name)
+        if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
+            raise RecipeError(f"--{name.replace('_', '-')} must be a {'positive' if name == 'lr' else 'non-negative'} "
+                              f"number, got {value:g}")
     check_out_dir(out, resume)
     if threads:
         torch.set_num_threads(threads)
