@@ -1,4 +1,4 @@
-"""Roofline yardsticks for the DeepSeek-V3 kernels (../shared/FACTS.md §4), on paper only.
+"""Roofline yardsticks for the DeepSeek-V3 kernels, on paper only (published H100/H200 peaks).
 
 roofline floor = max(bytes / bandwidth, flops / peak). These numbers describe an H100 SXM; they
 are never "measured" here. bench_kernels.py divides a measured GPU time into them (% of floor).

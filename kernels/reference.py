@@ -1,6 +1,6 @@
 """Pure-torch twins of every FP8 kernel: the CPU path and the test oracle.
 
-Layouts follow the published DeepSeek-V3 checkpoint (../shared/FACTS.md §1, §3):
+Layouts follow the published DeepSeek-V3 checkpoint and its FP8 numerics:
   * weights: float8_e4m3fn [N, K] with fp32 `scale_inv` [ceil(N/128), ceil(K/128)] — the
     DEQUANTIZATION multiplier, w ≈ fp8 × scale_inv per 128×128 block; ragged edge blocks are
     zero-padded to 128 before their amax is taken;

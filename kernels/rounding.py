@@ -2,9 +2,9 @@
 
 Why: the Triton 3.2–3.9 CPU interpreter mis-casts fp32 → fp8e4nv (loses the carry when the
 mantissa rounds up, truncates subnormals, rounds ties away, turns > 448 into NaN) and truncates
-fp32 → bf16 (../shared/FACTS.md §3). So every kernel that writes fp8 or bf16 builds the output
-BIT PATTERN itself with integer round-to-nearest-even on the fp32 bits and stores it through a
-uint8 / int16 view of the output tensor. The same integer code runs on a GPU, so interpreter and
+fp32 → bf16 (verified on this project's machines; Triton PR #11897). So every kernel that writes
+fp8 or bf16 builds the output BIT PATTERN itself with integer round-to-nearest-even on the fp32
+bits and stores it through a uint8 / int16 view of the output tensor. The same integer code runs on a GPU, so interpreter and
 GPU agree bit for bit, and both agree with torch's `.to(float8_e4m3fn)` (RNE, saturating to ±448)
 and `.to(bfloat16)` (RNE).
 

