@@ -40,7 +40,11 @@ def test_inspect_v3_published_sizes():
 
 def test_demo_runs():
     proc = _cli("demo", "--new-tokens", "4")
-    assert "absorbed vs naive" in proc.stdout and "(ok)" in proc.stdout
+    out = proc.stdout
+    assert "loaded the shipped 'mini-shakespeare'" in out and "absorbed vs naive" in out
+    bpb = float(out.split("held-out bits/byte on a passage")[1].split("): ")[1].split(" ")[0])
+    assert 0.5 < bpb < 2.6  # the trained model, not random weights (≈ 8)
+    assert "identical tokens True" in out and "checks ok;" in out and "FAILED" not in out
 
 
 @pytest.mark.parametrize("args, needle", [
