@@ -1,7 +1,8 @@
 """The HF ⇄ internal tensor-name table and the published checkpoint's tensor inventory.
 
-This module (with loading) is the only place HF tensor names appear. It depends on nothing but
-the standard library, so the converter, the loader and the checkpoint generator share it.
+The name table the converter, the loader and the checkpoint generator share. It depends on nothing
+but the standard library. (The split rules of convert/shard.py and parallel.py still name tensors
+too; one schema for all of them is open work.)
 
 Internal names follow the official inference code: `embed`, `layers.{i}.attn.{wq_a, q_norm, wq_b |
 wq, wkv_a, kv_norm, wkv_b, wo}`, `layers.{i}.ffn.{w1, w2, w3}` (dense), `layers.{i}.ffn.gate.{weight,

@@ -191,11 +191,9 @@ class MLA(nn.Module):
             out = self._absorbed(q_nope, q_pe, kv, k_pe, mask)
         return self.wo(out.flatten(2))  # (B, T, H*v) → (B, T, hidden)
 
-    def _softmax(self, scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """scores (B, T, H, S) → probabilities (fp32 softmax) in `dtype`."""
-        if mask is not None:
-            mask = mask if mask.dim() == 2 else mask.squeeze(1)  # (T, S) or (B, T, S)
-            scores = scores + mask.unsqueeze(-2)  # broadcast over heads: (.., T, 1, S)
+    @staticmethod
+    def _softmax(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """scores (B, T, H, S) → probabilities (fp32 softmax) in `dtype`; masked chunks go through _sdpa."""
         return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -227,7 +225,7 @@ class MLA(nn.Module):
             return self._sdpa(torch.cat([q_nope, q_pe], -1), k, v, mask)  # (B, T, H, v)
         scores = (torch.einsum("bthd,bshd->bths", q_nope, k_nope)
                   + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
-        probs = self._softmax(scores, mask, q_nope.dtype)
+        probs = self._softmax(scores, q_nope.dtype)
         return torch.einsum("bths,bshd->bthd", probs, v)  # (B, T, H, v)
 
     def _absorbed(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
@@ -245,6 +243,6 @@ class MLA(nn.Module):
             return torch.einsum("bhc,hvc->bhv", o_lat.to(q_lat.dtype), w_uv).unsqueeze(1)  # (B, 1, H, v)
         scores = (torch.einsum("bthc,bsc->bths", q_lat, kv)
                   + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
-        probs = self._softmax(scores, mask, q_nope.dtype)
+        probs = self._softmax(scores, q_nope.dtype)
         o_lat = torch.einsum("bths,bsc->bthc", probs, kv)  # (B, T, H, c)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)

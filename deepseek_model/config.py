@@ -219,6 +219,9 @@ class ModelConfig:
                 raise ConfigError(f"{source}: {name} must be positive, got {getattr(self, name)}")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             raise ConfigError(f"{source}: q_lora_rank must be positive or null, got {self.q_lora_rank}")
+        if self.tie_word_embeddings:
+            raise ConfigError(f"{source}: tie_word_embeddings is true, but DeepSeek models keep a separate lm_head "
+                              f"(this package does not tie them)")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"{source}: qk_rope_head_dim must be even (rotary pairs), got {self.qk_rope_head_dim}")
         if self.scoring_func not in SCORING_FUNCS:

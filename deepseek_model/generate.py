@@ -62,11 +62,6 @@ class GenerationStats:
         """New tokens per main-model forward a sequence took part in (1.0 for plain decoding)."""
         return self.new_tokens / self.token_forwards if self.token_forwards else 0.0
 
-    def as_dict(self) -> dict:
-        """A JSON-ready dict including the derived rates."""
-        d = dict(self.__dict__)
-        d.update(acceptance_rate=self.acceptance_rate, tokens_per_forward=self.tokens_per_forward)
-        return d
 
 
 @dataclass

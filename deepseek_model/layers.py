@@ -1,7 +1,8 @@
 """Building blocks: RMSNorm, Linear (dense or fp8 weight + block scale), parallel linears, embedding.
 
-Every projection calls `deepseek_model.kernels.ops.linear`; whether it runs dense or W8A8 is the
-weight's dtype, not a global switch.
+Every projection and the output head call `deepseek_model.kernels.ops.linear` (the router alone
+computes its logits in fp32 with F.linear, as the published model does); whether a projection runs
+dense or W8A8 is the weight's dtype, not a global switch.
 """
 
 from __future__ import annotations

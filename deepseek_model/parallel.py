@@ -85,12 +85,6 @@ class ParallelContext:
         dist.all_gather(parts, t.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
-    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Overwrite `t` in place with rank `src`'s value (no-op in a single process)."""
-        if self.is_distributed:
-            dist.broadcast(t, src=self._global_rank(src), group=self.group)
-        return t
-
     def check_all(self, error: BaseException | None, what: str) -> None:
         """Collective: raise on every rank if `what` failed on any rank.
 
@@ -115,9 +109,6 @@ class ParallelContext:
         if failed:
             raise ParallelError(f"{what} failed on rank {', '.join(map(str, failed))} of {self.world_size} "
                                 f"(see that rank's error)")
-
-    def _global_rank(self, rank: int) -> int:
-        return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
 
 SINGLE_PROCESS = ParallelContext()

@@ -53,6 +53,7 @@ def test_transformers_5_spellings():
     ({"qk_rope_head_dim": 63}, "must be even"),
     ({"num_experts_per_tok": 300}, "exceeds n_routed_experts"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2}}, "unsupported rope scaling type"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings is true, but DeepSeek models keep a separate lm_head"),
 ])
 def test_validation_errors(change, message):
     d = builtin_config_dict("deepseek-v3")
