@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from deepseek_model.tokenizer import byte_symbols
+
 EVAL_BATCH = 16  # windows per forward
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # (B, T) ids → (B, T, V) logits
@@ -50,14 +52,6 @@ class BitsPerByte:
         return self.nll_nats / self.tokens
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2 byte-level alphabet inverted: printable symbol → byte value."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    extra = iter(range(256, 512))
-    return {(chr(b) if b in printable else chr(next(extra))): b for b in range(256)}
-
-
 def token_byte_lengths(tokenizer) -> torch.Tensor:
     """(V,) int64: how many UTF-8 bytes each token id of a byte-level BPE tokenizer decodes to.
 
@@ -67,7 +61,7 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
     Raises:
         ValueError: the vocabulary is not byte-level (a symbol outside the byte alphabet).
     """
-    symbols = _byte_decoder()
+    symbols = set(byte_symbols())
     tok = tokenizer._tok
     specials = {t.content for t in tok.get_added_tokens_decoder().values()}
     lengths = torch.zeros(tokenizer.vocab_size, dtype=torch.int64)

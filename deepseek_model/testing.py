@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from deepseek_model.config import ModelConfig, builtin_config_dict
 from deepseek_model.convert import names
 from deepseek_model.kernels import ops
-from deepseek_model.tokenizer import ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN, write_tokenizer_config
+from deepseek_model.tokenizer import (ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN, byte_symbols,
+                                      write_tokenizer_config)
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARDS = 4
@@ -158,14 +159,6 @@ def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor
     return out_dir
 
 
-def _byte_symbols() -> list[str]:
-    """GPT-2 byte-level alphabet: byte b → a printable unicode character (index = byte value)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
 def _learn_merges(corpus: str, num_merges: int, symbols: list[str]) -> list[tuple[str, str]]:
     """Plain BPE on the byte-level corpus: repeatedly merge the most frequent adjacent pair
     (ties: the lexicographically smallest pair), deterministic."""
@@ -211,7 +204,7 @@ def write_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512, bos_
         raise ValueError(f"bos_id/eos_id must be 0 and 1 in some order, got {bos_id}/{eos_id}")
     specials = [BOS_TOKEN, EOS_TOKEN] if bos_id == 0 else [EOS_TOKEN, BOS_TOKEN]
     specials += [USER_TOKEN, ASSISTANT_TOKEN]
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     base = len(specials) + len(symbols)
     if vocab_size < base:
         raise ValueError(f"vocab_size must be >= {base} for a byte-level tokenizer, got {vocab_size}")

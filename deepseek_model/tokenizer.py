@@ -31,6 +31,15 @@ CHAT_TEMPLATE = (
 )
 
 
+def byte_symbols() -> list[str]:
+    """The GPT-2 byte-level alphabet of byte-level BPE vocabularies: byte b → symbols[b], a printable
+    unicode character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
 def _token_text(value: Any) -> str | None:
     """A special token as written in tokenizer_config.json: a string or an AddedToken dict."""
     if isinstance(value, dict):

@@ -127,8 +127,8 @@ def _pretrained(args: argparse.Namespace, checks: dict[str, bool]) -> None:
     t0 = time.perf_counter()
     model = from_pretrained(path, dtype=torch.float32, weights="bf16")
     tok = load_tokenizer(path)
+    cfg = model.cfg
     with CheckpointReader(path) as reader:
-        cfg = ModelConfig.from_dict(reader.config())
         s = model_summary(cfg, reader)
     p, c = s["parameters"], s["checkpoint"]
     print(f"[1] loaded the shipped '{PRETRAINED}' (DeepSeek-V3 in miniature trained on Shakespeare, FP8 layout: "

@@ -19,9 +19,8 @@ HELP = ("train a model: the mini-shakespeare recipe (--recipe), or a tiny/small 
         "text file; log loss and expert load; save an HF checkpoint")
 RECIPES = ("mini-shakespeare",)
 RECIPE_OUT = "mini-shakespeare-run"
-# train options a recipe run accepts as overrides → Recipe field
-RECIPE_OVERRIDES = {"steps": "steps", "gamma": "gamma", "alpha": "alpha", "mtp_lambda": "mtp_lambda", "fp8": "fp8",
-                    "seed": "seed", "batch_size": "batch_size", "lr": "lr"}
+# train options a recipe run accepts as overrides (each is the Recipe field of the same name)
+RECIPE_OVERRIDES = ("steps", "gamma", "alpha", "mtp_lambda", "fp8", "seed", "batch_size", "lr")
 TRAIN_CONFIGS = ("tiny", "small")
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -82,7 +81,7 @@ def run_recipe_command(args: argparse.Namespace) -> int:
                          f"{', '.join('--' + k.replace('_', '-') for k in RECIPE_OVERRIDES)} as overrides)")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    recipe = Recipe(**{RECIPE_OVERRIDES[k]: getattr(args, k) for k in given & set(RECIPE_OVERRIDES)})
+    recipe = Recipe(**{k: getattr(args, k) for k in given & set(RECIPE_OVERRIDES)})
     threads = args.threads if args.threads is not None else max(1, os.cpu_count() or 1)
     run_recipe(args.out or RECIPE_OUT, recipe, corpus=args.corpus, minutes=args.minutes, resume=args.resume,
                threads=threads, quiet=args.quiet)
