@@ -20,6 +20,7 @@ from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
 
 NORM_EPS = 1e-20  # added to the sum of the top-k weights before renormalising
 GROUP_TOP = 2  # noaux_tc scores a group by the sum of its best two experts
+FEW_PAIRS = 16  # (token, expert) choices up to which inference takes the few-token path (decoding)
 
 
 def _topk_stable(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -164,6 +165,9 @@ class MoE(nn.Module):
             ids = (routing.indices[token, slot] - self.lo).unsqueeze(1)  # (P, 1) local expert ids
             out = ops.fused_moe(flat[token], routing.weights[token, slot].unsqueeze(1), ids, *fused, **kw)  # (P, H)
             return self._combine(flat, torch.zeros_like(flat).index_add_(0, token, out)).view(shape)
+        first = self.experts[self.lo]
+        if not (self.training or first.w1.is_fp8 or first.w1.fake_fp8) and routing.indices.numel() <= FEW_PAIRS:
+            return self._combine(flat, self._few_tokens(flat, routing)).view(shape)
         y = torch.zeros_like(flat)
         counts = torch.bincount(routing.indices.flatten(), minlength=self.n_experts).tolist()
         for e in range(self.lo, self.hi):
@@ -173,6 +177,52 @@ class MoE(nn.Module):
             w = routing.weights[token, slot].unsqueeze(-1).to(x.dtype)  # (n_e, 1)
             y.index_add_(0, token, self.experts[e](flat[token]) * w)
         return self._combine(flat, y).view(shape)
+
+    def _few_tokens(self, flat: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Routed experts for a few tokens (decoding): (N, hidden), summed in ascending expert order.
+
+        One host read of the (N, K) choices replaces a device search per expert; an expert whose
+        tokens are consecutive rows reads and writes them as views (no gather or scatter), and each
+        expert is two GEMMs over its stacked weights (gate‖up, then down). Every token adds its
+        experts' outputs to zero in ascending expert order, as the per-expert loop does.
+        """
+        w13, w2 = self._stacked_dense()  # (E_local, 2I, H), (E_local, H, I)
+        inter = w2.shape[-1]
+        chosen = routing.indices.tolist()  # (N, K) expert ids, one device→host read
+        combine = torch.zeros(len(chosen), self.n_experts, dtype=flat.dtype, device=flat.device).scatter_(
+            1, routing.indices, routing.weights.to(flat.dtype))  # (N, E): weight of expert e for token n, or 0
+        y = torch.zeros_like(flat)
+        for e in sorted({e for row in chosen for e in row if self.lo <= e < self.hi}):
+            rows = [i for i, row in enumerate(chosen) if e in row]
+            if rows[-1] - rows[0] + 1 == len(rows):  # consecutive rows: views
+                span = slice(rows[0], rows[-1] + 1)
+                x, w = flat[span], combine[span, e:e + 1]  # (n_e, hidden), (n_e, 1)
+            else:
+                x, w = flat[rows], combine[rows, e:e + 1]
+            gate, up = ops.linear(x, w13[e - self.lo]).split([inter, inter], dim=-1)  # (n_e, I) each
+            out = ops.linear(F.silu(gate) * up, w2[e - self.lo]) * w  # (n_e, hidden)
+            if rows[-1] - rows[0] + 1 == len(rows):
+                y[span] += out
+            else:
+                y.index_add_(0, torch.tensor(rows, device=flat.device), out)
+        return y
+
+    def _stacked_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local dense experts' weights stacked: (w13 (E_local, 2I, H), w2 (E_local, H, I)).
+
+        Built on first use; every expert's parameters then become views into the stacked tensors,
+        so no weight is held twice and training updates reach both.
+        """
+        stacked = getattr(self, "_stacked_dense_weights", None)
+        if stacked is None:
+            local = [self.experts[e] for e in range(self.lo, self.hi)]
+            inter = local[0].w1.out_features
+            w13 = torch.stack([torch.cat([ex.w1.weight.data, ex.w3.weight.data]) for ex in local])  # (E, 2I, H)
+            w2 = torch.stack([ex.w2.weight.data for ex in local])  # (E, H, I)
+            for i, ex in enumerate(local):
+                ex.w1.weight.data, ex.w3.weight.data, ex.w2.weight.data = w13[i, :inter], w13[i, inter:], w2[i]
+            stacked = self._stacked_dense_weights = (w13, w2)
+        return stacked
 
     def _combine(self, flat: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """Sum the routed outputs over ranks, then add the shared experts: (N, hidden)."""

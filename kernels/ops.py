@@ -16,12 +16,14 @@ from deepseek_model.kernels import reference
 
 BACKENDS = ("auto", "torch", "triton")
 FP8_DTYPE = reference.FP8_DTYPE
-# CPU decoding: up to this many rows, y = x·Wᵀ runs as W·Xᵀ with at least two columns. A GEMM with
-# a narrow right-hand side streams W once at close to memory speed; the matrix-vector path (one row)
-# and the x·Wᵀ layout of 2–16 rows measured ~2x slower on cold weights (1 thread, fp32).
-CPU_NARROW_ROWS = 16
+# CPU decoding: with 2–4 rows, y = x·Wᵀ runs as W·Xᵀ (Xᵀ a transposed view). A GEMM with a narrow
+# right-hand side streams W once; the x·Wᵀ layout of 2–4 rows measured 1.0–1.8x slower on weights
+# that are not in cache (1 thread, fp32, shapes 80x256 to 4096x256), and from 8 rows on it is the
+# faster one. A single row pays for padding to two, which only wins on weights of at least
+# NARROW_MIN_WEIGHT elements (768x256 and up).
+CPU_NARROW_ROWS = 4
 NARROW_MIN_COLS = 2
-NARROW_MIN_WEIGHT = 2**18  # elements (1 MiB fp32): smaller weights tend to stay in cache, where F.linear is faster
+NARROW_MIN_WEIGHT = 3 * 2**16  # elements: one-row products of smaller weights stay on F.linear
 
 
 def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
@@ -100,7 +102,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     if weight.dtype != FP8_DTYPE:
         w = weight.to(x.dtype)
         rows = x.numel() // max(x.shape[-1], 1)
-        if x.device.type == "cpu" and 0 < rows <= CPU_NARROW_ROWS and w.numel() >= NARROW_MIN_WEIGHT:
+        if x.device.type == "cpu" and 0 < rows <= CPU_NARROW_ROWS and (rows > 1 or w.numel() >= NARROW_MIN_WEIGHT):
             return _narrow_linear(x, w, bias)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     if scale is None:
