@@ -14,6 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "deepseek_model",
+        "deepseek_model.checkpoint",
         "deepseek_model.commands",
         "deepseek_model.pretrained",
         "deepseek_model.recipes",

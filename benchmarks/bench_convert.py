@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from deepseek_model.config import ModelConfig, builtin_config_dict
-from deepseek_model.convert import names
-from deepseek_model.convert.checkpoint import INDEX_FILE, CheckpointReader
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.reader import INDEX_FILE, CheckpointReader
 from deepseek_model.convert.io import write_json
-from deepseek_model.convert.stream import ShardWriter, TensorSpec, row_bands
+from deepseek_model.checkpoint.stream import ShardWriter, TensorSpec, row_bands
 
 GB = 1e9
 MB = 1e6
@@ -62,8 +62,8 @@ def synthetic_config(size_gb: float) -> dict[str, Any]:
 def _fp8_bytes(d: dict[str, Any]) -> int:
     cfg = ModelConfig.from_dict(d)
     total = 0
-    for name, shape in names.hf_weight_shapes(cfg).items():
-        total += math.prod(shape) * (1 if names.is_fp8_weight(name) else 2)
+    for name, shape in schema.hf_weight_shapes(cfg).items():
+        total += math.prod(shape) * (1 if schema.is_fp8_weight(name) else 2)
     return total
 
 
@@ -77,10 +77,10 @@ def write_synthetic_fp8(path: str, config: dict[str, Any]) -> dict[str, Any]:
     cfg = ModelConfig.from_dict(config)
     gen = torch.Generator().manual_seed(SYNTH_SEED)
     specs: list[TensorSpec] = []
-    for name, shape in names.hf_weight_shapes(cfg).items():
-        if names.is_fp8_weight(name):
+    for name, shape in schema.hf_weight_shapes(cfg).items():
+        if schema.is_fp8_weight(name):
             specs.append(TensorSpec(name, torch.float8_e4m3fn, shape))
-            specs.append(TensorSpec(names.scale_name(name), torch.float32,
+            specs.append(TensorSpec(schema.scale_name(name), torch.float32,
                                     (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))))
         else:
             specs.append(TensorSpec(name, torch.float32 if name.endswith("bias") else torch.bfloat16, shape))
@@ -111,7 +111,7 @@ def _random_rows(spec: TensorSpec, rows: int, gen: torch.Generator) -> torch.Ten
         raw = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
         raw[(raw & E4M3_NAN_MASK) == E4M3_NAN_MASK] ^= 1  # no NaN encodings
         return raw.view(torch.float8_e4m3fn)
-    if spec.dtype == torch.float32 and names.is_scale_name(spec.name):
+    if spec.dtype == torch.float32 and schema.is_scale_name(spec.name):
         return torch.rand(shape, generator=gen) * 1e-3 + 1e-5
     return torch.randn(shape, generator=gen).to(spec.dtype)
 

@@ -14,22 +14,18 @@ from typing import Any
 
 import torch
 
-from deepseek_model.convert import names
-from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.convert.io import ConvertError
 from deepseek_model.convert.mtp import select_tensors, tensors_by_file
 from deepseek_model.convert.pipeline import Advance, TensorJob, copy_job, run_hf_conversion
-from deepseek_model.convert.stream import ShardWriter, SourceReader, TensorSpec, row_bands
-from deepseek_model.kernels.reference import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FMTS, round_scale_ue8m0
+from deepseek_model.checkpoint.stream import ShardWriter, SourceReader, TensorSpec, row_bands
+from deepseek_model.constants import FP8_BLOCK as BLOCK
+from deepseek_model.constants import FP8_DTYPE, FP8_MAX, SCALE_DTYPE, SCALE_FMTS, block_grid
+from deepseek_model.kernels.reference import round_scale_ue8m0
 
 BF16 = torch.bfloat16
-SCALE_DTYPE = torch.float32
 FP8_DTYPES = (torch.float8_e4m3fn,)
-
-
-def block_grid(shape: tuple[int, ...], block: int) -> tuple[int, int]:
-    """The [ceil(N/b), ceil(K/b)] scale grid of an [N, K] weight."""
-    return math.ceil(shape[0] / block), math.ceil(shape[1] / block)
 
 
 # fp8 e4m3 → fp32 by bit placement (torch's own fp8 cast is a scalar loop, ~5x slower on CPU):
@@ -131,14 +127,14 @@ def check_fp8_pairs(reader: CheckpointReader, block: int) -> dict[str, str]:
     pairs = {}
     for name in reader.names():
         dtype = reader.dtype(name)
-        if names.is_scale_name(name):
-            weight = names.weight_of_scale(name)
+        if schema.is_scale_name(name):
+            weight = schema.weight_of_scale(name)
             if weight not in reader or reader.dtype(weight) not in FP8_DTYPES:
                 raise ConvertError(f"{name}: scale without a float8 weight '{weight}'")
             continue
         if dtype not in FP8_DTYPES:
             continue
-        scale = names.scale_name(name)
+        scale = schema.scale_name(name)
         shape = reader.shape(name)
         if scale not in reader:
             raise ConvertError(f"{name}: float8 weight without its scale '{scale}'")
@@ -203,7 +199,7 @@ def fp8_to_bf16(src: str, dst: str, *, strip_mtp: bool = False, dedupe_mtp: bool
         for fname, tensor_names in tensors_by_file(reader, drop).items():
             jobs = []
             for name in tensor_names:
-                if names.is_scale_name(name):
+                if schema.is_scale_name(name):
                     continue
                 jobs.append(dequant_job(source, name, pairs[name], block) if name in pairs else copy_job(source, name))
             files[fname] = jobs
@@ -215,7 +211,7 @@ def fp8_to_bf16(src: str, dst: str, *, strip_mtp: bool = False, dedupe_mtp: bool
 def quant_job(source: SourceReader, name: str, block: int, scale_fmt: str | None) -> tuple[TensorJob, TensorJob]:
     """Jobs for one bf16 weight: the fp8 weight (whose fill also writes the scale) and its scale."""
     spec = source.spec(name)
-    scale = names.scale_name(name)
+    scale = schema.scale_name(name)
 
     def fill(writer: ShardWriter, advance: Advance) -> None:
         for start, stop in row_bands(spec.rows, spec.row_bytes, align=block):
@@ -241,8 +237,8 @@ def bf16_to_fp8(src: str, dst: str, *, scale_fmt: str | None = None, strip_mtp: 
                 dedupe_mtp: bool = False, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Quantize a bf16 checkpoint to the published FP8 layout.
 
-    Exactly the tensors `names.is_fp8_weight` selects become float8_e4m3fn with a
-    `weight_scale_inv` [ceil(N/128), ceil(K/128)] fp32 in the same shard; the rest is copied.
+    Exactly the tensors `schema.is_fp8_weight` selects become float8_e4m3fn with a
+    block scale [ceil(N/128), ceil(K/128)] fp32 (named by `schema.scale_name`) in the same shard; the rest is copied.
 
     Args:
         src: bf16 checkpoint directory (read-only).
@@ -265,9 +261,9 @@ def bf16_to_fp8(src: str, dst: str, *, scale_fmt: str | None = None, strip_mtp: 
         targets = []
         for name in reader.names():
             dtype = reader.dtype(name)
-            if dtype in FP8_DTYPES or names.is_scale_name(name):
+            if dtype in FP8_DTYPES or schema.is_scale_name(name):
                 raise ConvertError(f"{name}: source is already FP8 ({dtype}); convert it with fp8-to-bf16 first")
-            if names.is_fp8_weight(name):
+            if schema.is_fp8_weight(name):
                 if not dtype.is_floating_point or len(reader.shape(name)) != 2:
                     raise ConvertError(f"{name}: expected a 2-D float weight, got {dtype} {list(reader.shape(name))}")
                 targets.append(name)

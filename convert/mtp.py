@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from deepseek_model.convert import names
-from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.convert.io import ConvertError
 from deepseek_model.convert.pipeline import copy_job, run_hf_conversion
-from deepseek_model.convert.stream import SourceReader, row_bands
+from deepseek_model.checkpoint.stream import SourceReader, row_bands
 
 # (suffix under model.layers.{L}., the main tensor it copies)
 MTP_COPIES: tuple[tuple[str, str], ...] = (
@@ -38,7 +38,7 @@ def num_hidden_layers(config: dict[str, Any], source: str = "config.json") -> in
 
 def is_mtp_tensor(hf_name: str, num_layers: int) -> bool:
     """Whether `hf_name` belongs to an MTP layer (layer index >= num_hidden_layers)."""
-    layer = names.layer_index(hf_name)
+    layer = schema.layer_index(hf_name)
     return layer is not None and layer >= num_layers
 
 

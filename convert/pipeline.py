@@ -18,9 +18,9 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from deepseek_model.convert.checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointReader
+from deepseek_model.checkpoint.reader import CONFIG_FILE, INDEX_FILE, CheckpointReader
 from deepseek_model.convert.io import AtomicOutputDir, check_paths, copy_other_files, write_json
-from deepseek_model.convert.stream import ShardWriter, SourceReader, TensorSpec, check_written_file
+from deepseek_model.checkpoint.stream import ShardWriter, SourceReader, TensorSpec, check_written_file
 
 # Seconds to sleep after each written tensor: lets tests kill a run deterministically mid-way.
 DELAY_ENV = "DEEPSEEK_CONVERT_TEST_DELAY"

@@ -1,12 +1,10 @@
 """Resharding for tensor + expert parallelism (`shard`) and back to the HF layout (`merge`).
 
-Split rules (as the official inference code runs the model):
-  * column (dim 0, output features): q_b_proj | q_proj, kv_b_proj, dense and shared-expert
-    gate_proj / up_proj, embed_tokens and lm_head (vocab rows; also the MTP copies);
-  * row (dim 1, input features): o_proj, dense and shared-expert down_proj;
-  * routed experts: whole, on rank e // (n_routed_experts / N);
-  * everything else (norms, q_a / kv_a projections, router, eh_proj, ...) replicated.
-A `weight_scale_inv` is split with its weight, so an FP8 split boundary must fall on a 128-block.
+The split rule of every tensor comes from the checkpoint schema (deepseek_model.checkpoint.schema),
+as the official inference code runs the model: column-parallel projections are cut along dim 0,
+row-parallel ones along dim 1, routed experts go whole to rank e // (n_routed_experts / N), the
+rest is replicated. A block scale is split with its weight, so an FP8 split boundary must fall on
+a 128-block.
 Ranks are written one at a time, tensor by tensor, so memory stays bounded.
 """
 
@@ -14,51 +12,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any
 
-from deepseek_model.convert import names
-from deepseek_model.convert.checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointReader
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.reader import CONFIG_FILE, INDEX_FILE, CheckpointReader
 from deepseek_model.convert.fp8 import FP8_DTYPES, block_size_of, check_fp8_pairs
 from deepseek_model.convert.io import AtomicOutputDir, ConvertError, check_paths, copy_other_files, write_json
 from deepseek_model.convert.mtp import tensors_by_file
 from deepseek_model.convert.pipeline import Advance, TensorJob, check_hf_output, write_index, write_shards
-from deepseek_model.convert.sharded import (MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, SPLIT_COLUMN,
-                                            SPLIT_EXPERT, SPLIT_REPLICATED, SPLIT_ROW, ShardedSource,
-                                            rank_file_name, read_manifest)
-from deepseek_model.convert.stream import (DTYPE_CODES, DTYPE_OF_CODE, ShardWriter, SourceReader, TensorSpec,
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.schema import SCHEMA, SPLIT_COLUMN, SPLIT_EXPERT, SPLIT_ROW, Schema
+from deepseek_model.checkpoint.sharded import (MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, ShardedSource,
+                                               rank_file_name, read_manifest)
+from deepseek_model.checkpoint.stream import (DTYPE_CODES, DTYPE_OF_CODE, ShardWriter, SourceReader, TensorSpec,
                                            check_written_file, row_bands)
 
-_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.")
-_COLUMN_RE = re.compile(
-    r"^(model\.embed_tokens\.weight|lm_head\.weight"
-    r"|model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"
-    r"|model\.layers\.\d+\.self_attn\.(q_b_proj|q_proj|kv_b_proj)\.weight"
-    r"|model\.layers\.\d+\.mlp\.(shared_experts\.)?(gate_proj|up_proj)\.weight)$"
-)
-_ROW_RE = re.compile(
-    r"^model\.layers\.\d+\.(self_attn\.o_proj|mlp\.(shared_experts\.)?down_proj)\.weight$"
-)
-
-
-def split_rule(hf_name: str) -> tuple[str, int | None]:
-    """(split kind, split dim) of an HF tensor; a scale follows its weight."""
-    base = names.weight_of_scale(hf_name) if names.is_scale_name(hf_name) else hf_name
-    if _EXPERT_RE.search(base):
-        return SPLIT_EXPERT, None
-    if _COLUMN_RE.match(base):
-        return SPLIT_COLUMN, 0
-    if _ROW_RE.match(base):
-        return SPLIT_ROW, 1
-    return SPLIT_REPLICATED, None
-
-
-def expert_index(hf_name: str) -> int:
-    """The routed-expert index in `...mlp.experts.{e}...`."""
-    return int(_EXPERT_RE.search(hf_name).group(1))
-
-
-def plan_splits(reader: CheckpointReader, world_size: int) -> dict[str, dict[str, Any]]:
+def plan_splits(reader: CheckpointReader, world_size: int, layout: Schema = SCHEMA) -> dict[str, dict[str, Any]]:
     """How each tensor is split for `world_size` ranks, after checking that the split is legal.
 
     Returns:
@@ -84,14 +53,14 @@ def plan_splits(reader: CheckpointReader, world_size: int) -> dict[str, dict[str
     plan: dict[str, dict[str, Any]] = {}
     for name in reader.names():
         shape, dtype = reader.shape(name), reader.dtype(name)
-        kind, dim = split_rule(name)
+        kind, dim = layout.split_rule(name)
         info: dict[str, Any] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "split": kind, "dim": dim}
         if kind == SPLIT_EXPERT:
-            e = expert_index(name)
+            e = layout.expert_index(name)
             if e >= config["n_routed_experts"]:
                 raise ConvertError(f"{name}: expert {e} >= n_routed_experts ({config['n_routed_experts']})")
             info["rank"] = e // experts_per_rank
-        elif dim is not None and not names.is_scale_name(name):
+        elif dim is not None and not schema.is_scale_name(name):
             if len(shape) <= dim or shape[dim] % world_size:
                 raise ConvertError(f"--model-parallel {world_size}: {name} dim {dim} of shape {list(shape)} "
                                    f"is not divisible by {world_size}")
@@ -134,7 +103,8 @@ def rank_job(source: SourceReader, name: str, info: dict[str, Any], rank: int, w
     return TensorJob(spec, fill, spec.nbytes)
 
 
-def shard(src: str, dst: str, world_size: int, *, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
+def shard(src: str, dst: str, world_size: int, *, overwrite: bool = False, quiet: bool = False,
+          layout: Schema = SCHEMA) -> dict[str, Any]:
     """Write per-rank files for tensor + expert parallelism, plus the manifest.
 
     Args:
@@ -143,6 +113,8 @@ def shard(src: str, dst: str, world_size: int, *, overwrite: bool = False, quiet
         world_size: N, the number of model-parallel ranks.
         overwrite: replace a non-empty DST.
         quiet: no progress bar.
+        layout: the checkpoint schema giving each tensor's split (the default one, or one with
+            extra tensor families).
 
     Returns:
         The summary {"dst", "world_size", "files", "total_size"}.
@@ -153,7 +125,7 @@ def shard(src: str, dst: str, world_size: int, *, overwrite: bool = False, quiet
     try:
         for fname in reader.files:
             reader.header(fname)
-        plan = plan_splits(reader, world_size)
+        plan = plan_splits(reader, world_size, layout)
         order = [n for ns in tensors_by_file(reader).values() for n in ns]
         files = {}
         for rank in range(world_size):

@@ -18,12 +18,12 @@ from typing import Any, Union
 import torch
 from tqdm import tqdm
 
-from deepseek_model.convert import names
-from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.convert.fp8 import FP8_DTYPES, dequant_band
 from deepseek_model.convert.mtp import MTP_COPIES
-from deepseek_model.convert.sharded import ShardedSource, is_sharded_dir
-from deepseek_model.convert.stream import SourceReader, row_bands
+from deepseek_model.checkpoint.sharded import ShardedSource, is_sharded_dir
+from deepseek_model.checkpoint.stream import SourceReader, row_bands
 from deepseek_model.kernels.reference import BLOCK
 
 FP8_HALF_SPACING_AT_MAX = 16.0  # e4m3 values in [256, 448] are 32 apart; rounding error ≤ 16 units of scale_inv
@@ -51,7 +51,7 @@ def _resolve(source: Source, name: str) -> str | None:
     if name in source:
         return name
     for suffix, main in MTP_COPIES:
-        if name.endswith("." + suffix) and names.layer_index(name) is not None and main in source:
+        if name.endswith("." + suffix) and schema.layer_index(name) is not None and main in source:
             return main
     return None
 
@@ -61,7 +61,7 @@ def _band_f32(source: Source, name: str, start: int, stop: int, block: int) -> t
     rows = source.read_rows(name, start, stop)
     if rows.dtype not in FP8_DTYPES:
         return rows.float(), None
-    scale = source.read_rows(names.scale_name(name), start // block, math.ceil(stop / block)).float()
+    scale = source.read_rows(schema.scale_name(name), start // block, math.ceil(stop / block)).float()
     return dequant_band(rows, scale, block, torch.float32), scale
 
 
@@ -128,8 +128,8 @@ def verify(path_a: str, path_b: str, *, max_rel: float | None = None, progress: 
     """
     a, b = open_source(os.path.abspath(path_a)), open_source(os.path.abspath(path_b))
     try:
-        weights = [n for n in a.names() if not names.is_scale_name(n)]
-        weights += [n for n in b.names() if not names.is_scale_name(n) and n not in a]
+        weights = [n for n in a.names() if not schema.is_scale_name(n)]
+        weights += [n for n in b.names() if not schema.is_scale_name(n) and n not in a]
         report: dict[str, dict[str, Any]] = {}
         for name in tqdm(weights, desc="verify", file=sys.stderr, disable=not progress, leave=False):
             name_a, name_b = _resolve(a, name), _resolve(b, name)

@@ -1,7 +1,7 @@
 """deepseek-model: DeepSeek-V3-style MoE transformers in PyTorch and Triton."""
 
 from deepseek_model.config import ConfigError, ModelConfig
-from deepseek_model.convert.checkpoint import CheckpointError
+from deepseek_model.checkpoint.reader import CheckpointError
 from deepseek_model.generate import GenerationResult, GenerationStats, generate
 from deepseek_model.loading import from_pretrained
 from deepseek_model.model import Cache, Transformer

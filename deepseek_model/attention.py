@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_model.config import ModelConfig
+from deepseek_model.constants import FP8_DTYPE, FP8_MAX
 from deepseek_model.kernels import ops
 from deepseek_model.layers import ColumnParallelLinear, Linear, LinearSpec, RMSNorm, RowParallelLinear
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
@@ -20,8 +21,6 @@ from deepseek_model.rope import apply_rotary
 
 ATTN_MODES = ("absorb", "naive", "auto")  # auto: naive for multi-token chunks (prefill), absorbed for decode
 GROWTH = 2  # the cache grows geometrically: amortised O(1) copies per token
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
 FP8_SCALE_MIN = 1e-12  # keeps the per-token scale of an all-zero latent finite
 
 
@@ -43,7 +42,7 @@ class LatentCache:
         kv_scale: (B, capacity, 1) fp32 per-token dequantization scale of kv (fp8 only).
 
     Args:
-        fp8: store the latent as float8_e4m3fn with one fp32 scale per token (amax/448); the rope
+        fp8: store the latent as float8_e4m3fn with one fp32 scale per token (amax / FP8_MAX); the rope
             keys stay in the compute dtype.
     """
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_model import fp8_training
+from deepseek_model.constants import FP8_DTYPE, block_grid
 from deepseek_model.kernels import ops
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
 
-FP8_DTYPE = torch.float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,6 @@ class Linear(nn.Module):
         fp8: override spec.fp8 for this layer (eh_proj is never fp8).
     """
 
-    shard_dim: int | None = None  # dimension split across ranks (None: replicated)
-
     def __init__(self, in_features: int, out_features: int, spec: LinearSpec, fp8: bool | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -81,7 +79,7 @@ class Linear(nn.Module):
                                    requires_grad=not use_fp8)
         if use_fp8:
             b = spec.block_size
-            grid = (-(-out_features // b), -(-in_features // b))
+            grid = block_grid((out_features, in_features), b)
             self.scale = nn.Parameter(torch.empty(grid, dtype=torch.float32, device=spec.device),
                                       requires_grad=False)
         else:
@@ -112,16 +110,12 @@ class Linear(nn.Module):
 class ColumnParallelLinear(Linear):
     """Output features split across ranks; each rank returns its slice (no communication)."""
 
-    shard_dim = 0
-
     def __init__(self, in_features: int, out_features: int, spec: LinearSpec, ctx: ParallelContext = SINGLE_PROCESS):
         super().__init__(in_features, ctx.split(out_features, "output features"), spec)
 
 
 class RowParallelLinear(Linear):
     """Input features split across ranks; partial outputs are summed with an all-reduce."""
-
-    shard_dim = 1
 
     def __init__(self, in_features: int, out_features: int, spec: LinearSpec, ctx: ParallelContext = SINGLE_PROCESS):
         super().__init__(ctx.split(in_features, "input features"), out_features, spec)
@@ -133,8 +127,6 @@ class RowParallelLinear(Linear):
 
 class ParallelEmbedding(nn.Module):
     """Token embedding with the vocabulary split across ranks (rows outside a rank's range are 0)."""
-
-    shard_dim = 0
 
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, device: torch.device | str,
                  ctx: ParallelContext = SINGLE_PROCESS):
@@ -156,8 +148,6 @@ class ParallelEmbedding(nn.Module):
 
 class ParallelHead(nn.Module):
     """Output head with the vocabulary split across ranks; logits gathered to full width (fp32)."""
-
-    shard_dim = 0
 
     def __init__(self, dim: int, vocab_size: int, dtype: torch.dtype, device: torch.device | str,
                  ctx: ParallelContext = SINGLE_PROCESS):

@@ -16,16 +16,17 @@ makes every rank raise (a collective with a timeout, not a hang).
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
 from deepseek_model.config import ModelConfig
-from deepseek_model.convert import names
-from deepseek_model.convert.checkpoint import CONFIG_FILE, CheckpointError, CheckpointReader
-from deepseek_model.convert.sharded import SPLIT_COLUMN, SPLIT_ROW, RankReader, is_sharded_dir, read_manifest
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.reader import CONFIG_FILE, DTYPE_CODES, CheckpointError, CheckpointReader
+from deepseek_model.checkpoint.schema import SPLIT_COLUMN, SPLIT_ROW
+from deepseek_model.checkpoint.sharded import RankReader, is_sharded_dir, read_manifest
 from deepseek_model.kernels import ops, reference
-from deepseek_model.layers import FP8_DTYPE, LinearSpec
+from deepseek_model.constants import FP8_DTYPE, block_grid
+from deepseek_model.layers import LinearSpec
 from deepseek_model.model import Transformer
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext, check_splits
 from deepseek_model.pretrained import resolve_checkpoint
@@ -33,8 +34,6 @@ from deepseek_model.pretrained import resolve_checkpoint
 WEIGHT_FORMATS = ("auto", "bf16", "fp8")
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}
-_EXPERT_RE = re.compile(r"\.ffn\.experts\.(\d+)\.")
-_FP8_CODE = "F8_E4M3"  # dtype code of float8_e4m3fn in safetensors headers and the shard manifest
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -68,16 +67,16 @@ class _Loader:
     def where(self, hf_name: str) -> str:
         return os.path.join(self.reader.path, self.reader.file_of(hf_name))
 
-    def _shard_dim(self, internal: str) -> int | None:
+    def _shard_dim(self, hf_name: str) -> int | None:
+        """The dimension this rank slices `hf_name` along (the schema's column/row rule), or None."""
         if not self.ctx.is_distributed:
             return None
-        module = self.model.get_submodule(internal.rpartition(".")[0])
-        return getattr(module, "shard_dim", None)
+        return schema.split_rule(hf_name)[1]
 
     def _read(self, hf_name: str, internal: str) -> torch.Tensor:
         """Read a tensor (this rank's slice of it when the target is split): a safetensors slice
         read, so a split tensor is never materialised whole."""
-        dim = self._shard_dim(internal)
+        dim = self._shard_dim(hf_name)
         if dim is None or self.split_info is not None:
             return self.reader.get(hf_name)
         full = self.reader.shape(hf_name)
@@ -89,9 +88,9 @@ class _Loader:
         sl = self.reader.get_slice(hf_name)
         return sl[lo:lo + part] if dim == 0 else sl[:, lo:lo + part]
 
-    def _expected_shape(self, internal: str, target: torch.Tensor) -> tuple[int, ...]:
+    def _expected_shape(self, hf_name: str, target: torch.Tensor) -> tuple[int, ...]:
         shape = list(target.shape)
-        dim = self._shard_dim(internal)
+        dim = self._shard_dim(hf_name)
         if dim is not None and self.split_info is None:
             shape[dim] *= self.ctx.world_size
         return tuple(shape)
@@ -101,7 +100,7 @@ class _Loader:
         if self.split_info is None:
             return
         info = self.split_info.get(hf_name, {})
-        want = self._shard_dim(internal) if self.ctx.is_distributed else None
+        want = self._shard_dim(hf_name)
         got = info.get("dim") if info.get("split") in (SPLIT_COLUMN, SPLIT_ROW) else None
         if self.ctx.is_distributed and got != want:
             raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' is split along dim {got} in the "
@@ -109,31 +108,31 @@ class _Loader:
 
     def _check_shape(self, hf_name: str, internal: str, target: torch.Tensor) -> None:
         self._check_split(hf_name, internal)
-        got, want = self.reader.shape(hf_name), self._expected_shape(internal, target)
+        got, want = self.reader.shape(hf_name), self._expected_shape(hf_name, target)
         if got != want:
             raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' has shape {list(got)}, the config "
                                   f"needs {list(want)}")
 
     def _scale_for(self, hf_name: str, internal: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
-        s_name = names.scale_name(hf_name)
+        s_name = schema.scale_name(hf_name)
         if s_name not in self.reader:
             raise CheckpointError(f"{self.where(hf_name)}: fp8 tensor '{hf_name}' has no scale '{s_name}'")
-        grid = tuple(-(-d // self.block) for d in weight_shape)
+        grid = block_grid(weight_shape, self.block)
         if self.reader.shape(s_name) != grid:
             raise CheckpointError(f"{self.where(s_name)}: scale '{s_name}' has shape {list(self.reader.shape(s_name))}, "
                                   f"the {self.block}x{self.block} block grid of its weight needs {list(grid)}")
         return self._read(s_name, internal).float()
 
     def load_tensor(self, hf_name: str) -> None:
-        internal = names.hf_to_internal(hf_name, self.model.cfg.num_hidden_layers)
+        internal = schema.hf_to_internal(hf_name, self.model.cfg.num_hidden_layers)
         if internal is None:
             raise CheckpointError(f"{self.where(hf_name)}: unexpected tensor '{hf_name}'")
         target = self.targets.get(internal)
         if target is None:
             if internal.startswith("mtp.") and self.model.mtp is None and self.model.cfg.num_nextn_predict_layers:
                 return  # MTP present in the checkpoint but not requested
-            m = _EXPERT_RE.search(internal)
-            if m and self.ctx.is_distributed and int(m.group(1)) < self.model.cfg.n_routed_experts:
+            e = schema.expert_index(hf_name)
+            if e is not None and self.ctx.is_distributed and e < self.model.cfg.n_routed_experts:
                 return  # a routed expert that lives on another rank
             raise CheckpointError(f"{self.where(hf_name)}: unexpected tensor '{hf_name}'")
         self._check_shape(hf_name, internal, target)
@@ -141,9 +140,9 @@ class _Loader:
         w = self._read(hf_name, internal)
         if src_dtype == FP8_DTYPE:
             s = self._scale_for(hf_name, internal, self.reader.shape(hf_name))
-        elif names.scale_name(hf_name) in self.reader:
+        elif schema.scale_name(hf_name) in self.reader:
             raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' is {src_dtype} but has a "
-                                  f"scale '{names.scale_name(hf_name)}' (only fp8 weights have scales)")
+                                  f"scale '{schema.scale_name(hf_name)}' (only fp8 weights have scales)")
         else:
             s = None
         with torch.no_grad():
@@ -162,8 +161,8 @@ class _Loader:
 
     def run(self) -> None:
         for hf_name in self.reader.names():
-            if names.is_scale_name(hf_name):
-                weight = names.weight_of_scale(hf_name)
+            if schema.is_scale_name(hf_name):
+                weight = schema.weight_of_scale(hf_name)
                 if weight not in self.reader:
                     raise CheckpointError(f"{self.where(hf_name)}: scale '{hf_name}' has no weight '{weight}'")
                 continue
@@ -175,7 +174,7 @@ class _Loader:
                 self.loaded.add(copy)
         missing = [n for n in self.targets if n not in self.loaded]
         if missing:
-            hf = names.internal_to_hf(missing[0], self.model.cfg.num_hidden_layers)
+            hf = schema.internal_to_hf(missing[0], self.model.cfg.num_hidden_layers)
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointError(f"{self.reader.path}: missing tensor '{hf}'{more}")
 
@@ -197,7 +196,7 @@ def _open(path: str | os.PathLike, ctx: ParallelContext) -> tuple[CheckpointRead
 def _is_fp8_checkpoint(reader: CheckpointReader, split_info: dict | None) -> bool:
     """Whether any tensor is float8_e4m3fn (from headers or the manifest; no data read)."""
     if split_info is not None:
-        return any(info.get("dtype") == _FP8_CODE for info in split_info.values())
+        return any(info.get("dtype") == DTYPE_CODES[FP8_DTYPE] for info in split_info.values())
     return any(reader.dtype(n) == FP8_DTYPE for n in reader.names())
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from deepseek_model.checkpoint import schema
+
 BACKEND_CPU = "gloo"
 BACKEND_GPU = "nccl"
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # loading 671B weights can keep a rank busy for many minutes
@@ -169,32 +171,6 @@ def shutdown(ctx: ParallelContext) -> None:
 
 
 # ---------------------------------------------------------------------------- split validity
-def split_dims(cfg: Any) -> list[tuple[str, int, bool]]:
-    """Every dimension tensor/expert parallelism cuts, for a ModelConfig.
-
-    Returns:
-        [(description, size, cut_through_fp8_weight)]: the size that must divide by the world
-        size and, when the third item is True, whose per-rank part must also be a multiple of the
-        FP8 block (the weight's scale is split with it).
-    """
-    heads = cfg.num_attention_heads
-    q_name = "q_proj" if cfg.q_lora_rank is None else "q_b_proj"
-    dims = [
-        ("num_attention_heads", heads, False),
-        (f"{q_name} rows (heads x qk_head_dim)", heads * cfg.qk_head_dim, True),
-        ("kv_b_proj rows (heads x (qk_nope + v))", heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), True),
-        ("o_proj columns (heads x v_head_dim)", heads * cfg.v_head_dim, True),
-        ("n_routed_experts", cfg.n_routed_experts, False),
-        ("vocab_size", cfg.vocab_size, False),
-    ]
-    if cfg.first_k_dense_replace or cfg.moe_layer_freq > 1:
-        dims.append(("intermediate_size (dense MLP)", cfg.intermediate_size, True))
-    if cfg.n_shared_experts:
-        dims.append(("shared-expert width (n_shared x moe_intermediate)",
-                     cfg.n_shared_experts * cfg.moe_intermediate_size, True))
-    return dims
-
-
 def split_problems(cfg: Any, world_size: int, fp8_block: int | None) -> list[str]:
     """Why `cfg` cannot be split over `world_size` ranks (empty when it can).
 
@@ -210,7 +186,7 @@ def split_problems(cfg: Any, world_size: int, fp8_block: int | None) -> list[str
         return []  # nothing is cut
     problems = []
     heads_split = cfg.num_attention_heads % world_size == 0
-    for what, size, fp8_cut in split_dims(cfg):
+    for what, size, fp8_cut in schema.split_dims(cfg):
         if not heads_split and HEADS_MARK in what:
             continue  # already reported as num_attention_heads
         if size % world_size:

@@ -8,26 +8,20 @@ experts are whole on one rank, everything else is replicated) and says whether t
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
 from deepseek_model.config import ModelConfig
-from deepseek_model.convert import names
-from deepseek_model.convert.checkpoint import CheckpointReader
-from deepseek_model.convert.shard import split_rule
-from deepseek_model.convert.sharded import SPLIT_EXPERT, SPLIT_REPLICATED
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.reader import CheckpointReader
+from deepseek_model.checkpoint.schema import SPLIT_EXPERT, SPLIT_REPLICATED, split_rule
+from deepseek_model.constants import SCALE_DTYPE, ceil_div
 from deepseek_model.parallel import split_problems
 
 BF16_BYTES = 2
 FP8_BYTES = 1
-SCALE_BYTES = 4
-_EXPERT_RE = re.compile(r"\.mlp\.experts\.\d+\.")
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+SCALE_BYTES = SCALE_DTYPE.itemsize
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -43,12 +37,12 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     Active = every non-routed-expert parameter of the main model plus num_experts_per_tok routed
     experts per MoE layer (the MTP module is excluded from both total and active).
     """
-    shapes = names.hf_weight_shapes(cfg, mtp=True)
+    shapes = schema.hf_weight_shapes(cfg, mtp=True)
     mtp_prefix = f"model.layers.{cfg.mtp_layer_index}."
     main = {n: s for n, s in shapes.items() if not n.startswith(mtp_prefix)}
     total = sum(_numel(s) for s in main.values())
     mtp = sum(_numel(s) for n, s in shapes.items() if n.startswith(mtp_prefix))
-    routed = sum(_numel(s) for n, s in main.items() if _EXPERT_RE.search(n))
+    routed = sum(_numel(s) for n, s in main.items() if schema.expert_index(n) is not None)
     active = total - routed + routed * cfg.num_experts_per_tok // cfg.n_routed_experts
     return {"total": total, "mtp": mtp, "active": active, "routed_expert": routed}
 
@@ -57,11 +51,11 @@ def weight_bytes(cfg: ModelConfig, fmt: str, mtp: bool = True) -> int:
     """Bytes of the checkpoint in `fmt` ("bf16" or "fp8": the published FP8 tensor set + fp32 scales)."""
     block = cfg.quantization.block_size[0] if cfg.quantization else 128
     total = 0
-    for name, shape in names.hf_weight_shapes(cfg, mtp=mtp).items():
+    for name, shape in schema.hf_weight_shapes(cfg, mtp=mtp).items():
         if name.endswith("e_score_correction_bias"):
             total += _numel(shape) * SCALE_BYTES
-        elif fmt == "fp8" and names.is_fp8_weight(name):
-            total += _numel(shape) * FP8_BYTES + _ceil_div(shape[0], block) * _ceil_div(shape[1], block) * SCALE_BYTES
+        elif fmt == "fp8" and schema.is_fp8_weight(name):
+            total += _numel(shape) * FP8_BYTES + ceil_div(shape[0], block) * ceil_div(shape[1], block) * SCALE_BYTES
         else:
             total += _numel(shape) * BF16_BYTES
     return total
@@ -75,8 +69,8 @@ def _tensor_bytes(name: str, shape: tuple[int, ...], fmt: str, block: int, parts
     local = list(shape)
     if dim is not None:
         local[dim] //= parts
-    if fmt == "fp8" and names.is_fp8_weight(name):
-        grid = [_ceil_div(d, block) for d in shape]  # the scale is cut with its weight
+    if fmt == "fp8" and schema.is_fp8_weight(name):
+        grid = [ceil_div(d, block) for d in shape]  # the scale is cut with its weight
         if dim is not None:
             grid[dim] //= parts
         return _numel(tuple(local)) * FP8_BYTES + _numel(tuple(grid)) * SCALE_BYTES
@@ -101,7 +95,7 @@ def per_rank_weight_bytes(cfg: ModelConfig, world_size: int, mtp: bool = True) -
     out: dict[str, Any] = {"world_size": world_size}
     for fmt in ("bf16", "fp8"):
         parts = {"split": 0, "experts": 0, "replicated": 0}
-        for name, shape in names.hf_weight_shapes(cfg, mtp=mtp).items():
+        for name, shape in schema.hf_weight_shapes(cfg, mtp=mtp).items():
             kind, dim = split_rule(name)
             if kind == SPLIT_EXPERT:
                 parts["experts"] += _tensor_bytes(name, shape, fmt, block)
@@ -133,7 +127,7 @@ def checkpoint_formats(reader: CheckpointReader) -> dict[str, Any]:
         entry = by_dtype.setdefault(dtype, {"tensors": 0, "bytes": 0})
         entry["tensors"] += 1
         entry["bytes"] += reader.nbytes(name)
-        if names.is_fp8_weight(name):
+        if schema.is_fp8_weight(name):
             fp8_expected += 1
             fp8_weights += reader.dtype(name) == torch.float8_e4m3fn
     return {"dtypes": by_dtype, "fp8_weights": fp8_weights, "fp8_eligible": fp8_expected}

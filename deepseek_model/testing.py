@@ -2,8 +2,8 @@
 
 `make_tiny_checkpoint` writes config.json (real field names), `model.safetensors.index.json`, several
 shards named like the real repository (`model-00001-of-000004.safetensors`), FP8 weights with
-`weight_scale_inv` exactly where the published checkpoint has them (some scales in another shard
-than their weight), a ragged kv_a_proj_with_mqa, an MTP layer at index num_hidden_layers, and finite
+block scales exactly where the published checkpoint has them (some scales in another shard
+than their weight), a ragged kv_a projection (kv_lora_rank + rope rows), an MTP layer at index num_hidden_layers, and finite
 router biases of both signs. Tests and the demo use it; nothing is downloaded.
 """
 
@@ -17,16 +17,14 @@ import re
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from deepseek_model.config import ModelConfig, builtin_config_dict
-from deepseek_model.convert import names
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.writer import DEFAULT_SHARDS, write_checkpoint
 from deepseek_model.kernels import ops
 from deepseek_model.tokenizer import (ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN, byte_symbols,
                                       write_tokenizer_config)
 
-INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_SHARDS = 4
 TINY_TOKENIZER_VOCAB = 512  # the tiny tokenizer never exceeds this, even for larger-vocab configs
 ROUTER_BIAS_RANGE = 0.25  # biases drawn from U(-r, r): both signs, large enough to change routing
 # The tiny tokenizer: DeepSeek's special tokens at the config's bos (0) / eos (1) ids, then the 256
@@ -40,11 +38,6 @@ TOKENIZER_CORPUS = (
     "def main():\n    return 0\n\nprint('hello, world')\n 0 1 2 3 4 5 6 7 8 9 10 100 2024"
 )
 _PRETOKEN_RE = re.compile(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+")
-
-
-def shard_file_name(index: int, total: int) -> str:
-    """The published shard name pattern: 5-digit index, 6-digit total (1-based index)."""
-    return f"model-{index:05d}-of-{total:06d}.safetensors"
 
 
 def _config_dict(config: str | dict | ModelConfig, fp8: bool, mtp: bool) -> dict[str, Any]:
@@ -89,7 +82,7 @@ def make_tiny_tensors(cfg: ModelConfig, fp8: bool = False, seed: int = 0,
     scale_fmt = cfg.quantization.scale_fmt if cfg.quantization else None
     tensors: dict[str, torch.Tensor] = {}
     mtp_prefix = f"model.layers.{cfg.mtp_layer_index}."
-    for name, shape in names.hf_weight_shapes(cfg, mtp=mtp).items():
+    for name, shape in schema.hf_weight_shapes(cfg, mtp=mtp).items():
         if name == mtp_prefix + "embed_tokens.weight":
             tensors[name] = tensors["model.embed_tokens.weight"].clone()
             continue
@@ -99,64 +92,13 @@ def make_tiny_tensors(cfg: ModelConfig, fp8: bool = False, seed: int = 0,
         value = _init_tensor(name, shape, gen)
         if name.endswith("e_score_correction_bias"):
             tensors[name] = value.float()
-        elif fp8 and names.is_fp8_weight(name):
+        elif fp8 and schema.is_fp8_weight(name):
             q, s = ops.weight_quant(value, block, scale_fmt)
             tensors[name] = q
-            tensors[names.scale_name(name)] = s
+            tensors[schema.scale_name(name)] = s
         else:
             tensors[name] = value.to(torch.bfloat16)
     return tensors
-
-
-def _assign_shards(tensor_names: list[str], num_shards: int) -> dict[str, int]:
-    """Contiguous split into shards; every third scale is moved to the next shard (a weight and
-    its scale may live in different files in the real checkpoint)."""
-    per = math.ceil(len(tensor_names) / num_shards)
-    shard_of = {n: min(i // per, num_shards - 1) for i, n in enumerate(tensor_names)}
-    scales = [n for n in tensor_names if names.is_scale_name(n)]
-    for i, n in enumerate(scales):
-        if i % 3 == 0:
-            shard_of[n] = (shard_of[names.weight_of_scale(n)] + 1) % num_shards
-    return shard_of
-
-
-def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any],
-                     num_shards: int = DEFAULT_SHARDS) -> str:
-    """Write tensors as an HF checkpoint directory: shards, index (with total_size), config.json.
-
-    Args:
-        out_dir: target directory (created; existing files with the same names are replaced).
-        tensors: HF name → tensor.
-        config: the config.json dict.
-        num_shards: number of safetensors shards.
-
-    Returns:
-        The directory path.
-    """
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    tensor_names = list(tensors)
-    num_shards = max(1, min(num_shards, len(tensor_names)))
-    shard_of = _assign_shards(tensor_names, num_shards)
-    weight_map: dict[str, str] = {}
-    total = 0
-    for s in range(num_shards):
-        fname = shard_file_name(s + 1, num_shards)
-        part = {n: tensors[n].contiguous() for n in tensor_names if shard_of[n] == s}
-        save_file(part, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        for n, t in part.items():
-            weight_map[n] = fname
-            total += t.numel() * t.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2)
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-    gen_cfg = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"),
-               "do_sample": False}
-    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-        json.dump(gen_cfg, f, indent=2)
-    return out_dir
 
 
 def _learn_merges(corpus: str, num_merges: int, symbols: list[str]) -> list[tuple[str, str]]:
@@ -240,7 +182,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, config: str | dict | ModelC
         out_dir: directory to write.
         config: a built-in config name ("tiny", "tiny-v2", "small", ...), an HF config dict or a
             ModelConfig.
-        fp8: store the published FP8 tensor set as float8_e4m3fn + weight_scale_inv.
+        fp8: store the published FP8 tensor set as float8_e4m3fn + block scale.
         seed: RNG seed; the same arguments give byte-identical files.
         mtp: include the MTP layer (when the config has num_nextn_predict_layers).
         num_shards: number of shard files.

@@ -22,12 +22,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from deepseek_model.config import ModelConfig
-from deepseek_model.convert import names
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.writer import DEFAULT_SHARDS, write_checkpoint
 from deepseek_model.layers import LinearSpec
 from deepseek_model.model import Transformer, causal_mask
 from deepseek_model.moe import Gate, MoE
 from deepseek_model.rope import rotary_table
-from deepseek_model.testing import DEFAULT_SHARDS, write_checkpoint
 from deepseek_model.training_data import Batch
 
 GAMMA = 1e-3  # bias update speed (report: 0.001, then 0 for the last 500B tokens)
@@ -525,7 +525,7 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype = torch.float32) -> dic
     """
     out = {}
     for name, t in model.state_dict().items():
-        hf = names.internal_to_hf(name, model.cfg.num_hidden_layers)
+        hf = schema.internal_to_hf(name, model.cfg.num_hidden_layers)
         keep_fp32 = hf.endswith("e_score_correction_bias")
         out[hf] = t.detach().to(device="cpu", dtype=torch.float32 if keep_fp32 else dtype).clone()
     return out

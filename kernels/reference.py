@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-BLOCK = 128
+from deepseek_model.constants import FP8_BLOCK as BLOCK
+from deepseek_model.constants import FP8_DTYPE, FP8_MAX, SCALE_FMTS, ceil_div
+
 ACT_AMAX_FLOOR = 1e-4  # keeps the scale of an all-zero activation group finite
-SCALE_FMTS = (None, "ue8m0")
 SCALE_ROW_ALIGN = 4  # column-major activation scales: rows padded to 16 bytes (TMA alignment)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_scale_fmt(scale_fmt: str | None) -> None:
@@ -55,7 +50,7 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = 
     if column_major_scales and x.dim() != 2:
         raise ValueError(f"x: column_major_scales needs a 2-D x, got shape {tuple(x.shape)}")
     *lead, k = x.shape
-    kb = _ceil_div(k, block_size)
+    kb = ceil_div(k, block_size)
     xf = x.float()
     pad = kb * block_size - k
     if pad:
@@ -68,7 +63,7 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = 
     y = (groups / s.unsqueeze(-1)).to(FP8_DTYPE)  # (..., KB, BLOCK)
     y = y.reshape(*lead, kb * block_size)[..., :k]
     if column_major_scales:
-        m_pad = _ceil_div(x.shape[0], SCALE_ROW_ALIGN) * SCALE_ROW_ALIGN
+        m_pad = ceil_div(x.shape[0], SCALE_ROW_ALIGN) * SCALE_ROW_ALIGN
         s_cm = torch.empty(kb, m_pad, dtype=s.dtype, device=s.device)[:, : x.shape[0]].t()  # (M, KB)
         s = s_cm.copy_(s)
     return y.contiguous(), s
@@ -83,7 +78,7 @@ def check_weight_scale(w: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK
     """Raise ValueError unless `s` is the [ceil(N/b), ceil(K/b)] scale grid of the 2-D weight `w`."""
     if w.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
-    grid = (_ceil_div(w.shape[0], block_size), _ceil_div(w.shape[1], block_size))
+    grid = (ceil_div(w.shape[0], block_size), ceil_div(w.shape[1], block_size))
     if tuple(s.shape) != grid:
         raise ValueError(f"{name}: scale shape {tuple(s.shape)} does not match the {block_size}x{block_size} "
                          f"block grid {grid} of weight shape {tuple(w.shape)}")
@@ -128,7 +123,7 @@ def weight_quant(w: torch.Tensor, block_size: int = BLOCK,
     if w.dim() != 2:
         raise ValueError(f"weight_quant expects a 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
-    nb, kb = _ceil_div(n, block_size), _ceil_div(k, block_size)
+    nb, kb = ceil_div(n, block_size), ceil_div(k, block_size)
     wf = torch.nn.functional.pad(w.float(), (0, kb * block_size - k, 0, nb * block_size - n))
     blocks = wf.reshape(nb, block_size, kb, block_size)  # (NB, b, KB, b)
     amax = blocks.abs().amax(dim=(1, 3))  # (NB, KB)
@@ -158,7 +153,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Ten
     m, k = a.shape
     n = w.shape[0]
     check_weight_scale(w, w_s, block_size)
-    kb = _ceil_div(k, block_size)
+    kb = ceil_div(k, block_size)
     if w.shape[1] != k or tuple(a_s.shape) != (m, kb):
         raise ValueError(f"fp8_gemm: a {tuple(a.shape)}, a_s {tuple(a_s.shape)} do not fit w {tuple(w.shape)}")
     w_s_rows = w_s.float().repeat_interleave(block_size, dim=0)[:n]  # (N, KB)
@@ -191,7 +186,7 @@ def check_moe_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
     if tuple(w2.shape) != (e, h, two_i // 2):
         raise ValueError(f"w2: expected [E, H, I] = {(e, h, two_i // 2)}, got {tuple(w2.shape)}")
     for name, w, s in (("w13_s", w13, w13_s), ("w2_s", w2, w2_s)):
-        grid = (e, _ceil_div(w.shape[1], block_size), _ceil_div(w.shape[2], block_size))
+        grid = (e, ceil_div(w.shape[1], block_size), ceil_div(w.shape[2], block_size))
         if tuple(s.shape) != grid:
             raise ValueError(f"{name}: expected block-scale shape {grid}, got {tuple(s.shape)}")
     if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= e):

@@ -17,8 +17,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from deepseek_model.constants import FP8_MAX
+
 # tl.constexpr globals: readable from @triton.jit code (plain module floats are not)
-E4M3_MAX = tl.constexpr(448.0)
+E4M3_MAX = tl.constexpr(FP8_MAX)
 E4M3_MIN_NORMAL = tl.constexpr(0.015625)  # 2^-6
 E4M3_SUBNORMAL_STEP = tl.constexpr(0.001953125)  # 2^-9
 ACT_AMAX_FLOOR = tl.constexpr(1e-4)  # keeps the scale of an all-zero activation group finite

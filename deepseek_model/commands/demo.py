@@ -17,7 +17,7 @@ import time
 import torch
 
 from deepseek_model.config import ModelConfig
-from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.evaluation import bits_per_byte, token_byte_lengths, windows
 from deepseek_model.generate import generate
 from deepseek_model.kernels import reference

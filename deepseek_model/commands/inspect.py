@@ -7,7 +7,7 @@ import json
 import os
 
 from deepseek_model.config import BUILTIN_CONFIGS, ModelConfig
-from deepseek_model.convert.checkpoint import CONFIG_FILE, CheckpointReader
+from deepseek_model.checkpoint.reader import CONFIG_FILE, CheckpointReader
 from deepseek_model.summary import model_summary
 
 HELP = "describe a checkpoint directory (or a built-in config): parameters, FP8 coverage, memory, cache"

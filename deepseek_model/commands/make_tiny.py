@@ -6,7 +6,8 @@ import argparse
 import os
 
 from deepseek_model.config import BUILTIN_CONFIGS
-from deepseek_model.testing import DEFAULT_SHARDS, make_tiny_checkpoint
+from deepseek_model.checkpoint.writer import DEFAULT_SHARDS
+from deepseek_model.testing import make_tiny_checkpoint
 
 HELP = "write a deterministic random checkpoint in the exact HF layout (bf16 or FP8, with MTP)"
 

@@ -3,7 +3,7 @@
 Steps: read the corpus (held-out plays excluded), train a byte-level BPE tokenizer on the training
 plays, train `configs/mini-shakespeare.json` from scratch with AdamW (warm-up, cosine decay), the
 bias-update balancer (γ), the sequence-wise balance loss (α) and the MTP loss (λ), and export the
-result in the published FP8 layout (float8_e4m3fn weights with 128×128 `weight_scale_inv`,
+result in the published FP8 layout (float8_e4m3fn weights with 128×128 block scales,
 `quantization_config`, index, MTP layer at index num_hidden_layers; its embedding and head are the
 main ones, stored once and shared on load). Held-out bits/byte (Hamlet, Macbeth, The Tempest) is
 measured during and after training.

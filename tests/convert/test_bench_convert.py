@@ -6,7 +6,7 @@ import torch
 
 from deepseek_model.benchmarks.bench_convert import _fp8_bytes, synthetic_config, write_synthetic_fp8
 from deepseek_model.config import builtin_config_dict
-from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.convert.fp8 import fp8_to_bf16
 
 

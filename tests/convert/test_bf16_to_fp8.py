@@ -9,8 +9,8 @@ import pytest
 import torch
 from convert_helpers import read_json, run_cli
 
-from deepseek_model.convert import names
-from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.convert.fp8 import bf16_to_fp8, fp8_to_bf16
 from deepseek_model.convert.verify import verify
 from deepseek_model.kernels.reference import weight_dequant
@@ -48,10 +48,10 @@ def test_published_tensor_set_and_config(tiny_fp8, quantized):
     out = CheckpointReader(quantized)
     assert set(out.names()) == set(CheckpointReader(tiny_fp8).names())  # same inventory as a published FP8 dir
     for name in out.names():
-        if names.is_fp8_weight(name):
-            assert out.dtype(name) == torch.float8_e4m3fn and out.dtype(names.scale_name(name)) == torch.float32
-            assert out.file_of(names.scale_name(name)) == out.file_of(name)
-        elif not names.is_scale_name(name):
+        if schema.is_fp8_weight(name):
+            assert out.dtype(name) == torch.float8_e4m3fn and out.dtype(schema.scale_name(name)) == torch.float32
+            assert out.file_of(schema.scale_name(name)) == out.file_of(name)
+        elif not schema.is_scale_name(name):
             assert out.dtype(name) != torch.float8_e4m3fn
     qc = read_json(os.path.join(quantized, "config.json"))["quantization_config"]
     assert qc == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
@@ -66,11 +66,11 @@ def test_byte_exact_vs_independent_per_block_formula(tiny_bf16, quantized, tmp_p
     src, out = CheckpointReader(tiny_bf16), CheckpointReader(quantized)
     checked = ragged = 0
     for name in src.names():
-        if not names.is_fp8_weight(name):
+        if not schema.is_fp8_weight(name):
             assert torch.equal(out.get(name), src.get(name)), name  # copied unchanged
             continue
         q_ref, s_ref = independent_block_quant(src.get(name), ue8m0)
-        s = out.get(names.scale_name(name))
+        s = out.get(schema.scale_name(name))
         assert torch.equal(out.get(name).view(torch.uint8), q_ref.view(torch.uint8)), name
         assert torch.equal(s, s_ref), name
         if ue8m0:
@@ -88,9 +88,9 @@ def test_roundtrip_fp8_bf16_fp8_within_block_bound(tiny_fp8, tmp_path):
     for name in a.names():
         if a.dtype(name) != torch.float8_e4m3fn:
             continue
-        sa = a.get(names.scale_name(name))
+        sa = a.get(schema.scale_name(name))
         da = weight_dequant(a.get(name), sa)
-        db = weight_dequant(b.get(name), b.get(names.scale_name(name)))
+        db = weight_dequant(b.get(name), b.get(schema.scale_name(name)))
         bound = 16.0 * sa.repeat_interleave(B, 0)[: da.shape[0]].repeat_interleave(B, 1)[:, : da.shape[1]]
         assert bool(((da - db).abs() <= bound).all()), name  # half an e4m3 step at the top binade, per block
     report = verify(tiny_fp8, tmp_path / "fp8")

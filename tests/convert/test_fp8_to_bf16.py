@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from deepseek_model.convert import names
-from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.convert.fp8 import dequant_band, fp8_to_bf16
 from deepseek_model.kernels.reference import weight_dequant, weight_quant
 
@@ -34,14 +34,14 @@ def test_dequant_band_matches_weight_dequant_on_ragged_shapes():
 
 def test_tensors_equal_weight_dequant_of_source(tiny_fp8, converted):
     src, dst = CheckpointReader(tiny_fp8), CheckpointReader(converted)
-    expected = {n for n in src.names() if not names.is_scale_name(n)}
+    expected = {n for n in src.names() if not schema.is_scale_name(n)}
     assert set(dst.names()) == expected
     n_fp8 = 0
     for name in dst.names():
         out = dst.get(name)
         if src.dtype(name) == torch.float8_e4m3fn:
             n_fp8 += 1
-            ref = weight_dequant(src.get(name), src.get(names.scale_name(name)), dtype=torch.bfloat16)
+            ref = weight_dequant(src.get(name), src.get(schema.scale_name(name)), dtype=torch.bfloat16)
             assert out.dtype == torch.bfloat16
             assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), name
         else:
@@ -74,7 +74,7 @@ def test_strip_mtp_option(tiny_fp8, tmp_path):
     config = read_json(tmp_path / "out" / "config.json")
     assert config["num_nextn_predict_layers"] == 0
     layer = config["num_hidden_layers"]
-    assert all(names.layer_index(n) in (None, *range(layer)) for n in CheckpointReader(tmp_path / "out").names())
+    assert all(schema.layer_index(n) in (None, *range(layer)) for n in CheckpointReader(tmp_path / "out").names())
 
 
 def test_transformers_loads_output(converted):

@@ -8,20 +8,21 @@ import os
 import torch
 from convert_helpers import read_json, run_cli, run_inproc
 
-from deepseek_model.convert import names
-from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.config import ModelConfig
 from deepseek_model.convert.fp8 import bf16_to_fp8, fp8_to_bf16
 from deepseek_model.convert.mtp import strip_mtp
 from deepseek_model.convert.verify import verify
-from deepseek_model.testing import make_tiny_tensors, write_checkpoint
+from deepseek_model.checkpoint.writer import write_checkpoint
+from deepseek_model.testing import make_tiny_tensors
 
 
 def test_strip_mtp_copies_the_rest_byte_for_byte(tiny_fp8, tmp_path):
     strip_mtp(tiny_fp8, tmp_path / "out", quiet=True)
     src, out = CheckpointReader(tiny_fp8), CheckpointReader(tmp_path / "out")
     layers = src.config()["num_hidden_layers"]
-    kept = [n for n in src.names() if (names.layer_index(n) or 0) < layers]
+    kept = [n for n in src.names() if (schema.layer_index(n) or 0) < layers]
     assert sorted(out.names()) == sorted(kept) and len(kept) < len(src.names())
     for name in kept:
         assert out.dtype(name) == src.dtype(name)

@@ -15,10 +15,11 @@ import torch
 from convert_helpers import read_json, run_cli, run_inproc, tree_checksums
 
 from deepseek_model.config import ModelConfig
-from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.convert.io import ConvertError, check_paths
 from deepseek_model.convert.pipeline import DELAY_ENV
-from deepseek_model.testing import make_tiny_tensors, write_checkpoint
+from deepseek_model.checkpoint.writer import write_checkpoint
+from deepseek_model.testing import make_tiny_tensors
 
 KILL_POLL_S = 0.02
 

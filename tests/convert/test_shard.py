@@ -6,10 +6,10 @@ import pytest
 import torch
 from convert_helpers import run_cli, run_inproc
 
-from deepseek_model.convert import names
-from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.convert.shard import merge, shard
-from deepseek_model.convert.sharded import load_rank, read_manifest
+from deepseek_model.checkpoint.sharded import load_rank, read_manifest
 from deepseek_model.convert.verify import verify
 
 
@@ -75,7 +75,7 @@ def test_rank_contents_follow_the_split_rules(aligned_fp8, tmp_path):
         assert manifest["ranks"][0]["weight_map"][name].endswith(".safetensors")
     q_scale = ranks[0]["model.layers.1.self_attn.q_b_proj.weight_scale_inv"]
     assert q_scale.shape[0] * 128 == ranks[0]["model.layers.1.self_attn.q_b_proj.weight"].shape[0]
-    experts_on_0 = {names.layer_index(n) for n in ranks[0] if ".mlp.experts." in n}
+    experts_on_0 = {schema.layer_index(n) for n in ranks[0] if ".mlp.experts." in n}
     assert experts_on_0 and all(int(n.split(".")[5]) < 4 for n in ranks[0] if ".mlp.experts." in n)
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import deepseek_model as dsm
-from deepseek_model.convert import names
-from deepseek_model.testing import write_checkpoint
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.writer import write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -17,7 +17,7 @@ TOL = 1e-4
 def _export_dense(model, cfg_dict, out_dir):
     """Our (dequantized) fp32 weights, under HF names, MTP dropped: a checkpoint transformers can read."""
     n_layers = model.cfg.num_hidden_layers
-    tensors = {names.internal_to_hf(k, n_layers): v.detach().clone()
+    tensors = {schema.internal_to_hf(k, n_layers): v.detach().clone()
                for k, v in model.state_dict().items() if not k.startswith("mtp.")}
     d = dict(cfg_dict)
     d.pop("quantization_config", None)

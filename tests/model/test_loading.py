@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import deepseek_model as dsm
-from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.kernels import reference
 
 INDEX = "model.safetensors.index.json"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import deepseek_model as dsm
-from deepseek_model.convert.checkpoint import CheckpointReader
+from deepseek_model.checkpoint.reader import CheckpointReader
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,8 +12,8 @@ import time
 import torch
 
 import deepseek_model as dsm
-from deepseek_model.convert.checkpoint import CheckpointReader
-from deepseek_model.convert.shard import split_rule
+from deepseek_model.checkpoint.reader import CheckpointReader
+from deepseek_model.checkpoint.schema import split_rule
 
 BATCH, SEQ = 2, 12
 PROMPT_LEN, NEW_TOKENS = 5, 6

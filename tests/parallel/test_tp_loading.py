@@ -10,9 +10,10 @@ import pytest
 
 import deepseek_model as dsm
 from deepseek_model.config import ModelConfig
-from deepseek_model.convert import names
-from deepseek_model.convert.sharded import SPLIT_EXPERT, SPLIT_REPLICATED
-from deepseek_model.testing import make_tiny_tensors, write_checkpoint
+from deepseek_model.checkpoint import schema
+from deepseek_model.checkpoint.schema import SPLIT_EXPERT, SPLIT_REPLICATED
+from deepseek_model.checkpoint.writer import write_checkpoint
+from deepseek_model.testing import make_tiny_tensors
 from parallel_harness import results, run_workers
 from parallel_workers import (die_before_collective, load_error, load_or_die, reads_during_load, split_kind,
                               stall_before_collective)
@@ -41,7 +42,7 @@ def test_ranks_read_only_their_slices(tp_fp8):
             if kind == SPLIT_EXPERT:
                 assert _expert(name) // per_rank == rank, f"rank {rank} read another rank's expert '{name}'"
         assert sliced and all(split_kind(n) not in (SPLIT_REPLICATED, SPLIT_EXPERT) for n in sliced)
-        assert any(names.is_scale_name(n) for n in sliced), "FP8 scales must be sliced with their weights"
+        assert any(schema.is_scale_name(n) for n in sliced), "FP8 scales must be sliced with their weights"
         owned = {n for n in whole if split_kind(n) == SPLIT_EXPERT}
         moe_layers = sum(map(cfg.is_moe_layer, range(cfg.num_hidden_layers))) + cfg.num_nextn_predict_layers
         assert len(owned) == per_rank * 3 * 2 * moe_layers  # experts x (gate, up, down) x (weight, scale)
@@ -62,7 +63,7 @@ def test_indivisible_heads_refused(tiny_bf16):
     ranks = results(run_workers(load_error, 3, tiny_bf16))
     for msg in ranks:
         assert msg.startswith("ParallelError: cannot split the model over world size 3: num_attention_heads (4) is "
-                              "not divisible by 3; n_routed_experts (16) is not divisible by 3; vocab_size (512)")
+                              "not divisible by 3; vocab_size (512) is not divisible by 3; n_routed_experts (16) is not divisible by 3")
 
 
 def test_quantizing_at_load_obeys_fp8_blocks(tiny_bf16):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import deepseek_model as dsm
-from deepseek_model.convert.checkpoint import CheckpointError
+from deepseek_model.checkpoint.reader import CheckpointError
 from deepseek_model.evaluation import bits_per_byte, token_byte_lengths, windows
 from deepseek_model.pretrained import PRETRAINED, pretrained_path
 from deepseek_model.tokenizer import load_tokenizer

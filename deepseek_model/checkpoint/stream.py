@@ -20,9 +20,9 @@ from typing import Iterator
 
 import torch
 
-from deepseek_model.convert.checkpoint import CheckpointError, CheckpointReader, read_safetensors_header
+from deepseek_model.checkpoint.reader import (DTYPE_CODES, DTYPE_OF_CODE, HEADER_LEN_BYTES, CheckpointError, CheckpointReader,
+                                             read_safetensors_header)
 
-HEADER_LEN_BYTES = 8
 HEADER_ALIGN = 8  # safetensors pads the JSON header with spaces to a multiple of 8 bytes
 WRITES_IN_FLIGHT = 2  # band writes queued behind the one being computed (bounds the extra memory)
 BAND_BYTES = 4 << 20  # target bytes of one source row band: its fp32 work buffers (16 MB) stay below
@@ -30,12 +30,6 @@ BAND_BYTES = 4 << 20  # target bytes of one source row band: its fp32 work buffe
 COPY_CHUNK_BYTES = 256 << 20  # one copy_file_range call at most
 SAFETENSORS_METADATA = {"format": "pt"}
 
-DTYPE_CODES: dict[torch.dtype, str] = {
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.bfloat16: "BF16", torch.float16: "F16",
-    torch.float32: "F32", torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-    torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-DTYPE_OF_CODE: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 @dataclass(frozen=True)

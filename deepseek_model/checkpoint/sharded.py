@@ -26,14 +26,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from deepseek_model.convert.checkpoint import CheckpointError, CheckpointReader, read_json_file
-from deepseek_model.convert.stream import DTYPE_OF_CODE, SourceReader, TensorSpec
+from deepseek_model.checkpoint.reader import CheckpointError, CheckpointReader, read_json_file
+from deepseek_model.checkpoint.schema import SPLIT_EXPERT, SPLIT_KINDS, SPLIT_REPLICATED, SPLIT_ROW
+from deepseek_model.checkpoint.stream import DTYPE_OF_CODE, SourceReader, TensorSpec
 
 MANIFEST_FILE = "tp_manifest.json"
 MANIFEST_FORMAT = "deepseek-model-tp"
 MANIFEST_VERSION = 1
-SPLIT_COLUMN, SPLIT_ROW, SPLIT_REPLICATED, SPLIT_EXPERT = "column", "row", "replicated", "expert"
-SPLIT_KINDS = (SPLIT_COLUMN, SPLIT_ROW, SPLIT_REPLICATED, SPLIT_EXPERT)
 
 
 def rank_file_name(rank: int, world_size: int) -> str:

@@ -19,14 +19,14 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
-_DTYPES = {
-    "F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-    "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "F8_E5M2": torch.float8_e5m2,
+# The safetensors dtype codes this package reads and writes (headers and the shard manifest).
+DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.bfloat16: "BF16", torch.float16: "F16",
+    torch.float32: "F32", torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+    torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
-_DTYPE_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4,
-                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_HEADER_LEN_BYTES = 8
+DTYPE_OF_CODE: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
+HEADER_LEN_BYTES = 8
 
 
 class CheckpointError(ValueError):
@@ -48,11 +48,11 @@ def read_safetensors_header(path: str) -> dict[str, Any]:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            raw_len = f.read(_HEADER_LEN_BYTES)
-            if len(raw_len) < _HEADER_LEN_BYTES:
+            raw_len = f.read(HEADER_LEN_BYTES)
+            if len(raw_len) < HEADER_LEN_BYTES:
                 raise CheckpointError(f"{path}: truncated safetensors file (no header)")
             header_len = int.from_bytes(raw_len, "little")
-            if header_len > size - _HEADER_LEN_BYTES:
+            if header_len > size - HEADER_LEN_BYTES:
                 raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
                                       f"(header length {header_len} exceeds file size {size})")
             header = json.loads(f.read(header_len))
@@ -63,11 +63,11 @@ def read_safetensors_header(path: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header")
     header.pop("__metadata__", None)
-    data_len = size - _HEADER_LEN_BYTES - header_len
+    data_len = size - HEADER_LEN_BYTES - header_len
     for name, info in header.items():
         try:
             start, end = info["data_offsets"]
-            nbytes = _DTYPE_BYTES[info["dtype"]]
+            nbytes = DTYPE_OF_CODE[info["dtype"]].itemsize
             numel = 1
             for d in info["shape"]:
                 numel *= int(d)
@@ -193,7 +193,7 @@ class CheckpointReader:
     def dtype(self, name: str) -> torch.dtype:
         """torch dtype from the shard header (no data read)."""
         code = self._entry(name)[1]["dtype"]
-        return _DTYPES[code]
+        return DTYPE_OF_CODE[code]
 
     def nbytes(self, name: str) -> int:
         """Bytes of tensor data on disk."""
