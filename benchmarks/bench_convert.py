@@ -31,6 +31,7 @@ from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.reader import INDEX_FILE, CheckpointReader
 from deepseek_model.convert.io import write_json
 from deepseek_model.checkpoint.stream import ShardWriter, TensorSpec, row_bands
+from deepseek_model.constants import FP8_DTYPE, SCALE_DTYPE, block_grid
 
 GB = 1e9
 MB = 1e6
@@ -77,13 +78,12 @@ def write_synthetic_fp8(path: str, config: dict[str, Any]) -> dict[str, Any]:
     cfg = ModelConfig.from_dict(config)
     gen = torch.Generator().manual_seed(SYNTH_SEED)
     specs: list[TensorSpec] = []
-    for name, shape in schema.hf_weight_shapes(cfg).items():
-        if schema.is_fp8_weight(name):
-            specs.append(TensorSpec(name, torch.float8_e4m3fn, shape))
-            specs.append(TensorSpec(schema.scale_name(name), torch.float32,
-                                    (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))))
+    for name, shape, fam in schema.hf_weights(cfg):
+        if fam.fp8:
+            specs.append(TensorSpec(name, FP8_DTYPE, shape))
+            specs.append(TensorSpec(schema.scale_name(name), SCALE_DTYPE, block_grid(shape)))
         else:
-            specs.append(TensorSpec(name, torch.float32 if name.endswith("bias") else torch.bfloat16, shape))
+            specs.append(TensorSpec(name, torch.float32 if fam.keep_fp32 else torch.bfloat16, shape))
     shards: list[list[TensorSpec]] = [[]]
     for s in specs:
         if shards[-1] and sum(x.nbytes for x in shards[-1]) + s.nbytes > SHARD_BYTES:

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from deepseek_model.checkpoint.reader import CheckpointError
+from deepseek_model.checkpoint.errors import CheckpointError
 from deepseek_model.convert.io import ConvertError
 
 EXIT_BAD_INPUT = 2

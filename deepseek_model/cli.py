@@ -28,13 +28,20 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
-    """The argument parser and the command → module map."""
+def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """The argument parser and the command → module map.
+
+    Only the named command's module is imported when argv names one (so `convert --help` or
+    `inspect CONFIG` does not pay for torch); the top-level help imports them all for their help
+    lines.
+    """
     parser = argparse.ArgumentParser(prog="deepseek-model",
                                      description="DeepSeek-V3-style MoE models: run, inspect, convert, benchmark.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    named = next((a for a in (argv or []) if not a.startswith("-")), None)
+    wanted = [(n, m) for n, m in COMMANDS if n == named] or list(COMMANDS)
     modules = {}
-    for name, module_name in COMMANDS:
+    for name, module_name in wanted:
         module = importlib.import_module(module_name)
         help_text = getattr(module, "HELP", None) or (module.__doc__ or "").strip().splitlines()[0]
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -45,7 +52,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    parser, modules = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, modules = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         for name in CHECKPOINT_ARGS:  # a shipped checkpoint's name stands for its directory

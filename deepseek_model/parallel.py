@@ -5,7 +5,7 @@ serves one process and a torchrun job. `init()` builds the context from the envi
 sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): gloo on CPU, NCCL on GPU, with a
 collective timeout so a dead or failing rank ends the job instead of hanging it.
 
-`split_problems(cfg, world_size, block)` lists every reason a config cannot be split over a world
+`schema.split_problems(cfg, world_size, block)` lists every reason a config cannot be split over a world
 size (heads, experts, vocab, MLP widths, and FP8 128-blocks along every split dimension); the
 loader and `inspect --world-size` use it before any weight is read.
 """
@@ -26,7 +26,6 @@ BACKEND_CPU = "gloo"
 BACKEND_GPU = "nccl"
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # loading 671B weights can keep a rank busy for many minutes
 ENV_RANK, ENV_WORLD_SIZE, ENV_LOCAL_RANK = "RANK", "WORLD_SIZE", "LOCAL_RANK"
-HEADS_MARK = "heads x"  # split dimensions derived from the head count
 
 
 class ParallelError(ValueError):
@@ -171,34 +170,8 @@ def shutdown(ctx: ParallelContext) -> None:
 
 
 # ---------------------------------------------------------------------------- split validity
-def split_problems(cfg: Any, world_size: int, fp8_block: int | None) -> list[str]:
-    """Why `cfg` cannot be split over `world_size` ranks (empty when it can).
-
-    Args:
-        cfg: a ModelConfig.
-        world_size: number of tensor/expert-parallel ranks.
-        fp8_block: the FP8 block size when the weights are (or will be) FP8 with block scales,
-            else None (no block constraint).
-    """
-    if world_size < 1:
-        return [f"world size must be >= 1, got {world_size}"]
-    if world_size == 1:
-        return []  # nothing is cut
-    problems = []
-    heads_split = cfg.num_attention_heads % world_size == 0
-    for what, size, fp8_cut in schema.split_dims(cfg):
-        if not heads_split and HEADS_MARK in what:
-            continue  # already reported as num_attention_heads
-        if size % world_size:
-            problems.append(f"{what} ({size}) is not divisible by {world_size}")
-        elif fp8_cut and fp8_block and (size // world_size) % fp8_block:
-            problems.append(f"{what} ({size}) splits into parts of {size // world_size}, not a multiple of the "
-                            f"FP8 {fp8_block}-block its scale is split by")
-    return problems
-
-
 def check_splits(cfg: Any, world_size: int, fp8_block: int | None) -> None:
     """Raise ParallelError (one line, every reason) when `cfg` cannot be split over `world_size`."""
-    problems = split_problems(cfg, world_size, fp8_block)
+    problems = schema.split_problems(cfg, world_size, fp8_block)
     if problems:
         raise ParallelError(f"cannot split the model over world size {world_size}: " + "; ".join(problems))

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from deepseek_model.config import ModelConfig
 from deepseek_model.checkpoint import schema
-from deepseek_model.checkpoint.reader import CheckpointReader
-from deepseek_model.checkpoint.schema import SPLIT_EXPERT, SPLIT_REPLICATED, split_rule
-from deepseek_model.constants import SCALE_DTYPE, ceil_div
-from deepseek_model.parallel import split_problems
+from deepseek_model.checkpoint.schema import SPLIT_DIM, SPLIT_EXPERT, SPLIT_REPLICATED, split_problems
+from deepseek_model.constants import FP8_BLOCK, ceil_div
 
 BF16_BYTES = 2
 FP8_BYTES = 1
-SCALE_BYTES = SCALE_DTYPE.itemsize
+SCALE_BYTES = 4  # fp32 block scales
+FP32_BYTES = 4
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -37,39 +34,39 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     Active = every non-routed-expert parameter of the main model plus num_experts_per_tok routed
     experts per MoE layer (the MTP module is excluded from both total and active).
     """
-    shapes = schema.hf_weight_shapes(cfg, mtp=True)
+    tensors = schema.hf_weights(cfg, mtp=True)
     mtp_prefix = f"model.layers.{cfg.mtp_layer_index}."
-    main = {n: s for n, s in shapes.items() if not n.startswith(mtp_prefix)}
-    total = sum(_numel(s) for s in main.values())
-    mtp = sum(_numel(s) for n, s in shapes.items() if n.startswith(mtp_prefix))
-    routed = sum(_numel(s) for n, s in main.items() if schema.expert_index(n) is not None)
+    main = [(n, s, fam) for n, s, fam in tensors if not n.startswith(mtp_prefix)]
+    total = sum(_numel(s) for _, s, _ in main)
+    mtp = sum(_numel(s) for n, s, _ in tensors if n.startswith(mtp_prefix))
+    routed = sum(_numel(s) for _, s, fam in main if fam.per_expert)
     active = total - routed + routed * cfg.num_experts_per_tok // cfg.n_routed_experts
     return {"total": total, "mtp": mtp, "active": active, "routed_expert": routed}
 
 
 def weight_bytes(cfg: ModelConfig, fmt: str, mtp: bool = True) -> int:
     """Bytes of the checkpoint in `fmt` ("bf16" or "fp8": the published FP8 tensor set + fp32 scales)."""
-    block = cfg.quantization.block_size[0] if cfg.quantization else 128
+    block = cfg.quantization.block_size[0] if cfg.quantization else FP8_BLOCK
     total = 0
-    for name, shape in schema.hf_weight_shapes(cfg, mtp=mtp).items():
-        if name.endswith("e_score_correction_bias"):
-            total += _numel(shape) * SCALE_BYTES
-        elif fmt == "fp8" and schema.is_fp8_weight(name):
+    for _, shape, fam in schema.hf_weights(cfg, mtp=mtp):
+        if fam.keep_fp32:
+            total += _numel(shape) * FP32_BYTES
+        elif fmt == "fp8" and fam.fp8:
             total += _numel(shape) * FP8_BYTES + ceil_div(shape[0], block) * ceil_div(shape[1], block) * SCALE_BYTES
         else:
             total += _numel(shape) * BF16_BYTES
     return total
 
 
-def _tensor_bytes(name: str, shape: tuple[int, ...], fmt: str, block: int, parts: int = 1,
+def _tensor_bytes(fam: schema.TensorFamily, shape: tuple[int, ...], fmt: str, block: int, parts: int = 1,
                   dim: int | None = None) -> int:
     """Bytes of one tensor (plus its FP8 scale) in `fmt`, or of one of `parts` equal parts along `dim`."""
-    if name.endswith("e_score_correction_bias"):
-        return _numel(shape) * SCALE_BYTES
+    if fam.keep_fp32:
+        return _numel(shape) * FP32_BYTES
     local = list(shape)
     if dim is not None:
         local[dim] //= parts
-    if fmt == "fp8" and schema.is_fp8_weight(name):
+    if fmt == "fp8" and fam.fp8:
         grid = [ceil_div(d, block) for d in shape]  # the scale is cut with its weight
         if dim is not None:
             grid[dim] //= parts
@@ -91,18 +88,17 @@ def per_rank_weight_bytes(cfg: ModelConfig, world_size: int, mtp: bool = True) -
         problems say why a world size cannot split the model (FP8 adds the 128-block rule, which
         also binds an FP8 checkpoint dequantized at load: its scales are sliced with the weights).
     """
-    block = cfg.quantization.block_size[0] if cfg.quantization else 128
+    block = cfg.quantization.block_size[0] if cfg.quantization else FP8_BLOCK
     out: dict[str, Any] = {"world_size": world_size}
     for fmt in ("bf16", "fp8"):
         parts = {"split": 0, "experts": 0, "replicated": 0}
-        for name, shape in schema.hf_weight_shapes(cfg, mtp=mtp).items():
-            kind, dim = split_rule(name)
-            if kind == SPLIT_EXPERT:
-                parts["experts"] += _tensor_bytes(name, shape, fmt, block)
-            elif kind == SPLIT_REPLICATED:
-                parts["replicated"] += _tensor_bytes(name, shape, fmt, block)
+        for _, shape, fam in schema.hf_weights(cfg, mtp=mtp):
+            if fam.split == SPLIT_EXPERT:
+                parts["experts"] += _tensor_bytes(fam, shape, fmt, block)
+            elif fam.split == SPLIT_REPLICATED:
+                parts["replicated"] += _tensor_bytes(fam, shape, fmt, block)
             else:
-                parts["split"] += _tensor_bytes(name, shape, fmt, block, world_size, dim)
+                parts["split"] += _tensor_bytes(fam, shape, fmt, block, world_size, SPLIT_DIM[fam.split])
         parts["experts"] //= max(world_size, 1)  # E/world whole experts per rank
         parts["total"] = sum(parts.values())
         out[fmt] = parts
@@ -129,7 +125,7 @@ def checkpoint_formats(reader: CheckpointReader) -> dict[str, Any]:
         entry["bytes"] += reader.nbytes(name)
         if schema.is_fp8_weight(name):
             fp8_expected += 1
-            fp8_weights += reader.dtype(name) == torch.float8_e4m3fn
+            fp8_weights += dtype == "float8_e4m3fn"
     return {"dtypes": by_dtype, "fp8_weights": fp8_weights, "fp8_eligible": fp8_expected}
 
 

@@ -58,13 +58,13 @@ def _config_dict(config: str | dict | ModelConfig, fp8: bool, mtp: bool) -> dict
     return d
 
 
-def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+def _init_tensor(fam: schema.TensorFamily, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """A deterministic fp32 value for one HF tensor, scaled so logits come out O(1)."""
-    if name.endswith("e_score_correction_bias"):
+    if fam.keep_fp32:  # the router's correction bias
         return (torch.rand(shape, generator=gen) * 2 - 1) * ROUTER_BIAS_RANGE
     if len(shape) == 1:  # RMSNorm weights: near one, varied
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
-    if name.endswith("embed_tokens.weight"):
+    if fam.internal == "embed.weight":
         return torch.randn(shape, generator=gen)
     fan_in = shape[1]
     return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
@@ -82,17 +82,17 @@ def make_tiny_tensors(cfg: ModelConfig, fp8: bool = False, seed: int = 0,
     scale_fmt = cfg.quantization.scale_fmt if cfg.quantization else None
     tensors: dict[str, torch.Tensor] = {}
     mtp_prefix = f"model.layers.{cfg.mtp_layer_index}."
-    for name, shape in schema.hf_weight_shapes(cfg, mtp=mtp).items():
+    for name, shape, fam in schema.hf_weights(cfg, mtp=mtp):
         if name == mtp_prefix + "embed_tokens.weight":
             tensors[name] = tensors["model.embed_tokens.weight"].clone()
             continue
         if name == mtp_prefix + "shared_head.head.weight":
             tensors[name] = tensors["lm_head.weight"].clone()
             continue
-        value = _init_tensor(name, shape, gen)
-        if name.endswith("e_score_correction_bias"):
+        value = _init_tensor(fam, shape, gen)
+        if fam.keep_fp32:
             tensors[name] = value.float()
-        elif fp8 and schema.is_fp8_weight(name):
+        elif fp8 and fam.fp8:
             q, s = ops.weight_quant(value, block, scale_fmt)
             tensors[name] = q
             tensors[schema.scale_name(name)] = s

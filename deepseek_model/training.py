@@ -526,7 +526,7 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype = torch.float32) -> dic
     out = {}
     for name, t in model.state_dict().items():
         hf = schema.internal_to_hf(name, model.cfg.num_hidden_layers)
-        keep_fp32 = hf.endswith("e_score_correction_bias")
+        keep_fp32 = schema.match(hf).family.keep_fp32
         out[hf] = t.detach().to(device="cpu", dtype=torch.float32 if keep_fp32 else dtype).clone()
     return out
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from deepseek_model.checkpoint.errors import CheckpointError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -27,10 +29,6 @@ DTYPE_CODES: dict[torch.dtype, str] = {
 }
 DTYPE_OF_CODE: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
 HEADER_LEN_BYTES = 8
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read as described; the message names the culprit."""
 
 
 def read_safetensors_header(path: str) -> dict[str, Any]:

@@ -10,7 +10,8 @@ Each `TensorFamily` states, once, for one kind of tensor:
 * `fp8` — whether the published checkpoint stores it as float8_e4m3fn with a 128×128-block
   `weight_scale_inv` beside it (the scale follows its weight everywhere: name, split, shard),
 * `shape` — its shape from the config (None where the config has no such tensor),
-* `label` — the config size a column/row split cuts, for messages ("vocab_size", ...).
+* `label` — the config size a column/row split cuts, for messages ("vocab_size", ...),
+* `keep_fp32` — stored in fp32 whatever the checkpoint's dtype (the router's correction bias).
 
 The loader, tensor-parallel slicing, `convert shard`/`merge`, the converters, `inspect`, the
 tiny-checkpoint builder and training's save all ask this table. Scopes place a family in the
@@ -43,6 +44,7 @@ INTERNAL_SCALE = "scale"  # the Linear parameter holding a weight's block scale
 EXPERT_FIELD = "{e}"
 HEADS_LABEL = "num_attention_heads"
 EXPERTS_LABEL = "n_routed_experts"
+HEADS_MARK = "heads x"  # labels of split sizes that are multiples of the head count
 
 ShapeFn = Callable[[Any, bool], "tuple[int, ...] | None"]  # (config, is a MoE layer) → shape or None
 
@@ -58,6 +60,7 @@ class TensorFamily:
     fp8: bool
     shape: ShapeFn
     label: str | None = None
+    keep_fp32: bool = False
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -149,7 +152,8 @@ def _families() -> tuple[TensorFamily, ...]:
         F("mlp.gate.weight", "ffn.gate.weight", LAYER, SPLIT_REPLICATED, False,
           _moe(lambda cfg: (cfg.n_routed_experts, h(cfg)))),
         F("mlp.gate.e_score_correction_bias", "ffn.gate.bias", LAYER, SPLIT_REPLICATED, False,
-          lambda cfg, moe: (cfg.n_routed_experts,) if moe and cfg.topk_method == "noaux_tc" else None),
+          lambda cfg, moe: (cfg.n_routed_experts,) if moe and cfg.topk_method == "noaux_tc" else None,
+          keep_fp32=True),
         F("mlp.experts.{e}.gate_proj.weight", "ffn.experts.{e}.w1.weight", LAYER, SPLIT_EXPERT, True,
           _moe(lambda cfg: (cfg.moe_intermediate_size, h(cfg))), EXPERTS_LABEL),
         F("mlp.experts.{e}.up_proj.weight", "ffn.experts.{e}.w3.weight", LAYER, SPLIT_EXPERT, True,
@@ -213,20 +217,29 @@ class Schema:
                 if key in seen:
                     raise ValueError(f"TensorFamily {fam.hf}: name {key[1]!r} is already in the schema")
                 seen.add(key)
-        self._hf = tuple((fam, _pattern(fam.hf)) for fam in self.families)
-        self._internal = tuple((fam, _pattern(fam.internal)) for fam in self.families)
+        # exact names in a dict; only the routed-expert families need a pattern
+        self._hf = ({(f.scope, f.hf): f for f in self.families if not f.per_expert},
+                    tuple((f, _pattern(f.hf)) for f in self.families if f.per_expert))
+        self._internal = ({(f.scope, f.internal): f for f in self.families if not f.per_expert},
+                          tuple((f, _pattern(f.internal)) for f in self.families if f.per_expert))
 
     def with_families(self, *families: TensorFamily) -> Schema:
         """A new schema with `families` appended (this one is unchanged)."""
         return Schema(self.families + tuple(families))
 
     # ------------------------------------------------------------------------------ lookups
-    def _find(self, table, scopes: tuple[str, ...], rel: str) -> tuple[TensorFamily, int | None] | None:
-        for fam, pattern in table:
+    @staticmethod
+    def _find(table, scopes: tuple[str, ...], rel: str) -> tuple[TensorFamily, int | None] | None:
+        exact, patterns = table
+        for scope in scopes:
+            fam = exact.get((scope, rel))
+            if fam is not None:
+                return fam, None
+        for fam, pattern in patterns:
             if fam.scope in scopes:
                 m = pattern.match(rel)
                 if m:
-                    return fam, (int(m.group("e")) if fam.per_expert else None)
+                    return fam, int(m.group("e"))
         return None
 
     def match(self, hf_name: str, num_hidden_layers: int | None = None) -> Match | None:
@@ -313,9 +326,9 @@ class Schema:
         return None if m is None else m.expert
 
     # ------------------------------------------------------------------------------ inventories
-    def _layer_shapes(self, cfg, layer: int) -> Iterator[tuple[str, tuple[int, ...]]]:
-        """(HF name, shape) of one decoder layer; the routed experts come expert by expert, each with
-        all its per-expert families, where the first per-expert family stands in the table."""
+    def _layer_tensors(self, cfg, layer: int) -> Iterator[tuple[str, tuple[int, ...], TensorFamily]]:
+        """(HF name, shape, family) of one decoder layer; the routed experts come expert by expert,
+        each with all its per-expert families, where the first per-expert family stands in the table."""
         moe = cfg.is_moe_layer(layer)
         present = [(fam, fam.shape(cfg, moe)) for fam in self.families if fam.scope == LAYER]
         present = [(fam, tuple(shape)) for fam, shape in present if shape is not None]
@@ -323,20 +336,20 @@ class Schema:
         p = f"model.layers.{layer}."
         for fam, shape in present:
             if not fam.per_expert:
-                yield p + fam.hf, shape
+                yield p + fam.hf, shape, fam
             elif fam is per_expert[0][0]:
                 for e in range(cfg.n_routed_experts):
                     for efam, eshape in per_expert:
-                        yield p + efam.hf.replace(EXPERT_FIELD, str(e)), eshape
+                        yield p + efam.hf.replace(EXPERT_FIELD, str(e)), eshape, efam
 
-    def _scope_shapes(self, cfg, scope: str, prefix: str = "") -> Iterator[tuple[str, tuple[int, ...]]]:
+    def _scope_tensors(self, cfg, scope: str, prefix: str = "") -> Iterator[tuple[str, tuple[int, ...], TensorFamily]]:
         for fam in self.families:
             if fam.scope == scope:
                 shape = fam.shape(cfg, False)
                 if shape is not None:
-                    yield prefix + fam.hf, tuple(shape)
+                    yield prefix + fam.hf, tuple(shape), fam
 
-    def hf_weight_shapes(self, cfg, mtp: bool = True) -> dict[str, tuple[int, ...]]:
+    def hf_weights(self, cfg, mtp: bool = True) -> list[tuple[str, tuple[int, ...], TensorFamily]]:
         """Every non-scale tensor of the HF checkpoint described by `cfg`, in checkpoint order.
 
         Args:
@@ -344,19 +357,26 @@ class Schema:
             mtp: include the MTP layer (index num_hidden_layers) when the config has one.
 
         Returns:
-            {HF name: shape}. Add `scale_name(n)` of grid [ceil(out/b), ceil(in/b)] for each
-            `is_fp8_weight(n)` to get an FP8 checkpoint's full inventory.
+            [(HF name, shape, family)].
         """
-        shapes = dict(self._scope_shapes(cfg, PRE))
+        out = list(self._scope_tensors(cfg, PRE))
         for layer in range(cfg.num_hidden_layers):
-            shapes.update(self._layer_shapes(cfg, layer))
-        shapes.update(self._scope_shapes(cfg, POST))
+            out.extend(self._layer_tensors(cfg, layer))
+        out.extend(self._scope_tensors(cfg, POST))
         if mtp and cfg.num_nextn_predict_layers:
             prefix = f"model.layers.{cfg.num_hidden_layers}."
-            shapes.update(self._scope_shapes(cfg, MTP_PRE, prefix))
-            shapes.update(self._layer_shapes(cfg, cfg.num_hidden_layers))
-            shapes.update(self._scope_shapes(cfg, MTP_POST, prefix))
-        return shapes
+            out.extend(self._scope_tensors(cfg, MTP_PRE, prefix))
+            out.extend(self._layer_tensors(cfg, cfg.num_hidden_layers))
+            out.extend(self._scope_tensors(cfg, MTP_POST, prefix))
+        return out
+
+    def hf_weight_shapes(self, cfg, mtp: bool = True) -> dict[str, tuple[int, ...]]:
+        """{HF name: shape} of every non-scale tensor, in checkpoint order (see `hf_weights`).
+
+        Add `scale_name(n)` of grid [ceil(out/b), ceil(in/b)] for each `is_fp8_weight(n)` to get
+        an FP8 checkpoint's full inventory.
+        """
+        return {name: shape for name, shape, _ in self.hf_weights(cfg, mtp)}
 
     def split_dims(self, cfg) -> list[tuple[str, int, bool]]:
         """Every config size tensor/expert parallelism cuts.
@@ -382,6 +402,31 @@ class Schema:
                     raise ValueError(f"schema: label {label!r} names sizes {old[0]} and {size}")
                 dims[label] = (size, old[1] or (fam.fp8 and not fam.per_expert))
         return [(label, size, fp8) for label, (size, fp8) in dims.items()]
+
+    def split_problems(self, cfg, world_size: int, fp8_block: int | None) -> list[str]:
+        """Why `cfg` cannot be split over `world_size` ranks (empty when it can).
+
+        Args:
+            cfg: a ModelConfig.
+            world_size: number of tensor/expert-parallel ranks.
+            fp8_block: the FP8 block size when the weights are (or will be) FP8 with block scales,
+                else None (no block constraint).
+        """
+        if world_size < 1:
+            return [f"world size must be >= 1, got {world_size}"]
+        if world_size == 1:
+            return []  # nothing is cut
+        problems = []
+        heads_split = cfg.num_attention_heads % world_size == 0
+        for what, size, fp8_cut in self.split_dims(cfg):
+            if not heads_split and HEADS_MARK in what:
+                continue  # already reported as num_attention_heads
+            if size % world_size:
+                problems.append(f"{what} ({size}) is not divisible by {world_size}")
+            elif fp8_cut and fp8_block and (size // world_size) % fp8_block:
+                problems.append(f"{what} ({size}) splits into parts of {size // world_size}, not a multiple of the "
+                                f"FP8 {fp8_block}-block its scale is split by")
+        return problems
 
 
 SCHEMA = Schema(_families())
@@ -416,4 +461,7 @@ is_fp8_weight = SCHEMA.is_fp8_weight
 split_rule = SCHEMA.split_rule
 expert_index = SCHEMA.expert_index
 hf_weight_shapes = SCHEMA.hf_weight_shapes
+hf_weights = SCHEMA.hf_weights
+match = SCHEMA.match
 split_dims = SCHEMA.split_dims
+split_problems = SCHEMA.split_problems

@@ -7,7 +7,6 @@ import json
 import os
 
 from deepseek_model.config import BUILTIN_CONFIGS, ModelConfig
-from deepseek_model.checkpoint.reader import CONFIG_FILE, CheckpointReader
 from deepseek_model.summary import model_summary
 
 HELP = "describe a checkpoint directory (or a built-in config): parameters, FP8 coverage, memory, cache"
@@ -34,6 +33,8 @@ def _human(n: float) -> str:
 def run(args: argparse.Namespace) -> int:
     """Print the summary (text or JSON)."""
     if os.path.isdir(args.ckpt):
+        from deepseek_model.checkpoint.reader import CONFIG_FILE, CheckpointReader  # noqa: PLC0415 (torch)
+
         reader = CheckpointReader(args.ckpt)
         cfg = ModelConfig.from_dict(reader.config(), source=os.path.join(reader.path, CONFIG_FILE))
     elif args.ckpt in BUILTIN_CONFIGS:

@@ -72,3 +72,27 @@ def test_corrupt_checkpoint_inspect(tmp_path):
     (out / "model.safetensors.index.json").write_text("{")
     proc = _cli("inspect", str(out), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not valid JSON" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["convert", "--help"], ["convert", "shard", "--help"], ["inspect", "deepseek-v3"],
+                                  ["inspect", "tiny", "--json", "--world-size", "2"]])
+def test_light_commands_do_not_import_torch(argv):
+    """`convert --help` and `inspect CONFIG` start without torch (the import alone takes seconds)."""
+    code = ("import sys\nfrom deepseek_model import cli\n"
+            "try:\n    rc = cli.main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH 0"
+
+
+def test_package_names_resolve_lazily():
+    import deepseek_model as dsm
+    import deepseek_model.generate as gen_module  # noqa: F401  (binds the submodule onto the package)
+    from deepseek_model.generate import generate
+
+    assert dsm.generate is generate and callable(dsm.generate)
+    assert dsm.from_pretrained.__module__ == "deepseek_model.loading"
+    assert set(dsm.__all__) >= {"from_pretrained", "generate", "pretrained_path", "CheckpointError", "ModelConfig"}
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        dsm.nope  # noqa: B018

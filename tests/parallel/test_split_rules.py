@@ -5,6 +5,7 @@ import json
 import pytest
 
 from deepseek_model import cli, parallel
+from deepseek_model.checkpoint import schema
 from deepseek_model.config import ModelConfig
 from deepseek_model.summary import per_rank_weight_bytes, weight_bytes
 
@@ -44,9 +45,9 @@ def test_v3_fp8_at_32_ranks_names_both_blocks():
 
 def test_tiny_split_problems():
     cfg = ModelConfig.builtin("tiny")
-    assert parallel.split_problems(cfg, 2, None) == [] and parallel.split_problems(cfg, 4, None) == []
-    assert parallel.split_problems(cfg, 3, None)[0] == "num_attention_heads (4) is not divisible by 3"
-    assert any(p.startswith("o_proj columns") for p in parallel.split_problems(cfg, 2, 128))
+    assert schema.split_problems(cfg, 2, None) == [] and schema.split_problems(cfg, 4, None) == []
+    assert schema.split_problems(cfg, 3, None)[0] == "num_attention_heads (4) is not divisible by 3"
+    assert any(p.startswith("o_proj columns") for p in schema.split_problems(cfg, 2, 128))
     with pytest.raises(parallel.ParallelError, match=r"^cannot split the model over world size 8: num_attention_heads \(4\) is not divisible by 8$"):
         parallel.check_splits(cfg, 8, None)
 
