@@ -105,8 +105,3 @@ def mla_decode_bytes(batch: int, seq: int, heads: int, kv_dim: int = 576, v_dim:
                      cache_bytes: int = BF16_BYTES) -> float:
     """The latent cache is read once per sequence (shared by all heads); q in, o_lat out."""
     return batch * (seq * kv_dim * cache_bytes + heads * (kv_dim + v_dim) * BF16_BYTES)
-
-
-def mla_decode_flops(batch: int, seq: int, heads: int, kv_dim: int = 576, v_dim: int = 512) -> float:
-    """Scores (kv_dim) plus p·c (v_dim) per head per cached token."""
-    return 2.0 * batch * heads * seq * (kv_dim + v_dim)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -23,7 +22,6 @@ from deepseek_model.convert.io import AtomicOutputDir, check_paths, copy_other_f
 from deepseek_model.checkpoint.stream import ShardWriter, SourceReader, TensorSpec, check_written_file
 
 # Seconds to sleep after each written tensor: lets tests kill a run deterministically mid-way.
-DELAY_ENV = "DEEPSEEK_CONVERT_TEST_DELAY"
 CONVERT_COMPUTE_THREADS = 1  # torch threads for band math; the shard writer thread does the I/O
 
 Advance = Callable[[int], None]
@@ -68,7 +66,6 @@ def write_shards(out_dir: str, files: dict[str, list[TensorJob]], desc: str,
     Returns:
         {file name: tensor specs written} (files without tensors are skipped).
     """
-    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     total = sum(j.src_bytes for jobs in files.values() for j in jobs)
     written: dict[str, list[TensorSpec]] = {}
     with progress_bar(total, desc, quiet) as bar:
@@ -81,8 +78,6 @@ def write_shards(out_dir: str, files: dict[str, list[TensorJob]], desc: str,
                 for job in jobs:
                     if job.fill is not None:
                         job.fill(writer, bar.update)
-                    if delay:
-                        time.sleep(delay)
             except BaseException:
                 writer.abort()
                 raise

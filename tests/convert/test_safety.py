@@ -17,7 +17,6 @@ from convert_helpers import read_json, run_cli, run_inproc, tree_checksums
 from deepseek_model.config import ModelConfig
 from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.convert.io import ConvertError, check_paths
-from deepseek_model.convert.pipeline import DELAY_ENV
 from deepseek_model.checkpoint.writer import write_checkpoint
 from deepseek_model.testing import make_tiny_tensors
 
@@ -27,6 +26,21 @@ KILL_POLL_S = 0.02
 def _siblings(dst) -> list[str]:
     parent, base = os.path.split(str(dst))
     return [e for e in os.listdir(parent) if e.startswith(f".{base}.")]
+
+
+# The converter CLI with every shard write slowed down (patched here, in the test's child process),
+# so that a kill lands mid-run on a checkpoint that would otherwise convert in milliseconds.
+SLOW_CONVERT = """
+import sys, time
+from deepseek_model.checkpoint.stream import ShardWriter
+for method in ("write_rows", "copy_from"):
+    def slow(*args, _fast=getattr(ShardWriter, method), **kwargs):
+        time.sleep(0.05)
+        return _fast(*args, **kwargs)
+    setattr(ShardWriter, method, slow)
+from deepseek_model.convert import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -42,8 +56,8 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> 
 def test_sigkill_mid_run_leaves_no_dst_and_rerun_is_clean(tiny_fp8, tmp_path):
     dst = tmp_path / "out"
     before = tree_checksums(tiny_fp8)
-    proc = subprocess.Popen([sys.executable, "-m", "deepseek_model.convert.cli", "fp8-to-bf16", tiny_fp8, str(dst), "-q"],
-                            env=dict(os.environ, **{DELAY_ENV: "0.05"}), stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, "fp8-to-bf16", tiny_fp8, str(dst), "-q"],
+                            stderr=subprocess.PIPE)
     tmp_dir = tmp_path / f".out.tmp-{proc.pid}"
     deadline = time.monotonic() + 120
     while not (tmp_dir.is_dir() and any(f.suffix == ".safetensors" for f in tmp_dir.iterdir())):
