@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from deepseek_model.attention import MLA, LatentCache
 from deepseek_model.config import ModelConfig
 from deepseek_model.layers import Linear, LinearSpec, ParallelEmbedding, ParallelHead, RMSNorm
-from deepseek_model.moe import MLP, MoE
+from deepseek_model.moe import MLP, MoE, Routing
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
 from deepseek_model.rope import attention_factor, inv_frequencies, rotary_table
 
@@ -64,6 +66,54 @@ def row_rotary(inv_freq: torch.Tensor, positions: torch.Tensor, magnitude: float
     return torch.polar(torch.full_like(angles, magnitude), angles)
 
 
+OUTPUTS = ("hidden_states", "router", "mtp_logits")  # what `Transformer.forward(..., outputs=...)` can return
+
+
+@dataclass
+class RouterOutput:
+    """One MoE layer's routing decision for every token of a forward.
+
+    Attributes:
+        layer: the MoE module's name, e.g. `layers.3.ffn` (the MTP block: `mtp.block.ffn`).
+        logits: (B, T, E) fp32 router logits (what transformers returns as `router_logits`).
+        scores: (B, T, E) fp32 sigmoid (V3) or softmax (V2) scores, unbiased.
+        indices: (B, T, K) chosen experts (selected with the correction bias, when the model has one).
+        weights: (B, T, K) fp32 combine weights of those experts (normalised, routed_scaling_factor applied).
+    """
+
+    layer: str
+    logits: torch.Tensor
+    scores: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+    @staticmethod
+    def of(layer: str, r: Routing, bsz: int, t: int) -> RouterOutput:
+        """Wrap a Routing of B·T flattened tokens."""
+        return RouterOutput(layer, r.logits.view(bsz, t, -1), r.scores.view(bsz, t, -1),
+                            r.indices.view(bsz, t, -1), r.weights.view(bsz, t, -1))  # (B, T, ·) each
+
+
+@dataclass
+class ModelOutput:
+    """What `Transformer.forward(..., outputs=...)` returns (a field not asked for is None).
+
+    Attributes:
+        logits: (B, T, vocab) fp32.
+        hidden_states: num_hidden_layers + 1 tensors (B, T, hidden): the embedding output, the
+            output of each decoder layer but the last, and the last one after the final norm — the
+            convention of transformers' `output_hidden_states`.
+        router: one RouterOutput per MoE layer, in order (the MTP block's last, when mtp_logits
+            were computed too).
+        mtp_logits: (B, T-1, vocab) fp32, as `Transformer.mtp_logits`.
+    """
+
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    router: tuple[RouterOutput, ...] | None = None
+    mtp_logits: torch.Tensor | None = None
+
+
 class Block(nn.Module):
     """Pre-norm decoder layer: x + MLA(norm(x)), then x + FFN(norm(x)); FFN is dense or MoE."""
 
@@ -76,12 +126,13 @@ class Block(nn.Module):
                                                                                spec, ctx)
 
     def forward(self, x: torch.Tensor, start_pos: int, rotary: torch.Tensor, mask: torch.Tensor | None,
-                cache: LatentCache | None, last_only: bool = False) -> torch.Tensor:
+                cache: LatentCache | None, last_only: bool = False, router: list[Routing] | None = None) -> torch.Tensor:
         """(B, T, hidden) → (B, T, hidden); with last_only every token is cached but only the last
-        one's output is computed: (B, 1, hidden)."""
+        one's output is computed: (B, 1, hidden). A MoE layer appends its routing to `router`."""
         h = self.attn(self.attn_norm(x), start_pos, rotary, mask, cache, last_only)  # (B, T or 1, hidden)
         x = (x[:, -1:] if last_only else x) + h
-        return x + self.ffn(self.ffn_norm(x))
+        ffn_in = self.ffn_norm(x)
+        return x + (self.ffn(ffn_in, router) if isinstance(self.ffn, MoE) else self.ffn(ffn_in))
 
 
 class MTP(nn.Module):
@@ -104,7 +155,8 @@ class MTP(nn.Module):
         self.head = ParallelHead(cfg.hidden_size, cfg.vocab_size, dtype, device, ctx)
 
     def forward(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int, rotary: torch.Tensor,
-                mask: torch.Tensor | None, cache: LatentCache | None, last_only: bool = False) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: LatentCache | None, last_only: bool = False,
+                router: list[Routing] | None = None) -> torch.Tensor:
         """Logits (B, T, V) fp32 for tokens two ahead ((B, 1, V) for the last row with last_only).
 
         Args:
@@ -113,9 +165,10 @@ class MTP(nn.Module):
             start_pos, rotary, mask, cache: as for Block.
             last_only: every row is cached, but attention output, FFN and head run for the last row
                 only (a drafter needs no other): (B, 1, V).
+            router: the block's routing is appended here when given (a MoE block).
         """
         x = torch.cat([self.enorm(self.embed(next_ids)), self.hnorm(h)], dim=-1)  # (B, T, 2·hidden)
-        x = self.block(self.eh_proj(x), start_pos, rotary, mask, cache, last_only)  # (B, T or 1, hidden)
+        x = self.block(self.eh_proj(x), start_pos, rotary, mask, cache, last_only, router)  # (B, T or 1, hidden)
         return self.head(self.norm(x))
 
 
@@ -192,31 +245,78 @@ class Transformer(nn.Module):
                 rows whose slots are offset by left padding or rejected drafts pass their own.
             valid: optional (B, start_pos + T) bool: which key slots may be attended (default all).
         """
+        return self._trunk(input_ids, start_pos, cache, positions, valid, None, None)
+
+    def _trunk(self, input_ids: torch.Tensor, start_pos: int, cache: Cache | None, positions: torch.Tensor | None,
+               valid: torch.Tensor | None, states: list[torch.Tensor] | None,
+               router: list[RouterOutput] | None) -> torch.Tensor:
+        """The decoder stack: (B, T) ids → (B, T, hidden) after the final norm; per-layer hidden states
+        and routings are appended to `states` / `router` when given."""
         self._check_input(input_ids, start_pos)
-        rotary, mask = self._rotary_and_mask(input_ids.shape[1], start_pos, positions, valid, input_ids.shape[0])
+        bsz, t = input_ids.shape
+        rotary, mask = self._rotary_and_mask(t, start_pos, positions, valid, bsz)
         x = self.embed(input_ids)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
-            x = layer(x, start_pos, rotary, mask, cache.layers[i] if cache is not None else None)
-        return self.norm(x)
+            if states is not None:
+                states.append(x)
+            routed: list[Routing] | None = [] if router is not None else None
+            x = layer(x, start_pos, rotary, mask, cache.layers[i] if cache is not None else None, router=routed)
+            if routed:
+                router.append(RouterOutput.of(f"layers.{i}.ffn", routed[0], bsz, t))
+        x = self.norm(x)
+        if states is not None:
+            states.append(x)  # the last layer's output is reported after the final norm
+        return x
 
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: Cache | None = None, *,
-                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) in fp32.
+                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                outputs: tuple[str, ...] | set[str] | frozenset[str] = ()) -> torch.Tensor | ModelOutput:
+        """Logits (B, T, vocab) in fp32 — or, when `outputs` names anything, a ModelOutput.
 
         Without a cache this is a full causal prefill (start_pos must be 0); with a cache, tokens
         are written at positions [start_pos, start_pos + T) and attend to everything before.
         `positions` / `valid` as for `hidden` (per-row positions and key validity).
+
+        Args:
+            outputs: any of "hidden_states" (per-layer hidden states), "router" (per MoE layer:
+                logits, scores, chosen experts and their weights) and "mtp_logits" (the MTP
+                module's predictions over the same tokens; full prefill only). Everything is
+                returned, nothing is kept on the modules.
         """
-        return self.head(self.hidden(input_ids, start_pos, cache, positions=positions, valid=valid))
+        if not outputs:
+            return self.head(self.hidden(input_ids, start_pos, cache, positions=positions, valid=valid))
+        unknown = set(outputs) - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"outputs: unknown {sorted(unknown)} (choose from {list(OUTPUTS)})")
+        states = [] if "hidden_states" in outputs else None
+        router = [] if "router" in outputs else None
+        h = self._trunk(input_ids, start_pos, cache, positions, valid, states, router)  # (B, T, hidden)
+        out = ModelOutput(self.head(h), tuple(states) if states is not None else None)
+        if "mtp_logits" in outputs:
+            if cache is not None or start_pos or positions is not None or valid is not None:
+                raise ValueError("outputs: mtp_logits needs a plain full prefill (no cache, positions or valid)")
+            out.mtp_logits = self._mtp_prefill(h, input_ids, router)
+        out.router = tuple(router) if router is not None else None
+        return out
+
+    def _mtp_prefill(self, h: torch.Tensor, input_ids: torch.Tensor,
+                     router: list[RouterOutput] | None) -> torch.Tensor:
+        """MTP logits (B, T-1, V) over a prefilled sequence from its final hidden states (B, T, hidden)."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP module (checkpoint without it, or loaded with mtp=False)")
+        bsz, t = input_ids.shape[0], input_ids.shape[1] - 1
+        rotary, mask = self._rotary_and_mask(t, 0)
+        routed: list[Routing] | None = [] if router is not None else None
+        logits = self.mtp(h[:, :-1], input_ids[:, 1:], 0, rotary, mask, None, router=routed)  # (B, T-1, V)
+        if routed:
+            router.append(RouterOutput.of("mtp.block.ffn", routed[0], bsz, t))
+        return logits
 
     def mtp_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """MTP predictions (B, T-1, vocab) fp32: row i uses h_i and token i+1 and predicts token i+2."""
         if self.mtp is None:
             raise ValueError("this model has no MTP module (checkpoint without it, or loaded with mtp=False)")
-        h = self.hidden(input_ids)  # (B, T, hidden)
-        t = input_ids.shape[1] - 1
-        rotary, mask = self._rotary_and_mask(t, 0)
-        return self.mtp(h[:, :-1], input_ids[:, 1:], 0, rotary, mask, None)
+        return self._mtp_prefill(self.hidden(input_ids), input_ids, None)
 
     def mtp_step(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int, cache: Cache, *,
                  positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,

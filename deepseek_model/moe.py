@@ -36,11 +36,13 @@ class Routing:
         weights: (N, K) combine weights (after normalisation and routed_scaling_factor), fp32.
         indices: (N, K) expert ids.
         scores: (N, E) fp32 scores (sigmoid or softmax), unbiased; kept for balance losses.
+        logits: (N, E) fp32 router logits before scoring.
     """
 
     weights: torch.Tensor
     indices: torch.Tensor
     scores: torch.Tensor
+    logits: torch.Tensor
 
 
 class Gate(nn.Module):
@@ -91,7 +93,7 @@ class Gate(nn.Module):
         weights = scores.gather(1, indices)  # unbiased scores of the chosen experts
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + NORM_EPS)
-        return Routing(weights * self.route_scale, indices, scores)
+        return Routing(weights * self.route_scale, indices, scores, logits)
 
 
 class Expert(nn.Module):
@@ -146,10 +148,13 @@ class MoE(nn.Module):
         self.last_routing: Routing | None = None
         self.last_token_shape: tuple[int, ...] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router: list[Routing] | None = None) -> torch.Tensor:
+        """(..., hidden) → (..., hidden); the routing decision is appended to `router` when given."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, hidden)
         routing = self.gate(flat)
+        if router is not None:
+            router.append(routing)
         self.last_routing, self.last_token_shape = (routing, tuple(shape[:-1])) if self.training else (None, None)
         fused = self._fused_experts()
         if fused is not None:  # fp8 experts: one grouped W8A8 op (Triton kernel or its torch twin)

@@ -25,9 +25,8 @@ from deepseek_model.config import ModelConfig
 from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.writer import DEFAULT_SHARDS, write_checkpoint
 from deepseek_model.layers import LinearSpec
-from deepseek_model.model import Transformer, causal_mask
+from deepseek_model.model import Transformer
 from deepseek_model.moe import Gate, MoE
-from deepseek_model.rope import rotary_table
 from deepseek_model.training_data import Batch
 
 GAMMA = 1e-3  # bias update speed (report: 0.001, then 0 for the last 500B tokens)
@@ -111,14 +110,10 @@ def forward_train(model: Transformer, ids: torch.Tensor) -> tuple[torch.Tensor, 
     Returns:
         (logits (B, T, V), mtp_logits (B, T-1, V) or None without an MTP module), fp32.
     """
-    h = model.hidden(ids)  # (B, T, hidden), after the final norm
-    logits = model.head(h)  # (B, T, V)
     if model.mtp is None:
-        return logits, None
-    t = ids.shape[1] - 1
-    rotary = rotary_table(model.inv_freq, 0, t, model.rope_magnitude)  # (T-1, rope/2)
-    mask = causal_mask(t, 0, model.spec.dtype, model.inv_freq.device)  # (T-1, T-1)
-    return logits, model.mtp(h[:, :-1], ids[:, 1:], 0, rotary, mask, None)  # (B, T-1, V)
+        return model(ids), None
+    out = model(ids, outputs={"mtp_logits"})  # the inference forward, MTP over the same trunk pass
+    return out.logits, out.mtp_logits
 
 
 # --------------------------------------------------------------------------- losses
