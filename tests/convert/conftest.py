@@ -1,6 +1,8 @@
-"""Shared tiny checkpoints for the converter tests (CPU, seconds; session-scoped, never modified)."""
+"""The converter tests' checkpoints: repository copies of the shared tiny ones, and a block-aligned FP8 one."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 from convert_helpers import add_extra_files, aligned_config
@@ -8,14 +10,20 @@ from convert_helpers import add_extra_files, aligned_config
 from deepseek_model.testing import make_tiny_checkpoint
 
 
-@pytest.fixture(scope="session")
-def tiny_fp8(tmp_path_factory) -> str:
-    return add_extra_files(make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-fp8", fp8=True))
+def _as_repository(src: str, dst) -> str:
+    """A copy of a shared tiny checkpoint with the other files a real repository ships."""
+    shutil.copytree(src, dst)
+    return add_extra_files(str(dst))
 
 
 @pytest.fixture(scope="session")
-def tiny_bf16(tmp_path_factory) -> str:
-    return add_extra_files(make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-bf16", fp8=False, seed=1))
+def tiny_fp8(tiny_fp8, tmp_path_factory) -> str:  # the shared checkpoint, as a repository copy
+    return _as_repository(tiny_fp8, tmp_path_factory.mktemp("ckpt") / "tiny-fp8")
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tiny_bf16, tmp_path_factory) -> str:
+    return _as_repository(tiny_bf16, tmp_path_factory.mktemp("ckpt") / "tiny-bf16")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import deepseek_model as dsm
-from deepseek_model.testing import make_tiny_checkpoint
 
 TEST_THREADS = 1  # tiny matmuls: one thread is fastest and immune to oversubscription
 
@@ -18,8 +17,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("gen_tiny"), "tiny", fp8=False, seed=1)
+def tiny_ckpt(tiny_bf16):
+    """The shared tiny bf16 checkpoint (with its tokenizer)."""
+    return tiny_bf16
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Checkpoints shared by the multi-process tests (built once per session, deterministic).
+"""Checkpoints of the multi-process tests beyond the shared tiny ones of tests/conftest.py.
 
 `tiny` (4 heads, 16 experts, vocab 512) splits over 2 and 4 ranks in bf16, but not in FP8 at 2:
 its o_proj input (4 x 32 = 128 columns) would be cut into 64-column halves of one 128-block. The
@@ -20,25 +20,6 @@ TP_FP8_CHANGES = {"qk_nope_head_dim": 64, "qk_rope_head_dim": 64, "v_head_dim": 
 def tp_fp8_config() -> dict:
     """The tiny config with head/MLP widths whose 2-way splits are whole FP8 128-blocks."""
     return {**builtin_config_dict("tiny"), **TP_FP8_CHANGES}
-
-
-@pytest.fixture(scope="session")
-def tiny_bf16(tmp_path_factory):
-    with one_thread():
-        return make_tiny_checkpoint(tmp_path_factory.mktemp("par_tiny_bf16"), "tiny", fp8=False, seed=1)
-
-
-@pytest.fixture(scope="session")
-def tiny_v2(tmp_path_factory):
-    """V2-Lite style: plain q_proj (no q LoRA), softmax greedy routing, 2 shared experts, no MTP."""
-    with one_thread():
-        return make_tiny_checkpoint(tmp_path_factory.mktemp("par_tiny_v2"), "tiny-v2", fp8=False, seed=3)
-
-
-@pytest.fixture(scope="session")
-def tiny_fp8(tmp_path_factory):
-    with one_thread():
-        return make_tiny_checkpoint(tmp_path_factory.mktemp("par_tiny_fp8"), "tiny", fp8=True, seed=2)
 
 
 @pytest.fixture(scope="session")
