@@ -10,11 +10,12 @@ router biases of both signs. Tests and the demo use it; nothing is downloaded.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -38,6 +39,18 @@ TOKENIZER_CORPUS = (
     "def main():\n    return 0\n\nprint('hello, world')\n 0 1 2 3 4 5 6 7 8 9 10 100 2024"
 )
 _PRETOKEN_RE = re.compile(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch single-threaded inside the block, then restore the thread count (on a busy 2-core
+    machine a thread pool mostly waits for its threads; tests build and run tiny models this way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _config_dict(config: str | dict | ModelConfig, fp8: bool, mtp: bool) -> dict[str, Any]:

@@ -6,44 +6,31 @@ package that needs something more — the converters' repository files, a block-
 derives its own from these or documents why it differs).
 """
 
-import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-from deepseek_model.testing import make_tiny_checkpoint  # noqa: E402
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Build single-threaded: on the shared 2-core machine a thread pool mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from deepseek_model.testing import make_tiny_checkpoint, one_thread  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_bf16(tmp_path_factory) -> str:
     """The `tiny` V3 config (MLA with q LoRA, 16 experts, MTP) in bf16, with its tokenizer."""
-    with _one_thread():
+    with one_thread():
         return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_bf16"), "tiny", fp8=False, seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_fp8(tmp_path_factory) -> str:
     """The `tiny` V3 config in the published FP8 layout (ragged blocks, scales in other shards)."""
-    with _one_thread():
+    with one_thread():
         return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_fp8"), "tiny", fp8=True, seed=2)
 
 
 @pytest.fixture(scope="session")
 def tiny_v2(tmp_path_factory) -> str:
     """V2-Lite style: plain q_proj (no q LoRA), softmax greedy routing, 2 shared experts, no MTP."""
-    with _one_thread():
+    with one_thread():
         return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_v2"), "tiny-v2", fp8=False, seed=3)

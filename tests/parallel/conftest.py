@@ -9,8 +9,7 @@ import pytest
 
 from deepseek_model.config import builtin_config_dict
 from deepseek_model.convert.shard import shard
-from deepseek_model.testing import make_tiny_checkpoint
-from parallel_harness import one_thread
+from deepseek_model.testing import make_tiny_checkpoint, one_thread
 
 # Per-rank parts at world size 2: q_b 4·128/2, kv_b 4·128/2, o_proj 4·64/2, dense 256/2, shared 2·128/2.
 TP_FP8_CHANGES = {"qk_nope_head_dim": 64, "qk_rope_head_dim": 64, "v_head_dim": 64, "intermediate_size": 256,

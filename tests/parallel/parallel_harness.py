@@ -8,7 +8,6 @@ a non-zero exit code. Every join has a deadline, so a hung job fails the test in
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import socket
@@ -38,18 +37,6 @@ class RankOutcome:
     exitcode: int | None
     result: Any = None
     error: str | None = None
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run torch single-threaded for a while (on a busy 2-core machine a multi-threaded pool mostly
-    waits for its threads), then restore the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def free_port() -> int:

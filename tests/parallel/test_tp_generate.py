@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 from deepseek_model import cli
-from parallel_harness import free_port, one_thread, results, run_workers, torchrun_env
+from deepseek_model.testing import one_thread
+from parallel_harness import free_port, results, run_workers, torchrun_env
 from parallel_workers import GEN_CASES, generate_all
 
 TORCHRUN_TIMEOUT_S = 180
