@@ -39,7 +39,6 @@ def test_padded_logits_equal_alone(model):
     torch.testing.assert_close(got[1, 3:], ref_b[0, :2], rtol=0, atol=1e-5)
     torch.testing.assert_close(step[0, 0], ref_a[0, 5], rtol=0, atol=1e-5)
     torch.testing.assert_close(step[1, 0], ref_b[0, 2], rtol=0, atol=1e-5)
-    assert torch.isfinite(got).all()
 
 
 def test_greedy_equals_full_recompute(model):

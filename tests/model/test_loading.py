@@ -20,7 +20,7 @@ def test_ragged_block_dequant_is_exact(tiny_fp8):
     model = dsm.from_pretrained(tiny_fp8, dtype=torch.float32, weights="bf16")
     with CheckpointReader(tiny_fp8) as r:
         w, s = r.get(KV_A), r.get(KV_A + "_scale_inv")
-        assert r.file_of(KV_A) is not None
+        assert r.file_of(KV_A) in r.files
     assert w.shape == (160, 256) and s.shape == (2, 2)  # 160 rows: one full and one ragged 32-row block
     want = torch.empty(160, 256)
     for i in range(2):
@@ -49,7 +49,8 @@ def test_fp8_weights_run_w8a8(tiny_fp8):
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y8, yd = m8(ids), md(ids)
-    assert torch.isfinite(y8).all()
+    rel = ((y8 - yd).norm() / yd.norm()).item()
+    assert 1e-3 < rel < 0.3  # activations really are quantized, and it is the same model (0.16 measured)
     agree = (y8.argmax(-1) == yd.argmax(-1)).float().mean().item()
     print(f"W8A8 vs dequantized weights: max |logit diff| {(y8 - yd).abs().max().item():.3g} "
           f"(scale {yd.abs().max().item():.3g}), greedy agreement {agree:.0%}")

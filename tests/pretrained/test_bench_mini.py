@@ -49,7 +49,8 @@ def test_speculative_section(result):
     _, res = result
     sp = res["speculative"]
     assert sp["prompts"] == 2 and sp["identical_outputs"] == "2/2" and sp["batch4"]["identical"]
-    assert 0 < sp["acceptance_rate"] <= 1 and sp["tokens_per_forward"] == pytest.approx(1 + sp["acceptance_rate"],
+    # the trained model drafts well (0.60 on these two short prompts; random weights give ~0)
+    assert 0.5 <= sp["acceptance_rate"] <= 1 and sp["tokens_per_forward"] == pytest.approx(1 + sp["acceptance_rate"],
                                                                                         abs=0.1)
     assert len(res["samples"]) == 3 and all(s["continuation"] for s in res["samples"])
     steps = sp["step_breakdown_ms"]

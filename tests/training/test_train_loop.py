@@ -1,7 +1,9 @@
 """The training loop, its checkpoints (reloaded by from_pretrained) and the `train` command."""
 
 import json
+import math
 
+import pytest
 import torch
 
 import deepseek_model as dsm
@@ -21,7 +23,7 @@ def test_loss_decreases_and_biases_move(micro_cfg):
     assert len(h) == 30
     first, last = h[0]["lm_loss"], sum(r["lm_loss"] for r in h[-5:]) / 5
     assert last < 0.8 * first
-    assert result.eval_loss < first and result.eval_mtp_loss is not None
+    assert result.eval_loss < first and result.eval_mtp_loss < math.log(micro_cfg.vocab_size)  # below a uniform guess
     assert set(h[-1]["load"]) == {"layers.1.ffn", "mtp.block.ffn"}
     bias = model.layers[1].ffn.gate.bias
     assert 0 < bias.abs().max() <= 30 * 1e-3 + 1e-6  # |Δ| = γ per step at most
@@ -29,10 +31,11 @@ def test_loss_decreases_and_biases_move(micro_cfg):
 
 
 def test_micro_batches_and_fp8_loop_run(micro_cfg):
-    model = build_model(micro_cfg, seed=1, fp8=True)
-    result = train(model, SyntheticCorpus(micro_cfg.vocab_size, seed=1),
-                   TrainConfig(steps=3, batch_size=2, seq_len=12, micro_batches=2, warmup=1))
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+    tc = TrainConfig(steps=3, batch_size=2, seq_len=12, micro_batches=2, warmup=1)
+    fp8 = train(build_model(micro_cfg, seed=1, fp8=True), SyntheticCorpus(micro_cfg.vocab_size, seed=1), tc)
+    ref = train(build_model(micro_cfg, seed=1), SyntheticCorpus(micro_cfg.vocab_size, seed=1), tc)  # fp32
+    for a, b in zip(fp8.history, ref.history):  # same init and batches: FP8 emulation stays near fp32
+        assert a["loss"] == pytest.approx(b["loss"], rel=0.02)
 
 
 def test_checkpoint_reloads_with_identical_logits(micro_cfg, tmp_path):
