@@ -92,12 +92,12 @@ def measure_bits_per_byte(ckpt: str, reference: str | None, wins, nbytes) -> dic
     rows.append(_bpb_row("bf16", ref, wins, nbytes, "unquantized bf16 weights" if reference else
                          "FP8 checkpoint dequantized (no --reference given)"))
     del ref
-    wo = from_pretrained(ckpt, dtype=bf16, weights="bf16", mtp=False)
+    wo = from_pretrained(ckpt, dtype=bf16, weights="fp8", mtp=False)
     rows.append(_bpb_row("fp8 weight-only", wo, wins, nbytes, "FP8 weights dequantized into bf16 per GEMM"))
     rows.append(_bpb_row("fp8 weight-only + fp8 cache", lambda ids: wo(ids, 0, wo.new_cache(fp8=True)), wins, nbytes,
                          "latent cache in float8 e4m3 with a per-token scale"))
     del wo
-    w8 = from_pretrained(ckpt, dtype=bf16, weights="fp8", mtp=False)
+    w8 = from_pretrained(ckpt, dtype=bf16, weights="w8a8", mtp=False)
     rows.append(_bpb_row("w8a8", w8, wins, nbytes, "FP8 weights and 1x128 FP8 activations (torch twin)"))
     del w8
     base = rows[0]["bits_per_byte"]

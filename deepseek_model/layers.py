@@ -27,7 +27,9 @@ class LinearSpec:
     Attributes:
         dtype: compute dtype (and weight dtype when not fp8).
         device: where parameters live.
-        fp8: store weights as float8_e4m3fn with a fp32 block scale and run W8A8.
+        fp8: store weights as float8_e4m3fn with a fp32 block scale.
+        w8a8: with fp8 weights, quantize activations per 1×128 too (W8A8, the DeepSeek-V3 inference
+            numerics); False dequantizes the weight per GEMM into `dtype` (weight-only FP8).
         block_size: quantization block (128).
         scale_fmt: activation-scale format for W8A8 (None or "ue8m0").
         backend: kernel backend for ops ("torch" | "triton" | "auto").
@@ -38,6 +40,7 @@ class LinearSpec:
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
     fp8: bool = False
+    w8a8: bool = True
     block_size: int = 128
     scale_fmt: str | None = None
     backend: str = "torch"
@@ -101,7 +104,7 @@ class Linear(nn.Module):
         if self.fake_fp8:
             return fp8_training.fp8_linear(x, self.weight, self.spec.block_size, self.spec.scale_fmt)
         return ops.linear(x, self.weight, self.scale, backend=self.spec.backend, block_size=self.spec.block_size,
-                          scale_fmt=self.spec.scale_fmt)
+                          scale_fmt=self.spec.scale_fmt, w8a8=self.spec.w8a8)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"

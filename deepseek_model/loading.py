@@ -1,15 +1,17 @@
 """from_pretrained: build the model from an HF checkpoint directory, strictly.
 
 Tensors are read through the index (a weight and its scale may sit in different shards), memory-
-mapped, one at a time. FP8 weights are dequantized per 128×128 block when a dense model is asked
-for, kept with their scales for `weights="fp8"`, and dense checkpoints can be quantized at load.
+mapped, one at a time. FP8 weights are dequantized per 128×128 block for `weights="bf16"`, kept
+with their scales for `weights="fp8"` (weight-only: dequantized per GEMM) and `"w8a8"`, and dense
+checkpoints can be quantized at load.
 Missing, unexpected or mis-shaped tensors, missing or mis-gridded scales and bad shards each raise
 a one-line CheckpointError naming the tensor or file.
 
 Under tensor/expert parallelism (`parallel=ctx`) each rank reads only its slices: from an HF
 directory through safetensors slice reads (a weight's FP8 scale sliced with it, never the whole
-tensor), or from the per-rank files of `convert shard` (detected by their manifest). A world size
-the config cannot be split over is refused before any weight is read, and a rank that fails to load
+tensor; dequantizing at load, a slice that cuts a scale block reads the blocks covering it), or
+from the per-rank files of `convert shard` (detected by their manifest). A world size the config
+cannot be split over is refused before any weight is read, and a rank that fails to load
 makes every rank raise (a collective with a timeout, not a hang).
 """
 
@@ -25,13 +27,14 @@ from deepseek_model.checkpoint.reader import CONFIG_FILE, DTYPE_CODES, Checkpoin
 from deepseek_model.checkpoint.schema import SPLIT_COLUMN, SPLIT_ROW
 from deepseek_model.checkpoint.sharded import RankReader, is_sharded_dir, read_manifest
 from deepseek_model.kernels import ops, reference
-from deepseek_model.constants import FP8_DTYPE, block_grid
+from deepseek_model.constants import FP8_DTYPE, block_grid, ceil_div
 from deepseek_model.layers import LinearSpec
 from deepseek_model.model import Transformer
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext, check_splits
 from deepseek_model.pretrained import resolve_checkpoint
 
-WEIGHT_FORMATS = ("auto", "bf16", "fp8")
+WEIGHT_FORMATS = ("auto", "bf16", "fp8", "w8a8")
+NATIVE_FP8_CAPABILITY = (8, 9)  # CUDA compute capability with FP8 tensor cores (Ada, Hopper and later)
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}
 
@@ -113,15 +116,39 @@ class _Loader:
             raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' has shape {list(got)}, the config "
                                   f"needs {list(want)}")
 
-    def _scale_for(self, hf_name: str, internal: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    def _checked_scale(self, hf_name: str) -> str:
+        """The name of an fp8 weight's scale, after checking it exists with the weight's block grid."""
         s_name = schema.scale_name(hf_name)
         if s_name not in self.reader:
             raise CheckpointError(f"{self.where(hf_name)}: fp8 tensor '{hf_name}' has no scale '{s_name}'")
-        grid = block_grid(weight_shape, self.block)
+        grid = block_grid(self.reader.shape(hf_name), self.block)
         if self.reader.shape(s_name) != grid:
             raise CheckpointError(f"{self.where(s_name)}: scale '{s_name}' has shape {list(self.reader.shape(s_name))}, "
                                   f"the {self.block}x{self.block} block grid of its weight needs {list(grid)}")
-        return self._read(s_name, internal).float()
+        return s_name
+
+    def _scale_for(self, hf_name: str, internal: str) -> torch.Tensor:
+        return self._read(self._checked_scale(hf_name), internal).float()
+
+    def _dequantized_slice(self, hf_name: str, internal: str, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's slice of an fp8 weight, dequantized with the scale blocks covering it.
+
+        The slice need not start or end on a block: each element is multiplied by its own block's
+        scale, exactly as dequantizing the whole weight and then slicing would (the product is
+        formed in fp32, then rounded once to `dtype`).
+        """
+        full = self.reader.shape(hf_name)
+        s_name = self._checked_scale(hf_name)
+        part = full[dim] // self.ctx.world_size
+        lo = self.ctx.rank * part
+        b_lo, b_hi = lo // self.block, ceil_div(lo + part, self.block)
+        sl = self.reader.get_slice(s_name)
+        s = (sl[b_lo:b_hi] if dim == 0 else sl[:, b_lo:b_hi]).float()  # the covering blocks
+        start = lo - b_lo * self.block
+        s = s.repeat_interleave(self.block, dim=dim).narrow(dim, start, part)  # (.., part, ..) along dim
+        other = 1 - dim
+        s = s.repeat_interleave(self.block, dim=other).narrow(other, 0, full[other])  # elementwise scales
+        return (self._read(hf_name, internal).float() * s).to(dtype)
 
     def load_tensor(self, hf_name: str) -> None:
         internal = schema.hf_to_internal(hf_name, self.model.cfg.num_hidden_layers)
@@ -137,9 +164,15 @@ class _Loader:
             raise CheckpointError(f"{self.where(hf_name)}: unexpected tensor '{hf_name}'")
         self._check_shape(hf_name, internal, target)
         src_dtype = self.reader.dtype(hf_name)
+        dim = self._shard_dim(hf_name)
+        if src_dtype == FP8_DTYPE and target.dtype != FP8_DTYPE and dim is not None and self.split_info is None:
+            with torch.no_grad():  # a split that may cut scale blocks: dequantize with the covering ones
+                target.copy_(self._dequantized_slice(hf_name, internal, dim, target.dtype))
+            self.loaded.add(internal)
+            return
         w = self._read(hf_name, internal)
         if src_dtype == FP8_DTYPE:
-            s = self._scale_for(hf_name, internal, self.reader.shape(hf_name))
+            s = self._scale_for(hf_name, internal)
         elif schema.scale_name(hf_name) in self.reader:
             raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' is {src_dtype} but has a "
                                   f"scale '{schema.scale_name(hf_name)}' (only fp8 weights have scales)")
@@ -200,19 +233,38 @@ def _is_fp8_checkpoint(reader: CheckpointReader, split_info: dict | None) -> boo
     return any(reader.dtype(n) == FP8_DTYPE for n in reader.names())
 
 
+def native_fp8_gemm(device: torch.device | str, backend: str) -> bool:
+    """Whether W8A8 runs on a native FP8 GEMM here: the Triton kernels on a CUDA GPU of compute
+    capability 8.9 or later (elsewhere W8A8 would run through the slow torch twin)."""
+    dev = torch.device(device)
+    return (dev.type == "cuda" and ops.resolve_backend(backend, dev) == "triton"
+            and torch.cuda.get_device_capability(dev) >= NATIVE_FP8_CAPABILITY)
+
+
+def resolve_weights(weights: str, ckpt_fp8: bool, device: torch.device | str, backend: str) -> str:
+    """The concrete weight mode: "auto" is "w8a8" for an FP8 checkpoint where a native FP8 GEMM
+    runs, "fp8" (weight-only) for one elsewhere, and "bf16" for a dense checkpoint."""
+    if weights != "auto":
+        return weights
+    if not ckpt_fp8:
+        return "bf16"
+    return "w8a8" if native_fp8_gemm(device, backend) else "fp8"
+
+
 def _load(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, attn: str, weights: str,
           mtp: bool, max_seq_len: int | None, ctx: ParallelContext, backend: str) -> Transformer:
     reader, config, split_info = _open(resolve_checkpoint(path), ctx)
     cfg = ModelConfig.from_dict(config, source=os.path.join(reader.path, CONFIG_FILE))
-    ckpt_fp8 = _is_fp8_checkpoint(reader, split_info)
-    use_fp8 = ckpt_fp8 if weights == "auto" else weights == "fp8"
+    mode = resolve_weights(weights, _is_fp8_checkpoint(reader, split_info), device, backend)
+    use_fp8 = mode in ("fp8", "w8a8")
     quant = cfg.quantization
     block = quant.block_size[0] if quant else reference.BLOCK
     scale_fmt = quant.scale_fmt if quant else None
-    # Before any weight is read: every split dimension divides, FP8 splits fall on scale blocks.
-    check_splits(cfg, ctx.world_size, block if (ckpt_fp8 or use_fp8) else None)
-    spec = LinearSpec(dtype=dtype, device=device, fp8=use_fp8, block_size=block, scale_fmt=scale_fmt,
-                      backend=backend)
+    # Before any weight is read: every split dimension divides, and FP8 storage splits fall on scale
+    # blocks (dequantizing at load reads the blocks covering each rank's slice instead).
+    check_splits(cfg, ctx.world_size, block if use_fp8 else None)
+    spec = LinearSpec(dtype=dtype, device=device, fp8=use_fp8, w8a8=mode == "w8a8", block_size=block,
+                      scale_fmt=scale_fmt, backend=backend)
     model = Transformer(cfg, spec, ctx, attn=attn, mtp=mtp, max_seq_len=max_seq_len)
     with reader:
         _Loader(reader, model, block, scale_fmt, split_info).run()
@@ -233,9 +285,13 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
         dtype: compute dtype (torch.float32 or torch.bfloat16, or their names).
         device: where the parameters live.
         attn: "absorb" (latent-space attention) or "naive".
-        weights: "auto" (the checkpoint's own format), "bf16" (dense weights in `dtype`,
-            dequantized from fp8 if needed), or "fp8" (float8 weights + block scales run W8A8;
-            a dense checkpoint is quantized at load).
+        weights: "bf16" (dense weights in `dtype`, dequantized from FP8 at load), "fp8" (FP8
+            storage, 1 byte per weight plus block scales, dequantized per GEMM into `dtype`:
+            weight-only, the official `gemm_impl="bf16"` numerics), "w8a8" (FP8 storage and 1×128
+            FP8 activations: the DeepSeek-V3 inference numerics), or "auto": "w8a8" for an FP8
+            checkpoint where a native FP8 GEMM runs (CUDA, compute capability 8.9+, Triton
+            backend), "fp8" for one elsewhere (a CPU), "bf16" for a dense checkpoint. "fp8" and
+            "w8a8" quantize a dense checkpoint at load.
         mtp: build and load the MTP module when the checkpoint has one.
         max_seq_len: longest sequence accepted (default: max_position_embeddings).
         parallel: ParallelContext of a tensor/expert-parallel job (default: single process). Every

@@ -246,8 +246,8 @@ class MoE(nn.Module):
         """
         first = self.experts[self.lo]
         block = first.w1.spec.block_size
-        if not first.w1.is_fp8 or first.w1.out_features % block:
-            return None
+        if not first.w1.is_fp8 or not first.w1.spec.w8a8 or first.w1.out_features % block:
+            return None  # dense, weight-only FP8 (dequantized per GEMM by each Linear), or ragged blocks
         stacked = getattr(self, "_stacked", None)
         if stacked is None:
             local = [self.experts[e] for e in range(self.lo, self.hi)]

@@ -80,12 +80,13 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Ten
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, backend: str = "torch", block_size: int = reference.BLOCK,
-           scale_fmt: str | None = None) -> torch.Tensor:
+           scale_fmt: str | None = None, w8a8: bool = True) -> torch.Tensor:
     """y = x·Wᵀ (+ bias), the single choke point of every projection.
 
     The weight's dtype decides the path: a float8_e4m3fn weight (with its block `scale`) runs
-    W8A8 — act_quant then fp8_gemm with fp32 accumulation — and returns x.dtype; any other weight
-    runs F.linear in x.dtype.
+    W8A8 — act_quant then fp8_gemm with fp32 accumulation — or, with `w8a8=False`, weight-only:
+    the weight is dequantized into x.dtype for this GEMM (the official `gemm_impl="bf16"`
+    numerics; FP8 stays the storage). Any other weight runs F.linear in x.dtype.
 
     Args:
         x: [..., K] activations.
@@ -95,10 +96,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
         backend: "torch" | "triton" | "auto".
         block_size: quantization block.
         scale_fmt: activation scale format (None or "ue8m0").
+        w8a8: for an fp8 weight, quantize the activations too (else dequantize the weight).
 
     Returns:
         [..., N] in x.dtype.
     """
+    if weight.dtype == FP8_DTYPE and not w8a8:
+        if scale is None:
+            raise ValueError("linear: an fp8 weight needs its block scale")
+        weight = weight_dequant(weight, scale, block_size, x.dtype)  # (N, K) for this GEMM only
     if weight.dtype != FP8_DTYPE:
         w = weight.to(x.dtype)
         rows = x.numel() // max(x.shape[-1], 1)

@@ -164,7 +164,7 @@ def _pretrained(args: argparse.Namespace, checks: dict[str, bool]) -> None:
           f"forward, {plain.stats.new_tokens / dt_plain:.0f} → {st.new_tokens / dt_spec:.0f} tokens/s "
           f"({dt_plain / dt_spec:.2f}x)")
     ids = torch.tensor([tok.encode(text[:600], add_bos=False)])
-    w8a8 = from_pretrained(path, dtype=torch.float32, weights="fp8", mtp=False)
+    w8a8 = from_pretrained(path, dtype=torch.float32, weights="w8a8", mtp=False)
     with torch.no_grad():
         ref = model(ids)
         rel_w8 = ((w8a8(ids) - ref).norm() / ref.norm()).item()

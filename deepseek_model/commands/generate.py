@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
-    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto", help="weight format to run")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto",
+                   help="bf16: dequantize FP8 at load; fp8: keep FP8, dequantize per GEMM (weight-only); "
+                        "w8a8: FP8 activations too; auto (default): w8a8 on a GPU with native FP8 GEMMs, else fp8 "
+                        "for an FP8 checkpoint, bf16 for a dense one")
     p.add_argument("--attn", choices=["absorb", "naive", "auto"], default="absorb",
                    help="attention math (auto: naive for the prompt, absorbed for decoding)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")

@@ -38,7 +38,7 @@ def test_scales_in_other_shards_are_found(tiny_fp8):
 
 
 def test_fp8_weights_run_w8a8(tiny_fp8):
-    m8 = dsm.from_pretrained(tiny_fp8, dtype=torch.float32, weights="fp8")
+    m8 = dsm.from_pretrained(tiny_fp8, dtype=torch.float32, weights="w8a8")
     md = dsm.from_pretrained(tiny_fp8, dtype=torch.float32, weights="bf16")
     lin = m8.layers[1].attn.wkv_a
     assert lin.weight.dtype == torch.float8_e4m3fn and lin.scale.shape == (2, 2)
@@ -54,6 +54,29 @@ def test_fp8_weights_run_w8a8(tiny_fp8):
     agree = (y8.argmax(-1) == yd.argmax(-1)).float().mean().item()
     print(f"W8A8 vs dequantized weights: max |logit diff| {(y8 - yd).abs().max().item():.3g} "
           f"(scale {yd.abs().max().item():.3g}), greedy agreement {agree:.0%}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_only_fp8_keeps_fp8_and_computes_like_dequantized_weights(tiny_fp8, dtype):
+    """weights="fp8" (and "auto" on a CPU): FP8 in memory, each GEMM on the dequantized weight."""
+    wo = dsm.from_pretrained(tiny_fp8, dtype=dtype, weights="fp8")
+    auto = dsm.from_pretrained(tiny_fp8, dtype=dtype)
+    dense = dsm.from_pretrained(tiny_fp8, dtype=dtype, weights="bf16")
+    for m in (wo, auto):
+        lin = m.layers[1].ffn.experts[3].w2
+        assert lin.weight.dtype == torch.float8_e4m3fn and not lin.spec.w8a8
+    fp8_bytes = sum(p.numel() * p.element_size() for p in wo.parameters())
+    dense_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
+    assert fp8_bytes < 0.6 * dense_bytes
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b, c = wo(ids), auto(ids), dense(ids)
+    assert torch.equal(a, b)
+    tol = 1e-5 if dtype == torch.float32 else 0.05  # the same products, rounded the same way
+    torch.testing.assert_close(a, c, rtol=tol, atol=tol)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    lin_wo, lin_d = wo.layers[1].attn.wkv_a, dense.layers[1].attn.wkv_a
+    assert torch.equal(lin_wo(x), lin_d(x))  # one GEMM: bit-identical
 
 
 def test_dense_checkpoint_quantized_at_load(tiny_bf16):

@@ -19,7 +19,7 @@ def fp8_block_aligned(tmp_path_factory):
 
 
 def test_fused_moe_equals_per_expert_loop(fp8_block_aligned):
-    model = dsm.from_pretrained(fp8_block_aligned, dtype=torch.float32, weights="fp8")
+    model = dsm.from_pretrained(fp8_block_aligned, dtype=torch.float32, weights="w8a8")
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fused = model(ids)
@@ -34,8 +34,8 @@ def test_fused_moe_equals_per_expert_loop(fp8_block_aligned):
 def test_triton_backend_matches_torch_backend(fp8_block_aligned):
     pytest.importorskip("triton")
     ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(1))
-    ref = dsm.from_pretrained(fp8_block_aligned, dtype=torch.float32, weights="fp8", backend="torch")
-    tri = dsm.from_pretrained(fp8_block_aligned, dtype=torch.float32, weights="fp8", backend="triton", mtp=False)
+    ref = dsm.from_pretrained(fp8_block_aligned, dtype=torch.float32, weights="w8a8", backend="torch")
+    tri = dsm.from_pretrained(fp8_block_aligned, dtype=torch.float32, weights="w8a8", backend="triton", mtp=False)
     dense = dsm.from_pretrained(fp8_block_aligned, dtype=torch.float32, weights="bf16", mtp=False)
     with torch.no_grad():
         a, b, d = ref(ids), tri(ids), dense(ids)

@@ -22,17 +22,21 @@ TOL = 1e-5
 W8A8_TOL = 0.1  # a flipped e4m3 activation rounding; W8A8 vs dequantized weights differ by ~2
 W8A8_MIN_EXACT_ROWS = 0.9  # share of (batch, position) rows within TOL under W8A8
 # (checkpoint fixture, world size, attn, weights): bf16 at 2 and 4 ranks (V3 and V2-style); FP8 at 2
-# ranks (blocks allow no more) both kept FP8 (W8A8) and dequantized at load.
+# ranks (blocks allow no more) kept FP8 (W8A8, and weight-only: "auto" on a CPU) and dequantized at
+# load; and tiny FP8, whose 2-way split cuts 128-blocks, dequantized at load (covering scale blocks).
 CASES = [
     ("tiny_bf16", 2, "absorb", "auto"),
     ("tiny_bf16", 2, "naive", "auto"),
     ("tiny_bf16", 4, "absorb", "auto"),
     ("tiny_bf16", 4, "naive", "auto"),
     ("tiny_v2", 4, "absorb", "auto"),
+    ("tp_fp8", 2, "absorb", "w8a8"),
+    ("tp_fp8", 2, "naive", "w8a8"),
     ("tp_fp8", 2, "absorb", "auto"),
-    ("tp_fp8", 2, "naive", "auto"),
     ("tp_fp8", 2, "absorb", "bf16"),
     ("tp_fp8", 2, "naive", "bf16"),
+    ("tiny_fp8", 2, "absorb", "bf16"),
+    ("tiny_fp8", 2, "naive", "bf16"),
 ]
 KEYS = ("logits", "mtp", "step_logits")
 
@@ -57,7 +61,7 @@ def test_parallel_equals_single_process(request, reference, ckpt, world, attn, w
     path = request.getfixturevalue(ckpt)
     ranks = results(run_workers(forward_all, world, path, attn, weights))
     ref = reference(path, attn, weights)
-    w8a8 = weights == "auto" and ckpt.endswith("fp8")
+    w8a8 = weights == "w8a8"
     for key in KEYS:
         if key not in ref:
             continue  # no MTP module
