@@ -48,6 +48,7 @@ class LatentCache:
 
     def __init__(self, fp8: bool = False) -> None:
         self.fp8 = fp8
+        self.length = 0  # positions [0, length) hold written tokens
         self.kv: torch.Tensor | None = None
         self.pe: torch.Tensor | None = None
         self.kv_scale: torch.Tensor | None = None
@@ -88,6 +89,9 @@ class LatentCache:
             raise ValueError(f"cache holds batch size {self.kv.shape[0]}, got a batch of {bsz}")
         if self.kv is None and start_pos > 0:
             raise ValueError(f"start_pos {start_pos} > 0 but the cache is empty (prefill from position 0 first)")
+        if start_pos > self.length:
+            raise ValueError(f"start_pos {start_pos} is past the {self.length} cached positions (positions "
+                             f"[{self.length}, {start_pos}) were never written; continue at start_pos {self.length})")
         if end > self.capacity:
             new_cap = max(end, GROWTH * self.capacity)
             kv_new = torch.zeros(bsz, new_cap, kv.shape[-1], dtype=FP8_DTYPE if self.fp8 else kv.dtype,
@@ -101,6 +105,7 @@ class LatentCache:
                     scale_new[:, : self.capacity] = self.kv_scale
             self.kv, self.pe, self.kv_scale = kv_new, pe_new, scale_new
         self.pe[:, start_pos:end] = pe
+        self.length = end  # a write below the old end rolls back what followed it
         if not self.fp8:
             self.kv[:, start_pos:end] = kv
             return self.kv[:, :end], self.pe[:, :end]

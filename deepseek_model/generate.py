@@ -13,6 +13,7 @@ the main model's distribution.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -24,6 +25,10 @@ from deepseek_model.model import Cache, Transformer
 SPECULATIVE_MODES = (None, "mtp")
 DEFAULT_SEED = 0
 SPEC_TOKENS = 2  # a verify forward holds the current token and one MTP draft
+
+
+class NonFiniteLogits(ValueError):
+    """Generation met NaN or +inf logits; the message says which row."""
 
 
 @dataclass
@@ -106,7 +111,17 @@ class Sampling:
         return x.softmax(-1)
 
     def pick(self, logits: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
-        """One token per row (N,) from logits (N, V); row i samples with gens[i]."""
+        """One token per row (N,) from logits (N, V); row i samples with gens[i].
+
+        Raises:
+            NonFiniteLogits: a row holds NaN or +inf (broken weights or an overflow): no token is
+                made up from it.
+        """
+        bad = ~torch.isfinite(logits) & ~torch.isneginf(logits)  # -inf is a masked token, not an error
+        if bool(bad.any()):
+            row = int(bad.any(-1).nonzero()[0, 0])
+            raise NonFiniteLogits(f"the model produced non-finite logits (NaN or +inf) for row {row}: "
+                                  "the weights or the activations are broken; no token was sampled")
         if self.greedy:
             return logits.argmax(-1)
         p = self.probs(logits)
@@ -116,9 +131,9 @@ class Sampling:
 def _check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int, speculative) -> Sampling:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:  # also refuses NaN
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")

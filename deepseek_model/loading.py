@@ -60,9 +60,9 @@ class _Loader:
     """
 
     def __init__(self, reader: CheckpointReader, model: Transformer, block: int, scale_fmt: str | None,
-                 split_info: dict[str, dict] | None = None):
+                 split_info: dict[str, dict] | None = None, check_values: bool = True):
         self.reader, self.model, self.block, self.scale_fmt = reader, model, block, scale_fmt
-        self.split_info = split_info
+        self.split_info, self.check_values = split_info, check_values
         self.ctx: ParallelContext = model.ctx
         self.targets = model.state_dict(keep_vars=True)
         self.loaded: set[str] = set()
@@ -164,10 +164,14 @@ class _Loader:
             raise CheckpointError(f"{self.where(hf_name)}: unexpected tensor '{hf_name}'")
         self._check_shape(hf_name, internal, target)
         src_dtype = self.reader.dtype(hf_name)
+        if not src_dtype.is_floating_point:
+            raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' is {str(src_dtype).replace('torch.', '')}; "
+                                  f"weights must be floating point")
         dim = self._shard_dim(hf_name)
         if src_dtype == FP8_DTYPE and target.dtype != FP8_DTYPE and dim is not None and self.split_info is None:
             with torch.no_grad():  # a split that may cut scale blocks: dequantize with the covering ones
                 target.copy_(self._dequantized_slice(hf_name, internal, dim, target.dtype))
+            self._check_finite(hf_name, target)
             self.loaded.add(internal)
             return
         w = self._read(hf_name, internal)
@@ -178,10 +182,14 @@ class _Loader:
                                   f"scale '{schema.scale_name(hf_name)}' (only fp8 weights have scales)")
         else:
             s = None
+        if s is not None:
+            self._check_scale(schema.scale_name(hf_name), s)
         with torch.no_grad():
             if target.dtype == FP8_DTYPE:  # keep fp8 (quantizing a dense checkpoint at load)
                 if s is None:
+                    self._check_finite(hf_name, w)
                     w, s = ops.weight_quant(w.float(), self.block, self.scale_fmt)
+                self._check_finite(hf_name, w)
                 scale_internal = internal[: -len("weight")] + "scale"
                 target.copy_(w)
                 self.targets[scale_internal].copy_(s)
@@ -190,7 +198,27 @@ class _Loader:
                 target.copy_(ops.weight_dequant(w, s, self.block, dtype=target.dtype))
             else:
                 target.copy_(w.to(target.dtype))
+        if target.dtype != FP8_DTYPE:
+            self._check_finite(hf_name, target)
         self.loaded.add(internal)
+
+    def _check_finite(self, hf_name: str, t: torch.Tensor) -> None:
+        """Refuse NaN or infinite values (fp8: the NaN codes) unless the check was turned off."""
+        if not self.check_values:
+            return
+        if t.dtype == FP8_DTYPE:
+            bad = (t.view(torch.uint8) & 0x7F) == 0x7F  # S.1111.111: e4m3fn has no infinities
+        else:
+            bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' holds {int(bad.sum())} NaN or infinite "
+                                  f"values (check_values=False loads it anyway)")
+
+    def _check_scale(self, s_name: str, s: torch.Tensor) -> None:
+        """Block scales must be finite and >= 0 (0 is the scale of an all-zero block)."""
+        if self.check_values and bool((~torch.isfinite(s) | (s < 0)).any()):
+            raise CheckpointError(f"{self.where(s_name)}: scale '{s_name}' holds NaN, infinite or negative values "
+                                  f"(check_values=False loads it anyway)")
 
     def run(self) -> None:
         for hf_name in self.reader.names():
@@ -252,7 +280,7 @@ def resolve_weights(weights: str, ckpt_fp8: bool, device: torch.device | str, ba
 
 
 def _load(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, attn: str, weights: str,
-          mtp: bool, max_seq_len: int | None, ctx: ParallelContext, backend: str) -> Transformer:
+          mtp: bool, max_seq_len: int | None, ctx: ParallelContext, backend: str, check_values: bool) -> Transformer:
     reader, config, split_info = _open(resolve_checkpoint(path), ctx)
     cfg = ModelConfig.from_dict(config, source=os.path.join(reader.path, CONFIG_FILE))
     mode = resolve_weights(weights, _is_fp8_checkpoint(reader, split_info), device, backend)
@@ -267,14 +295,14 @@ def _load(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | st
                       scale_fmt=scale_fmt, backend=backend)
     model = Transformer(cfg, spec, ctx, attn=attn, mtp=mtp, max_seq_len=max_seq_len)
     with reader:
-        _Loader(reader, model, block, scale_fmt, split_info).run()
+        _Loader(reader, model, block, scale_fmt, split_info, check_values).run()
     return model.eval()
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                     device: torch.device | str = "cpu", attn: str = "absorb", weights: str = "auto",
                     mtp: bool = True, max_seq_len: int | None = None, parallel: ParallelContext | None = None,
-                    backend: str = "torch") -> Transformer:
+                    backend: str = "torch", check_values: bool = True) -> Transformer:
     """Load a DeepSeek-V2/V3 model from an HF checkpoint directory (or a `convert shard` output).
 
     Args:
@@ -297,6 +325,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
         parallel: ParallelContext of a tensor/expert-parallel job (default: single process). Every
             rank must call this collectively; each reads only its own slices.
         backend: kernel backend for the fp8 ops ("torch" | "triton" | "auto").
+        check_values: refuse weights holding NaN or infinities and block scales that are NaN,
+            infinite or negative (False loads them as they are).
 
     Returns:
         The model in eval mode.
@@ -313,7 +343,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     ctx = parallel or SINGLE_PROCESS
     error, model = None, None
     try:
-        model = _load(path, dtype, device, attn, weights, mtp, max_seq_len, ctx, backend)
+        model = _load(path, dtype, device, attn, weights, mtp, max_seq_len, ctx, backend, check_values)
     except Exception as e:  # every rank must learn about a failure on any rank
         error = e
     ctx.check_all(error, "loading the checkpoint")

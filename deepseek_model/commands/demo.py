@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from deepseek_model.commands.options import check_threads
 from deepseek_model.config import ModelConfig
 from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.evaluation import bits_per_byte, token_byte_lengths, windows
@@ -214,8 +215,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; non-zero if a self-check fails."""
     if args.new_tokens < 1:
         raise ValueError(f"--new-tokens must be >= 1, got {args.new_tokens}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(args.threads)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.keep:

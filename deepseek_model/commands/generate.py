@@ -9,6 +9,7 @@ import sys
 import torch
 
 from deepseek_model import parallel
+from deepseek_model.commands.options import check_finite, check_threads, read_text, utf8_lines
 from deepseek_model.generate import GenerationResult, generate
 from deepseek_model.loading import WEIGHT_FORMATS, from_pretrained
 from deepseek_model.tokenizer import Tokenizer, load_tokenizer
@@ -22,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="checkpoint directory (config.json, index, shards, tokenizer files)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in CKPT)")
-    src.add_argument("--input-file", metavar="FILE", help="one text prompt per line (batched)")
+    src.add_argument("--input-file", metavar="FILE", help="one text prompt per line (batched); - reads stdin")
     src.add_argument("--token-ids", type=int, nargs="+", metavar="ID", help="prompt as token ids")
     src.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     p.add_argument("--chat", action="store_true", help="wrap text prompts in the checkpoint's chat template")
@@ -49,8 +50,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.ckpt}: not a checkpoint directory")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(args.threads)
+    check_finite(args.temperature, "--temperature")
+    check_finite(args.top_p, "--top-p")
     if args.chat and args.token_ids:
         raise ValueError("--chat applies to text prompts, not --token-ids")
 
@@ -59,9 +61,12 @@ def _prompts(args: argparse.Namespace) -> list[str] | list[list[int]]:
     if args.token_ids:
         return [args.token_ids]
     if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable argv bytes arrive as surrogates
+            raise ValueError("--prompt: not UTF-8 text") from None
         return [args.prompt]
-    with open(args.input_file, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()]
+    lines = [line for line in read_text(args.input_file, "--input-file").splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"--input-file {args.input_file}: no prompts in it")
     return lines
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         parallel.shutdown(ctx)
         return 0
     print("type a prompt and press enter (exit or Ctrl-D to quit)", file=sys.stderr)
-    for line in sys.stdin:
+    for line in utf8_lines(sys.stdin, "stdin (--interactive)"):
         text = line.strip()
         if text in QUIT_WORDS:
             break

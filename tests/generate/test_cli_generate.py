@@ -78,7 +78,9 @@ def test_text_chat_file_interactive(tiny_ckpt, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("extra, needle", [
     (["--token-ids", "1", "2", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--token-ids", "1", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--token-ids", "1", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--token-ids", "1", "--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["--token-ids", "1", "--top-p", "nan"], "--top-p must be a finite number"),
     (["--token-ids", "1", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--input-file", "/no/such/file.txt"], "No such file"),
     (["--token-ids", "1", "--chat"], "--chat applies to text prompts"),
@@ -94,3 +96,31 @@ def test_checkpoint_without_tokenizer(tmp_path, capsys):
     code, _, err = _inprocess(capsys, str(tmp_path / "empty"), "--prompt", "hi")
     assert code == 2
     _one_error_line(err, "tokenizer.json")
+
+
+def test_non_utf8_prompts_name_their_source(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"Hello\n\xff\xfe world\n")
+    code, _, err = _inprocess(capsys, tiny_ckpt, "--input-file", str(bad), "--max-new-tokens", "2")
+    assert code == 2
+    _one_error_line(err, f"--input-file {bad}: not UTF-8 text (byte 0xff at offset 6)")
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xc3\x28 broken\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code, _, err = _inprocess(capsys, tiny_ckpt, "--input-file", "-", "--max-new-tokens", "2")
+    assert code == 2
+    _one_error_line(err, "--input-file stdin: not UTF-8 text")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Hello\n\xff\n"), encoding="utf-8"))
+    code, out, err = _inprocess(capsys, tiny_ckpt, "--interactive", "--max-new-tokens", "2")
+    assert code == 2 and len(out.strip().splitlines()) == 1  # the good line was answered first
+    _one_error_line(err.split("\n", 1)[1], "stdin (--interactive) line 2: not UTF-8 text (byte 0xff)")  # after the banner
+    good = tmp_path / "good.txt"
+    good.write_text("Hello\n")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Hello there\n"), encoding="utf-8"))
+    code, out, _ = _inprocess(capsys, tiny_ckpt, "--input-file", "-", "--max-new-tokens", "2")
+    assert code == 0 and out.strip()
+
+
+def test_thread_count_bounded(tiny_ckpt, capsys):
+    code = cli.main(["generate", tiny_ckpt, "--token-ids", "1", "--threads", "1000000"])  # no test default after it
+    assert code == 2
+    _one_error_line(capsys.readouterr().err, "--threads must be between 1 and the")

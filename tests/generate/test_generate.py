@@ -114,7 +114,9 @@ def test_fp8_cache_logit_error(model):
     (dict(prompts=[[1, 2, 512]]), "outside [0, vocab_size=512)"),
     (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
     (dict(prompts=[[1, 2]], max_new_tokens=0), "max_new_tokens must be >= 1"),
-    (dict(prompts=[[1, 2]], temperature=-1.0), "temperature must be >= 0"),
+    (dict(prompts=[[1, 2]], temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(prompts=[[1, 2]], temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(prompts=[[1, 2]], top_p=float("nan")), "top_p must be in"),
     (dict(prompts=[[1, 2]], top_p=0.0), "top_p must be in (0, 1]"),
     (dict(prompts=[[1, 2]], speculative="medusa"), "speculative must be one of"),
 ])
@@ -136,3 +138,13 @@ def test_auto_attention_mode(tiny_ckpt, model):
     a = dsm.generate(auto, PROMPTS, max_new_tokens=10, eos=NO_EOS)
     b = dsm.generate(model, PROMPTS, max_new_tokens=10, eos=NO_EOS)
     assert a.tokens == b.tokens
+
+
+def test_writing_past_the_cached_positions_is_refused(model):
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7, 8, 9]]), 0, cache)
+        model(torch.tensor([[10]]), 5, cache)  # the next position: fine
+        model(torch.tensor([[11]]), 3, cache)  # an earlier one overwrites (a rollback): fine
+        with pytest.raises(ValueError, match=r"start_pos 6 is past the 4 cached positions"):
+            model(torch.tensor([[12]]), 6, cache)  # slots 4..5 no longer hold this sequence

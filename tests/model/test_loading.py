@@ -203,3 +203,56 @@ def test_deduplicated_mtp_copies_share_the_main_tensors(tiny_fp8, tmp_path):
     ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(model.to(torch.float32).mtp_logits(ids), full.float().mtp_logits(ids))
+
+
+# ---------------------------------------------------------------------- hostile values
+NORM = "model.norm.weight"
+
+
+def _replace(path, name, tensor):
+    _add_shard(path, {name: tensor.contiguous()}, name="model-replaced.safetensors")
+
+
+def test_nan_or_inf_weights_refused_unless_asked(broken):
+    with CheckpointReader(broken) as r:
+        w = r.get(NORM).clone()
+    w[3], w[7] = float("nan"), float("inf")
+    _replace(broken, NORM, w)
+    msg = _error(broken, weights="bf16")
+    assert f"tensor '{NORM}' holds 2 NaN or infinite values" in msg and "model-replaced.safetensors" in msg
+    m = dsm.from_pretrained(broken, weights="bf16", check_values=False)  # the explicit opt-out
+    assert torch.isnan(m.norm.weight[3])
+    with pytest.raises(ValueError, match="non-finite logits"):  # and generation refuses to make up tokens
+        dsm.generate(m, [[1, 2, 3]], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "fp8"])
+def test_fp8_nan_codes_refused(broken, weights):
+    with CheckpointReader(broken) as r:
+        w = r.get(KV_A).clone()
+    w.view(torch.uint8)[5, 9] = 0xFF  # -NaN in e4m3fn
+    _replace(broken, KV_A, w)
+    assert f"tensor '{KV_A}' holds 1 NaN or infinite values" in _error(broken, weights=weights)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_bad_block_scales_refused(broken, bad):
+    with CheckpointReader(broken) as r:
+        s = r.get(KV_A + "_scale_inv").clone()
+    s[1, 0] = bad
+    _replace(broken, KV_A + "_scale_inv", s)
+    assert f"scale '{KV_A}_scale_inv' holds NaN, infinite or negative values" in _error(broken)
+
+
+def test_zero_block_scale_is_an_all_zero_block(broken):
+    with CheckpointReader(broken) as r:
+        s = r.get(KV_A + "_scale_inv").clone()
+    s[0, 1] = 0.0  # what the quantizer writes for an all-zero block
+    _replace(broken, KV_A + "_scale_inv", s)
+    m = dsm.from_pretrained(broken, weights="bf16", dtype=torch.float32)
+    assert torch.count_nonzero(m.layers[1].attn.wkv_a.weight[:128, 128:]) == 0
+
+
+def test_integer_weights_refused(broken):
+    _replace(broken, NORM, torch.ones(256, dtype=torch.int32))
+    assert f"tensor '{NORM}' is int32; weights must be floating point" in _error(broken)

@@ -1,0 +1,49 @@
+"""Checks of command-line values shared by several commands (one-line errors naming the flag)."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Iterator, TextIO
+
+
+def check_threads(threads: int | None, flag: str = "--threads") -> None:
+    """Refuse a thread count below 1 or above this machine's CPUs (None: keep torch's default)."""
+    if threads is None:
+        return
+    cpus = os.cpu_count() or 1
+    if not 1 <= threads <= cpus:
+        raise ValueError(f"{flag} must be between 1 and the {cpus} CPUs of this machine, got {threads}")
+
+
+def check_finite(value: float, flag: str) -> None:
+    """Refuse NaN and infinities for a float flag."""
+    if not math.isfinite(value):
+        raise ValueError(f"{flag} must be a finite number, got {value}")
+
+
+def read_text(path: str, flag: str) -> str:
+    """The UTF-8 text of a file, or of stdin for "-"; undecodable bytes are a one-line error naming the source."""
+    source = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {source}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+
+
+def utf8_lines(stream: TextIO, source: str) -> Iterator[str]:
+    """Lines of a text stream whose bytes may not be UTF-8 (stdin): each is decoded strictly and a bad
+    one is a one-line error naming the source and the line number."""
+    raw = getattr(stream, "buffer", None)
+    if raw is None:  # already text
+        yield from stream
+        return
+    for number, line in enumerate(raw, 1):
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{source} line {number}: not UTF-8 text (byte 0x{line[e.start]:02x})") from None
