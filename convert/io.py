@@ -158,16 +158,34 @@ def copy_other_files(src: str, dst: str, skip: Iterable[str]) -> list[str]:
         if entry in skip:
             continue
         s, d = os.path.join(src, entry), os.path.join(dst, entry)
-        if os.path.isdir(s):
-            shutil.copytree(s, d, symlinks=False)
-        elif os.path.isfile(s):
-            shutil.copyfile(s, d)
-            with open(d, "rb+") as f:
-                os.fsync(f.fileno())
+        if os.path.isdir(s) and not os.path.islink(s):
+            _copy_tree(s, d)
+        elif os.path.isfile(s):  # a regular file, or a link to one (a HuggingFace cache snapshot)
+            _copy_file(s, d)
         else:
-            continue
+            continue  # a link to a directory (never descended: `ln -s .. loop` must not recurse), a socket...
         copied.append(entry)
     return copied
+
+
+def _copy_file(src: str, dst: str) -> None:
+    """The contents of `src` (links followed) as a new regular file `dst`, fsynced."""
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    """Regular files (and links to them) below `src`, as contents; linked directories are skipped."""
+    for root, dirs, files in os.walk(src):  # os.walk does not descend linked directories
+        rel = os.path.relpath(root, src)
+        out = os.path.normpath(os.path.join(dst, rel))
+        os.makedirs(out, exist_ok=True)
+        dirs[:] = [x for x in dirs if not os.path.islink(os.path.join(root, x))]
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.isfile(path):
+                _copy_file(path, os.path.join(out, name))
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from deepseek_model.pretrained import resolve_checkpoint
@@ -26,6 +27,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
 CHECKPOINT_ARGS = ("ckpt", "src", "a", "b")  # argument names that take a checkpoint directory
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a writer killed by SIGPIPE (`... | head`)
 
 
 def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, dict[str, object]]:
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of our output went away (`inspect --json | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return EXIT_BROKEN_PIPE
     except (ValueError, OSError) as e:  # CheckpointError, ConfigError and ConvertError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -16,6 +16,17 @@ from importlib import resources
 from typing import Any
 
 SCORING_FUNCS = ("sigmoid", "softmax")
+# Sanity bounds on size fields, far above any published model (DeepSeek-V3: vocab 129,280, hidden
+# 7,168, 61 layers, 256 experts, 163,840 positions) and far below what would exhaust a machine
+# before the memory estimate runs.
+SIZE_BOUNDS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 18,
+    "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10, "kv_lora_rank": 1 << 14, "q_lora_rank": 1 << 16,
+    "qk_nope_head_dim": 1 << 12, "qk_rope_head_dim": 1 << 12, "v_head_dim": 1 << 12, "n_routed_experts": 1 << 13,
+    "n_shared_experts": 1 << 6, "num_experts_per_tok": 1 << 10, "n_group": 1 << 10, "topk_group": 1 << 10,
+    "first_k_dense_replace": 1 << 10, "moe_layer_freq": 1 << 10, "num_nextn_predict_layers": 1 << 4,
+    "max_position_embeddings": 1 << 24,
+}
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 SCALE_FMTS = (None, "ue8m0")
 BUILTIN_CONFIGS = ("deepseek-v3", "deepseek-v3.1", "deepseek-v2", "deepseek-v2-lite", "tiny", "tiny-v2", "small",
@@ -131,10 +142,41 @@ class ModelConfig:
         Raises:
             ConfigError: a required field is missing or a value is inconsistent.
         """
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: not a JSON object")
+
         def need(key: str) -> Any:
             if key not in d or (d[key] is None and key != "q_lora_rank"):
                 raise ConfigError(f"{source}: missing required field '{key}'")
             return d[key]
+
+        def as_int(key: str, value: Any) -> int:
+            """An integer field within its sanity bound (JSON integers only: no lists, strings, bools)."""
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    isinstance(value, float) and not value.is_integer()):
+                raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+            value = int(value)
+            bound = SIZE_BOUNDS.get(key)
+            if bound is not None and value > bound:
+                raise ConfigError(f"{source}: '{key}' is {value}, beyond the sanity bound {bound}")
+            return value
+
+        def as_float(key: str, value: Any) -> float:
+            """A finite number field."""
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
+            return float(value)
+
+        def req_int(key: str) -> int:
+            return as_int(key, need(key))
+
+        def opt_int(key: str, default: int) -> int:
+            value = d.get(key)
+            return default if value is None else as_int(key, value)
+
+        def opt_float(key: str, default: float) -> float:
+            value = d.get(key)
+            return default if value is None else as_float(key, value)
 
         rope = d.get("rope_scaling") if d.get("rope_scaling") is not None else d.get("rope_parameters")
         rope_theta = d.get("rope_theta")
@@ -145,12 +187,13 @@ class ModelConfig:
             if kind == "yarn":
                 try:
                     rope_scaling = RopeScaling(
-                        factor=float(rope["factor"]),
-                        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-                        beta_fast=float(rope.get("beta_fast", 32)),
-                        beta_slow=float(rope.get("beta_slow", 1)),
-                        mscale=float(rope.get("mscale", 1.0) or 1.0),
-                        mscale_all_dim=float(rope.get("mscale_all_dim", 0.0) or 0.0),
+                        factor=as_float("rope_scaling.factor", rope["factor"]),
+                        original_max_position_embeddings=as_int("rope_scaling.original_max_position_embeddings",
+                                                                rope["original_max_position_embeddings"]),
+                        beta_fast=as_float("rope_scaling.beta_fast", rope.get("beta_fast", 32)),
+                        beta_slow=as_float("rope_scaling.beta_slow", rope.get("beta_slow", 1)),
+                        mscale=as_float("rope_scaling.mscale", rope.get("mscale", 1.0) or 1.0),
+                        mscale_all_dim=as_float("rope_scaling.mscale_all_dim", rope.get("mscale_all_dim", 0.0) or 0.0),
                     )
                 except KeyError as e:
                     raise ConfigError(f"{source}: rope_scaling of type yarn lacks {e.args[0]!r}") from None
@@ -169,35 +212,33 @@ class ModelConfig:
                 scale_fmt=qc.get("scale_fmt"),
             )
 
-        n_group = d.get("n_group") or 1
-        topk_group = d.get("topk_group") or 1
         cfg = cls(
-            vocab_size=int(need("vocab_size")),
-            hidden_size=int(need("hidden_size")),
-            intermediate_size=int(need("intermediate_size")),
-            moe_intermediate_size=int(need("moe_intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
-            num_attention_heads=int(need("num_attention_heads")),
-            kv_lora_rank=int(need("kv_lora_rank")),
-            q_lora_rank=None if d.get("q_lora_rank") is None else int(d["q_lora_rank"]),
-            qk_nope_head_dim=int(need("qk_nope_head_dim")),
-            qk_rope_head_dim=int(need("qk_rope_head_dim")),
-            v_head_dim=int(need("v_head_dim")),
-            n_routed_experts=int(need("n_routed_experts")),
-            n_shared_experts=int(d.get("n_shared_experts") or 0),
-            num_experts_per_tok=int(need("num_experts_per_tok")),
-            n_group=int(n_group),
-            topk_group=int(topk_group),
+            vocab_size=req_int("vocab_size"),
+            hidden_size=req_int("hidden_size"),
+            intermediate_size=req_int("intermediate_size"),
+            moe_intermediate_size=req_int("moe_intermediate_size"),
+            num_hidden_layers=req_int("num_hidden_layers"),
+            num_attention_heads=req_int("num_attention_heads"),
+            kv_lora_rank=req_int("kv_lora_rank"),
+            q_lora_rank=None if d.get("q_lora_rank") is None else as_int("q_lora_rank", d["q_lora_rank"]),
+            qk_nope_head_dim=req_int("qk_nope_head_dim"),
+            qk_rope_head_dim=req_int("qk_rope_head_dim"),
+            v_head_dim=req_int("v_head_dim"),
+            n_routed_experts=req_int("n_routed_experts"),
+            n_shared_experts=opt_int("n_shared_experts", 0),
+            num_experts_per_tok=req_int("num_experts_per_tok"),
+            n_group=opt_int("n_group", 1) or 1,
+            topk_group=opt_int("topk_group", 1) or 1,
             topk_method=d.get("topk_method", "greedy"),
             scoring_func=d.get("scoring_func", "softmax"),
             norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-            first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
-            moe_layer_freq=int(d.get("moe_layer_freq", 1)),
-            num_nextn_predict_layers=int(d.get("num_nextn_predict_layers", 0) or 0),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            routed_scaling_factor=opt_float("routed_scaling_factor", 1.0),
+            first_k_dense_replace=opt_int("first_k_dense_replace", 0),
+            moe_layer_freq=opt_int("moe_layer_freq", 1),
+            num_nextn_predict_layers=opt_int("num_nextn_predict_layers", 0),
+            rms_norm_eps=opt_float("rms_norm_eps", 1e-6),
+            rope_theta=as_float("rope_theta", rope_theta) if rope_theta is not None else 10000.0,
+            max_position_embeddings=opt_int("max_position_embeddings", 4096),
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             bos_token_id=d.get("bos_token_id"),
@@ -216,6 +257,9 @@ class ModelConfig:
                     "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq")
         for name in positive:
             if getattr(self, name) <= 0:
+                raise ConfigError(f"{source}: {name} must be positive, got {getattr(self, name)}")
+        for name in ("rms_norm_eps", "routed_scaling_factor", "rope_theta"):
+            if not getattr(self, name) > 0:
                 raise ConfigError(f"{source}: {name} must be positive, got {getattr(self, name)}")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             raise ConfigError(f"{source}: q_lora_rank must be positive or null, got {self.q_lora_rank}")

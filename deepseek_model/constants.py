@@ -14,6 +14,7 @@ from typing import Any
 _TORCH_DTYPES = {"FP8_DTYPE": "float8_e4m3fn", "SCALE_DTYPE": "float32"}  # FP8 storage, and every FP8 scale
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 FP8_BLOCK = 128  # weights: 128×128 blocks; activations: 1×128 groups
+SCALE_DTYPE_BYTES = 4  # fp32
 SCALE_FMTS = (None, "ue8m0")  # activation/weight scale formats: plain fp32, or rounded up to a power of two
 
 

@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from deepseek_model import memory
 from deepseek_model.config import ModelConfig
 from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.reader import CONFIG_FILE, DTYPE_CODES, CheckpointError, CheckpointReader
@@ -293,6 +294,9 @@ def _load(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | st
     check_splits(cfg, ctx.world_size, block if use_fp8 else None)
     spec = LinearSpec(dtype=dtype, device=device, fp8=use_fp8, w8a8=mode == "w8a8", block_size=block,
                       scale_fmt=scale_fmt, backend=backend)
+    if torch.device(device).type == "cpu":  # before any parameter is allocated
+        need = memory.model_bytes(cfg, dtype.itemsize, fp8=use_fp8, mtp=mtp, block=block) // ctx.world_size
+        memory.require(need, f"loading {reader.path} ({mode} weights, {str(dtype).replace('torch.', '')})")
     model = Transformer(cfg, spec, ctx, attn=attn, mtp=mtp, max_seq_len=max_seq_len)
     with reader:
         _Loader(reader, model, block, scale_fmt, split_info, check_values).run()

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from deepseek_model.config import ModelConfig, builtin_config_dict
+from deepseek_model import memory
 from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.writer import DEFAULT_SHARDS, write_checkpoint
 from deepseek_model.kernels import ops
@@ -205,6 +206,8 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, config: str | dict | ModelC
     """
     d = _config_dict(config, fp8, mtp)
     cfg = ModelConfig.from_dict(d, source="config")
+    # every tensor is held until written, and a shard is serialized once more
+    memory.require(2 * memory.model_bytes(cfg, 2, fp8=fp8, mtp=mtp), f"building the checkpoint in {os.fspath(out_dir)}")
     tensors = make_tiny_tensors(cfg, fp8=fp8, seed=seed, mtp=mtp)
     path = write_checkpoint(out_dir, tensors, d, num_shards=num_shards)
     if cfg.bos_token_id in (0, 1) and cfg.eos_token_id in (0, 1) and cfg.bos_token_id != cfg.eos_token_id:

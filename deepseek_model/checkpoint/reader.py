@@ -62,28 +62,67 @@ def read_safetensors_header(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: corrupt safetensors header")
     header.pop("__metadata__", None)
     data_len = size - HEADER_LEN_BYTES - header_len
+    spans = []
     for name, info in header.items():
-        try:
-            start, end = info["data_offsets"]
-            nbytes = DTYPE_OF_CODE[info["dtype"]].itemsize
-            numel = 1
-            for d in info["shape"]:
-                numel *= int(d)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
-        if end - start != numel * nbytes or start < 0:
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'")
+        start, end = _checked_entry(path, name, info)
         if end > data_len:
             raise CheckpointError(f"{path}: truncated: tensor '{name}' needs bytes up to {end} but the file "
                                   f"holds {data_len} data bytes")
+        spans.append((start, end, name))
+    spans.sort()
+    for (_, prev_end, prev), (start, end, name) in zip(spans, spans[1:]):
+        if start < prev_end and end > start:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors '{prev}' and '{name}' overlap")
     return header
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _checked_entry(path: str, name: str, info: Any) -> tuple[int, int]:
+    """(start, end) of one header entry after checking its dtype, shape and offsets."""
+    bad = f"{path}: corrupt safetensors header entry for tensor '{name}'"
+    if not isinstance(info, dict):
+        raise CheckpointError(bad)
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_OF_CODE:
+        raise CheckpointError(f"{bad}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{bad}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{bad}: data_offsets {offsets!r} are not two increasing non-negative integers")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * DTYPE_OF_CODE[dtype].itemsize:
+        raise CheckpointError(f"{bad}: data_offsets span {offsets[1] - offsets[0]} bytes, shape {shape} of "
+                              f"{dtype} needs {numel * DTYPE_OF_CODE[dtype].itemsize}")
+    return offsets[0], offsets[1]
+
+
+def is_plain_file_name(name: Any) -> bool:
+    """Whether `name` names an entry directly inside a directory (what an index or manifest may name)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name
+            and "\0" not in name and not os.path.isabs(name))
 
 
 def read_json_file(path: str, missing: str = "missing") -> Any:
     """Parse a JSON file; a missing or malformed file is a one-line CheckpointError naming it."""
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise CheckpointError(f"{path}: names {key!r} twice")
+            seen[key] = value
+        return seen
+
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=no_duplicates)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: {missing}") from None
     except json.JSONDecodeError as e:
@@ -140,10 +179,10 @@ class CheckpointReader:
         return dict(weight_map)
 
     def _inside(self, fname: str) -> bool:
-        if os.path.isabs(fname) or os.sep in os.path.normpath(fname) or fname in ("", ".", ".."):
-            return False
-        real = os.path.realpath(os.path.join(self.path, fname))
-        return os.path.dirname(real) == os.path.realpath(self.path)
+        """A file name the checkpoint may use: a plain name in its directory (no separators, no `..`).
+        The entry itself may be a link to a regular file elsewhere, as in a HuggingFace cache
+        snapshot (`shard -> ../../blobs/<sha>`): it is read like the file it points to."""
+        return is_plain_file_name(fname)
 
     # ------------------------------------------------------------------ shards
     @property

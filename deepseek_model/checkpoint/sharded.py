@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from deepseek_model.checkpoint.reader import CheckpointError, CheckpointReader, read_json_file
+from deepseek_model.checkpoint.reader import CheckpointError, CheckpointReader, is_plain_file_name, read_json_file
 from deepseek_model.checkpoint.schema import SPLIT_EXPERT, SPLIT_KINDS, SPLIT_REPLICATED, SPLIT_ROW
 from deepseek_model.checkpoint.stream import DTYPE_OF_CODE, SourceReader, TensorSpec
 
@@ -65,10 +65,36 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     ranks = manifest.get("ranks")
     if not isinstance(n, int) or n < 1 or not isinstance(ranks, list) or len(ranks) != n:
         raise CheckpointError(f"{mpath}: world_size and ranks disagree")
-    for name, info in manifest.get("tensors", {}).items():
-        if info.get("split") not in SPLIT_KINDS:
-            raise CheckpointError(f"{mpath}: tensor '{name}' has unknown split {info.get('split')!r}")
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{mpath}: no 'tensors' object")
+    for name, info in tensors.items():
+        if not isinstance(info, dict) or info.get("split") not in SPLIT_KINDS:
+            raise CheckpointError(f"{mpath}: tensor '{name}' has unknown split "
+                                  f"{info.get('split') if isinstance(info, dict) else info!r}")
+        owner = info.get("rank")
+        if info["split"] == SPLIT_EXPERT and not (isinstance(owner, int) and 0 <= owner < n):
+            raise CheckpointError(f"{mpath}: tensor '{name}' is owned by rank {owner!r}, outside world size {n}")
+    for r, entry in enumerate(ranks):
+        wmap = entry.get("weight_map") if isinstance(entry, dict) else None
+        if not isinstance(wmap, dict):
+            raise CheckpointError(f"{mpath}: rank {r} has no 'weight_map' object")
+        _check_names(wmap, mpath, f"rank {r}")
+    hf_index = manifest.get("hf_index")
+    if hf_index is not None:
+        hf_map = hf_index.get("weight_map") if isinstance(hf_index, dict) else None
+        if not isinstance(hf_map, dict):
+            raise CheckpointError(f"{mpath}: hf_index has no 'weight_map' object")
+        _check_names(hf_map, mpath, "hf_index")
     return manifest
+
+
+def _check_names(weight_map: dict[str, Any], mpath: str, where: str) -> None:
+    """Every file a manifest names stays inside its directory (merge writes these names into DST)."""
+    for name, fname in weight_map.items():
+        if not is_plain_file_name(fname):
+            raise CheckpointError(f"{mpath}: {where} maps tensor '{name}' to {fname!r}, which is not a file name "
+                                  f"inside the directory")
 
 
 class RankReader(CheckpointReader):

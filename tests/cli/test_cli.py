@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+import deepseek_model as dsm
+from deepseek_model.testing import make_tiny_checkpoint
+
 
 def _cli(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "deepseek_model.cli", *args], capture_output=True, text=True,
@@ -96,3 +99,38 @@ def test_package_names_resolve_lazily():
     assert set(dsm.__all__) >= {"from_pretrained", "generate", "pretrained_path", "CheckpointError", "ModelConfig"}
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         dsm.nope  # noqa: B018
+
+
+def _cli_limited(*args, limit_as: int | None = None):
+    import resource
+
+    def limit():
+        if limit_as is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit_as, limit_as))
+
+    return subprocess.run([sys.executable, "-m", "deepseek_model.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit)
+
+
+def test_a_build_beyond_memory_is_refused_before_allocating(tmp_path):
+    proc = _cli_limited("make-tiny", tmp_path / "v3", "--config", "deepseek-v3", limit_as=8_000_000_000)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: building the checkpoint in {tmp_path / 'v3'} needs about 2804.9 GiB, but only")
+    assert not (tmp_path / "v3").exists()
+
+
+def test_loading_under_an_address_space_limit_is_refused_with_the_estimate(tmp_path, monkeypatch):
+    from deepseek_model import memory
+
+    path = make_tiny_checkpoint(tmp_path / "tiny", "tiny")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)  # 1 MiB left
+    with pytest.raises(memory.InsufficientMemory, match=r"^loading .*tiny \(bf16 weights, float32\) needs about "
+                                                         r"0\.0 GiB, but only 0\.0 GiB is available"):
+        dsm.from_pretrained(path)
+
+
+def test_a_closed_pipe_ends_quietly():
+    proc = subprocess.run(f"{sys.executable} -m deepseek_model.cli inspect deepseek-v3 --json | head -c 10",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert proc.stdout == '{\n  "archi' and proc.stderr == ""

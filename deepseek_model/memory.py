@@ -1,0 +1,81 @@
+"""Memory estimates made before allocating: what a build or load needs vs what this process can get.
+
+`available_bytes()` is the smaller of the system's MemAvailable and the room left under this
+process's address-space limit (`ulimit -v`), so a refusal comes before the allocation that would be
+killed. `model_bytes` counts parameters from the checkpoint schema, never by building anything.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Any
+
+from deepseek_model.checkpoint import schema
+from deepseek_model.constants import SCALE_DTYPE_BYTES, block_grid
+
+HEADROOM = 1.10  # activations, temporaries and the allocator's slack on top of the weights
+FP8_BYTES = 1
+
+
+class InsufficientMemory(ValueError):
+    """A build or load would need more memory than this process can get (the message says both)."""
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _address_space_room() -> int | None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        used = 0
+    return max(soft - used, 0)
+
+
+def available_bytes() -> int | None:
+    """Bytes this process can still allocate (None when the system does not say)."""
+    known = [b for b in (_meminfo_available(), _address_space_room()) if b is not None]
+    return min(known) if known else None
+
+
+def model_bytes(cfg: Any, dtype_bytes: int, fp8: bool = False, mtp: bool = True, block: int = 128) -> int:
+    """Bytes of a model's parameters: `dtype_bytes` per weight, or 1 byte plus fp32 block scales for
+    the weights the FP8 layout quantizes."""
+    total = 0
+    for _, shape, fam in schema.hf_weights(cfg, mtp=mtp):
+        numel = 1
+        for d in shape:
+            numel *= d
+        if fp8 and fam.fp8:
+            grid = block_grid(shape, block)
+            total += numel * FP8_BYTES + grid[0] * grid[1] * SCALE_DTYPE_BYTES
+        else:
+            total += numel * (4 if fam.keep_fp32 else dtype_bytes)
+    return total
+
+
+def require(nbytes: int, what: str) -> None:
+    """Raise InsufficientMemory when `nbytes` (plus headroom) exceeds what this process can get.
+
+    Args:
+        nbytes: the estimate.
+        what: what needs it, for the message (e.g. "building the deepseek-v3 checkpoint").
+    """
+    need = int(nbytes * HEADROOM)
+    have = available_bytes()
+    if have is not None and need > have:
+        raise InsufficientMemory(f"{what} needs about {need / 2**30:.1f} GiB, but only {have / 2**30:.1f} GiB "
+                                 f"is available to this process")

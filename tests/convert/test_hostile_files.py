@@ -1,0 +1,160 @@
+"""Hostile checkpoints and file systems: HF-cache snapshots (links), loops, escaping manifests,
+duplicate index entries and malformed safetensors headers — one validator for loader and converters."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+
+import pytest
+import torch
+from convert_helpers import run_inproc
+
+import deepseek_model as dsm
+from deepseek_model.checkpoint.reader import CheckpointReader, read_safetensors_header
+from deepseek_model.checkpoint.sharded import MANIFEST_FILE
+from deepseek_model.convert.shard import merge, shard
+
+INDEX = "model.safetensors.index.json"
+
+
+def _one_line(proc, *needles):
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    for n in needles:
+        assert n in line, (n, line)
+    return line
+
+
+def _hf_cache_snapshot(src: str, root) -> str:
+    """The layout huggingface_hub writes: blobs/<sha> files and snapshots/<rev>/<name> relative links."""
+    blobs, snap = root / "blobs", root / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, name in enumerate(sorted(os.listdir(src))):
+        shutil.copyfile(os.path.join(src, name), blobs / f"{i:040x}")
+        os.symlink(os.path.join("..", "..", "blobs", f"{i:040x}"), snap / name)
+    return str(snap)
+
+
+def test_hf_cache_snapshot_loads_and_converts_like_regular_files(tiny_fp8, tmp_path):
+    snap = _hf_cache_snapshot(tiny_fp8, tmp_path / "hub")
+    assert all(os.path.islink(os.path.join(snap, n)) for n in os.listdir(snap))
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        a = dsm.from_pretrained(snap, weights="bf16")(ids)
+        b = dsm.from_pretrained(tiny_fp8, weights="bf16")(ids)
+    assert torch.equal(a, b)
+    proc = run_inproc("fp8-to-bf16", snap, tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    assert not any(os.path.islink(out / n) for n in os.listdir(out))  # contents, never links
+    assert (out / "tokenizer.json").read_bytes() == open(os.path.join(tiny_fp8, "tokenizer.json"), "rb").read()
+
+
+def test_a_linked_directory_loop_is_not_descended(tiny_bf16, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_bf16, src)
+    (src / "extra").mkdir()
+    (src / "extra" / "notes.txt").write_text("kept")
+    os.symlink("..", src / "loop")
+    os.symlink("..", src / "extra" / "up")
+    t0 = time.monotonic()
+    proc = run_inproc("bf16-to-fp8", src, tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - t0 < 60
+    out = tmp_path / "out"
+    assert not (out / "loop").exists() and not (out / "extra" / "up").exists()
+    assert (out / "extra" / "notes.txt").read_text() == "kept"
+
+
+def test_a_manifest_cannot_make_merge_write_outside_dst(tiny_bf16, tmp_path):
+    shard(tiny_bf16, tmp_path / "tp2", 2, quiet=True)
+    mpath = tmp_path / "tp2" / MANIFEST_FILE
+    manifest = json.loads(mpath.read_text())
+    name = next(iter(manifest["hf_index"]["weight_map"]))
+    manifest["hf_index"]["weight_map"][name] = "../escaped.safetensors"
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(dsm.CheckpointError, match=r"maps tensor '.*' to '../escaped.safetensors', which is not a "
+                                                    r"file name inside the directory"):
+        merge(tmp_path / "tp2", tmp_path / "merged", quiet=True)
+    assert not (tmp_path / "escaped.safetensors").exists() and not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m["ranks"][1].pop("weight_map"), "rank 1 has no 'weight_map' object"),
+    (lambda m: next(i for i in m["tensors"].values() if i["split"] == "expert").update(rank=2),
+     "outside world size 2"),
+    (lambda m: m.pop("tensors"), "no 'tensors' object"),
+])
+def test_bad_manifests_are_one_line_errors(tiny_bf16, tmp_path, damage, message):
+    shard(tiny_bf16, tmp_path / "tp2", 2, quiet=True)
+    mpath = tmp_path / "tp2" / MANIFEST_FILE
+    manifest = json.loads(mpath.read_text())
+    damage(manifest)
+    mpath.write_text(json.dumps(manifest))
+    _one_line(run_inproc("merge", tmp_path / "tp2", tmp_path / "merged"), MANIFEST_FILE, message)
+
+
+def test_an_index_naming_a_tensor_twice(tiny_bf16, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_bf16, src)
+    text = (src / INDEX).read_text()
+    first = json.loads(text)["weight_map"]
+    name, fname = next(iter(first.items()))
+    text = text.replace('"weight_map": {', f'"weight_map": {{"{name}": "{fname}", ', 1)
+    (src / INDEX).write_text(text)
+    with pytest.raises(dsm.CheckpointError, match=f"names '{name}' twice"):
+        dsm.from_pretrained(src)
+    _one_line(run_inproc("bf16-to-fp8", src, tmp_path / "out"), INDEX, f"names '{name}' twice")
+
+
+def _rewrite_header(path: str, edit) -> None:
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def _two_same_size(header):
+    names = [k for k in header if k != "__metadata__"]
+    by_size = {}
+    for k in names:
+        size = header[k]["data_offsets"][1] - header[k]["data_offsets"][0]
+        if size in by_size:
+            return by_size[size], k
+        by_size[size] = k
+    raise AssertionError("no two tensors of equal size")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda h: h[_two_same_size(h)[1]].update(data_offsets=h[_two_same_size(h)[0]]["data_offsets"]), "overlap"),
+    (lambda h: h[next(k for k in h if k != "__metadata__" and len(h[k]["shape"]) == 2)].update(
+        shape=[-h[next(k for k in h if k != "__metadata__" and len(h[k]["shape"]) == 2)]["shape"][0],
+               -h[next(k for k in h if k != "__metadata__" and len(h[k]["shape"]) == 2)]["shape"][1]]),
+     "is not a list of non-negative integers"),
+    (lambda h: h[next(k for k in h if k != "__metadata__")].update(data_offsets=["0", "8"]),
+     "are not two increasing non-negative integers"),
+    (lambda h: h[next(k for k in h if k != "__metadata__")].update(dtype="Q4"), "unknown dtype 'Q4'"),
+])
+def test_one_header_validator_for_the_loader_and_the_converters(tiny_bf16, tmp_path, damage, message):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_bf16, src)
+    shard_file = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))[1]
+    _rewrite_header(str(src / shard_file), damage)
+    with pytest.raises(dsm.CheckpointError, match=message):
+        read_safetensors_header(str(src / shard_file))
+    with pytest.raises(dsm.CheckpointError, match=message):
+        dsm.from_pretrained(src)
+    for cmd in ("bf16-to-fp8", "shard"):
+        extra = ["-n", "2"] if cmd == "shard" else []
+        _one_line(run_inproc(cmd, src, tmp_path / cmd, *extra), shard_file, message)
+        assert not (tmp_path / cmd).exists()
+    assert CheckpointReader(tiny_bf16).names()  # the fixture itself was never touched
