@@ -47,6 +47,44 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+TEMPLATE_MAX_CHARS = 1 << 20  # a rendered chat prompt longer than this is a broken or hostile template
+TEMPLATE_MAX_STEPS = 100_000  # loop iterations over range() in one rendering
+
+
+def _bounded_sandbox(jinja2, sandbox_cls):
+    """A jinja2 sandbox with budgets: range() iterations counted across the whole rendering,
+    string/list repetition and powers bounded before they allocate, output size capped by the
+    caller. A hostile template fails with a TemplateError instead of hanging or exhausting memory."""
+    budget = [TEMPLATE_MAX_STEPS]
+
+    def fail(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def bounded_range(*args):
+        r = range(*args)
+        if len(r) > budget[0]:
+            fail(f"loops more than {TEMPLATE_MAX_STEPS} times")
+        budget[0] -= len(r)
+        return r
+
+    class Bounded(sandbox_cls):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                        fail(f"repeats a value to more than {TEMPLATE_MAX_CHARS} items")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                fail("raises to a power above 64")
+            return super().call_binop(context, operator, left, right)
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = fail
+    env.globals["range"] = bounded_range
+    return env
+
+
 class Tokenizer:
     """Text ⇄ token ids for one checkpoint, plus its chat template.
 
@@ -143,16 +181,18 @@ class Tokenizer:
                 self._hf = AutoTokenizer.from_pretrained(self.path)
             return self._hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-        def raise_exception(message: str):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
+        env = _bounded_sandbox(jinja2, ImmutableSandboxedEnvironment)
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "")
-        except jinja2.exceptions.TemplateError as e:
+            out, size = [], 0
+            for chunk in env.from_string(self.chat_template).generate(
+                    messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                    eos_token=self.eos_token or ""):
+                size += len(chunk)
+                if size > TEMPLATE_MAX_CHARS:
+                    raise jinja2.exceptions.TemplateError(f"renders more than {TEMPLATE_MAX_CHARS} characters")
+                out.append(chunk)
+            return "".join(out)
+        except (jinja2.exceptions.TemplateError, OverflowError, RecursionError) as e:
             raise ValueError(f"chat template: {e}") from None
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:

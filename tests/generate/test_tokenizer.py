@@ -53,3 +53,25 @@ def test_text_prompts_in_generate(model, tiny_ckpt):
                                        max_new_tokens=3, eos=[]).tokens
     with pytest.raises(ValueError, match="need a tokenizer"):
         dsm.generate(model, "Hello", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for i in range(10**9) %}x{% endfor %}", "loops more than 100000 times"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "loops more than"),
+    ("{{ 'x' * 10**9 }}", "repeats a value to more than 1048576 items"),
+    ("{{ 2 ** 100000000 }}", "raises to a power above 64"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recursion"),
+    ("{% for m in messages %}{{ m.content * 600000 }}{% endfor %}", "repeats a value"),
+    ("{{ ''.__class__.__mro__ }}", "unsafe"),
+])
+def test_hostile_chat_templates_fail_fast(tmp_path, template, message):
+    from deepseek_model.testing import write_tiny_tokenizer
+    from deepseek_model.tokenizer import load_tokenizer
+
+    write_tiny_tokenizer(tmp_path)
+    cfg_path = tmp_path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = template
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"^chat template: .*{message}"):
+        load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
