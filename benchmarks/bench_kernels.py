@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from deepseek_model import plotting
 from deepseek_model.benchmarks import roofline
 from deepseek_model.kernels import reference
 
@@ -319,11 +320,11 @@ def _markdown(report: dict) -> str:
     return "\n".join(parts)
 
 
-def _plot(report: dict, path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+def _plot(report: dict, path: Path) -> bool:
+    """Write the plot; False when matplotlib is missing."""
+    plt = plotting.pyplot(str(path))
+    if plt is None:
+        return False
 
     on_gpu = report["gpu_present"]
     key = "pct_of_floor" if on_gpu else "ratio_vs_bf16"
@@ -345,6 +346,7 @@ def _plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from deepseek_model import plotting
 from deepseek_model.evaluation import bits_per_byte, token_byte_lengths, windows
 from deepseek_model.generate import generate
 from deepseek_model.loading import from_pretrained
@@ -290,12 +291,8 @@ def samples(ckpt: str, wins: list[torch.Tensor]) -> list[dict[str, str]]:
 
 def plot(result: dict[str, Any], path: str) -> bool:
     """Four panels: bits/byte per mode, speculative speed, expert load, FP8 vs fp32 curves."""
-    try:
-        import matplotlib  # noqa: PLC0415
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError:
+    plt = plotting.pyplot(path)
+    if plt is None:
         return False
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     rows = result["bits_per_byte"]["rows"]

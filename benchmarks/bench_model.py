@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from deepseek_model import plotting
 from deepseek_model.config import ModelConfig
 from deepseek_model.generate import generate
 from deepseek_model.loading import from_pretrained
@@ -280,11 +281,11 @@ def _table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(report: dict, path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+def _plot(report: dict, path: Path) -> bool:
+    """Write the plot; False when matplotlib is missing."""
+    plt = plotting.pyplot(str(path))
+    if plt is None:
+        return False
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill tokens/s"), (axes[1], "decode_tok_s", "decode tokens/s")):
@@ -302,6 +303,7 @@ def _plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _goals(rows: list[dict]) -> dict:
@@ -409,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(text)
     (out_dir / "results.md").write_text(_table(report))
-    _plot(report, out_dir / "results.png")
-    print(f"wrote {out_dir}/results.json, results.md, results.png")
+    png = _plot(report, out_dir / "results.png")
+    print(f"wrote {out_dir}/results.json, results.md{', results.png' if png else ''}")
     return 0
 
 

@@ -20,6 +20,11 @@ import sys
 from deepseek_model.checkpoint.errors import CheckpointError
 from deepseek_model.convert.io import ConvertError
 
+EXAMPLES = (
+    'deepseek-model convert fp8-to-bf16 SRC DST',
+    'deepseek-model convert shard SRC DST --model-parallel 8',
+    'deepseek-model convert verify A B --json report.json',
+)
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
 EXIT_INTERRUPTED = 130

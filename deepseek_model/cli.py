@@ -1,6 +1,7 @@
 """The `deepseek-model` console script: one subcommand per module in deepseek_model.commands.
 
-Each command module exposes HELP (one line), add_arguments(parser) and run(args) -> exit code.
+Each command module exposes HELP (one line), EXAMPLES (command lines shown by --help),
+add_arguments(parser) and run(args) -> exit code.
 Bad input (ValueError, OSError, CheckpointError, ConfigError) prints one `error: ...` line and
 exits 2 — never a traceback.
 """
@@ -46,7 +47,10 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
     for name, module_name in wanted:
         module = importlib.import_module(module_name)
         help_text = getattr(module, "HELP", None) or (module.__doc__ or "").strip().splitlines()[0]
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        examples = getattr(module, "EXAMPLES", ())
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog="examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         modules[name] = module
     return parser, modules

@@ -10,6 +10,11 @@ HELP = ("run a benchmark: kernels | model | convert | train | mini | gpu (argume
 # benchmark name → module under deepseek_model.benchmarks
 BENCHMARKS = {"kernels": "bench_kernels", "model": "bench_model", "convert": "bench_convert", "train": "bench_train",
               "mini": "bench_mini", "gpu": "gpu_check"}
+EXAMPLES = (
+    'deepseek-model bench mini --only speculative',
+    'deepseek-model bench model --quick',
+    'deepseek-model bench kernels --json k.json',
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

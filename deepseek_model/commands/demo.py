@@ -46,6 +46,10 @@ KERNEL_SHAPE = (77, 256, 384)  # M (with a tail), K, N for the kernel self-check
 TWIN_FP64_REL_TOL = 0.02  # W8A8 twin vs the fp64 product of its dequantized operands
 TRAIN_STEPS, TRAIN_BATCH, TRAIN_SEQ = 8, 4, 32  # a few seconds of the balancing loop
 DEMO_THREADS = 1  # tiny matmuls: one thread is fastest and immune to a busy machine
+EXAMPLES = (
+    'deepseek-model demo',
+    'deepseek-model demo --threads 1 --keep /tmp/demo-tiny',
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,17 +61,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _convert(path: str, prompt: torch.Tensor) -> tuple[str, bool]:
-    """fp8→bf16 with deepseek_model.convert when that API is present; compare logits."""
-    try:
-        from deepseek_model.convert.fp8 import fp8_to_bf16  # noqa: PLC0415 (optional, written concurrently)
-    except ImportError as e:
-        return f"skipped (no fp8_to_bf16 converter in this install: {e})", True
+    """fp8→bf16 with the converter; the converted checkpoint's logits vs dequantizing at load."""
+    from deepseek_model.convert.fp8 import fp8_to_bf16  # noqa: PLC0415 (the command layer, only here)
+
     dst = os.path.join(os.path.dirname(path), os.path.basename(path) + "-bf16")
     t0 = time.perf_counter()
     try:
         fp8_to_bf16(path, dst, quiet=True)
-    except Exception as e:  # noqa: BLE001 (a converter failure is reported, not fatal to the demo)
-        return f"skipped (converter failed: {str(e).splitlines()[0] if str(e) else type(e).__name__})", True
+    except ValueError as e:  # a converter refusal is a failed check, reported, and the demo goes on
+        return f"FAILED (the converter refused the checkpoint: {str(e).splitlines()[0]})", False
     converted = from_pretrained(dst, dtype=torch.bfloat16, mtp=False)
     at_load = from_pretrained(path, dtype=torch.bfloat16, weights="bf16", mtp=False)
     with torch.no_grad():
@@ -117,9 +119,10 @@ def _training_check(cfg: ModelConfig, seed: int) -> tuple[str, bool]:
     first, last = hist[0], hist[-1]
     ok = last["lm_loss"] < first["lm_loss"]
     return (f"{TRAIN_STEPS} AdamW steps (CE + {tc.mtp_lambda}·MTP + balance, bias update γ={tc.gamma}) in "
-            f"{time.perf_counter() - t0:.1f} s: loss {first['loss']:.3f} → {last['loss']:.3f}, MTP loss "
-            f"{first['mtp_loss']:.3f} → {last['mtp_loss']:.3f}, max/mean expert load {first['max_over_mean']:.2f} → "
-            f"{last['max_over_mean']:.2f} ({'ok' if ok else 'FAILED'})"), ok
+            f"{time.perf_counter() - t0:.1f} s: max/mean expert load {first['max_over_mean']:.2f} → "
+            f"{last['max_over_mean']:.2f} (reported, not checked: {TRAIN_STEPS} steps on random tokens), MTP loss "
+            f"{first['mtp_loss']:.3f} → {last['mtp_loss']:.3f}; check: CE went down {first['lm_loss']:.3f} → "
+            f"{last['lm_loss']:.3f} ({'ok' if ok else 'FAILED'})"), ok
 
 
 def _pretrained(args: argparse.Namespace, checks: dict[str, bool]) -> None:

@@ -16,6 +16,11 @@ from deepseek_model.tokenizer import Tokenizer, load_tokenizer
 
 HELP = "generate text or token ids from a checkpoint (greedy or sampled, optional MTP speculative decoding)"
 QUIT_WORDS = ("exit", "quit")
+EXAMPLES = (
+    "deepseek-model generate mini-shakespeare --prompt 'MACBETH.' --speculative mtp --stats",
+    'deepseek-model generate CKPT --input-file prompts.txt --temperature 0.7 --top-p 0.9',
+    'torchrun --nproc-per-node 2 -m deepseek_model.cli generate CKPT --prompt Hello',
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

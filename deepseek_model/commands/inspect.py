@@ -12,6 +12,11 @@ from deepseek_model.summary import model_summary
 HELP = "describe a checkpoint directory (or a built-in config): parameters, FP8 coverage, memory, cache"
 GIB = 1024 ** 3
 MIB = 1024 ** 2
+EXAMPLES = (
+    'deepseek-model inspect deepseek-v3',
+    'deepseek-model inspect mini-shakespeare --json',
+    'deepseek-model inspect /path/to/DeepSeek-V3 --world-size 8 16',
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

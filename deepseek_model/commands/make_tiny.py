@@ -10,6 +10,10 @@ from deepseek_model.checkpoint.writer import DEFAULT_SHARDS
 from deepseek_model.testing import make_tiny_checkpoint
 
 HELP = "write a deterministic random checkpoint in the exact HF layout (bf16 or FP8, with MTP)"
+EXAMPLES = (
+    'deepseek-model make-tiny /tmp/tiny --fp8',
+    'deepseek-model make-tiny /tmp/small --config small --seed 3',
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

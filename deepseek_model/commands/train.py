@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from deepseek_model.commands.options import check_threads
 from deepseek_model.config import ModelConfig
 from deepseek_model.training import (ALPHA, GAMMA, LR, MTP_LAMBDA, TrainConfig, build_model, save_checkpoint,
                                      train)
@@ -23,6 +24,11 @@ RECIPE_OUT = "mini-shakespeare-run"
 RECIPE_OVERRIDES = ("steps", "gamma", "alpha", "mtp_lambda", "fp8", "seed", "batch_size", "lr")
 TRAIN_CONFIGS = ("tiny", "small")
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EXAMPLES = (
+    'deepseek-model train --recipe mini-shakespeare --out runs/mini',
+    'deepseek-model train --recipe mini-shakespeare --out runs/mini --resume',
+    'deepseek-model train --config tiny --steps 50 --out /tmp/run',
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,6 +88,7 @@ def run_recipe_command(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     recipe = Recipe(**{k: getattr(args, k) for k in given & set(RECIPE_OVERRIDES)})
+    check_threads(args.threads)
     threads = args.threads if args.threads is not None else max(1, os.cpu_count() or 1)
     run_recipe(args.out or RECIPE_OUT, recipe, corpus=args.corpus, minutes=args.minutes, resume=args.resume,
                threads=threads, quiet=args.quiet)
@@ -97,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag} applies to --recipe runs only")
     if args.steps is None:
         raise ValueError("--steps is required (or pass --recipe mini-shakespeare)")
+    check_threads(args.threads)
     if args.threads is None:
         args.threads = 1
     for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every", "threads"):

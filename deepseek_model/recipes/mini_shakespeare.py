@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from deepseek_model import plotting
 from deepseek_model.config import ModelConfig
 from deepseek_model.evaluation import BitsPerByte, bits_per_byte, token_byte_lengths, windows
 from deepseek_model.recipes.bpe import train_bpe
@@ -223,12 +224,8 @@ def load_state_model(out: str, recipe: Recipe = Recipe()) -> torch.nn.Module:
 
 def plot_log(log: dict[str, Any], out: str) -> list[str]:
     """Loss and expert-load plots of a training log (needs matplotlib; returns the files written)."""
-    try:
-        import matplotlib  # noqa: PLC0415
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError:
+    plt = plotting.pyplot(f"plots in {out}")
+    if plt is None:
         return []
     hist = log["history"]
     steps = [r["step"] + 1 for r in hist]

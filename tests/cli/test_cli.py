@@ -134,3 +134,23 @@ def test_a_closed_pipe_ends_quietly():
     proc = subprocess.run(f"{sys.executable} -m deepseek_model.cli inspect deepseek-v3 --json | head -c 10",
                           shell=True, capture_output=True, text=True, timeout=120)
     assert proc.stdout == '{\n  "archi' and proc.stderr == ""
+
+
+def test_plots_are_skipped_with_one_line_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """The base install has no matplotlib: benchmarks still write JSON and markdown and say why no PNG."""
+    import builtins
+
+    from deepseek_model import plotting
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert plotting.pyplot("results.png") is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["matplotlib is not installed (pip install 'deepseek-model[bench]'): no results.png; the JSON "
+                   "and markdown have every value"]
