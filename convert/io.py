@@ -8,6 +8,8 @@ ever opened read-only.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -15,6 +17,8 @@ from typing import Any, Callable, Iterable
 
 TMP_TAG = ".tmp-"
 OLD_TAG = ".old-"
+AT_FDCWD = -100  # renameat2: paths relative to the working directory
+RENAME_EXCHANGE = 2  # renameat2 flag: swap the two names atomically
 
 
 class ConvertError(ValueError):
@@ -37,6 +41,7 @@ def check_paths(src: str, dst: str, overwrite: bool) -> tuple[str, str]:
         ConvertError: the paths are unusable.
     """
     src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
+    restore_orphaned(dst_abs)
     if not os.path.isdir(src_abs):
         raise ConvertError(f"{src}: source is not a directory")
     src_real, dst_real = os.path.realpath(src_abs), os.path.realpath(dst_abs)
@@ -79,6 +84,33 @@ def stale_siblings(dst: str) -> list[str]:
     return out
 
 
+def restore_orphaned(dst: str) -> None:
+    """A run killed between moving the old DST aside and renaming the new one in left DST missing
+    and the old copy as `.DST.old-PID`: put it back (it is the only copy; it is never deleted)."""
+    if os.path.lexists(dst):
+        return
+    for stale in stale_siblings(dst):
+        if OLD_TAG in os.path.basename(stale):
+            os.rename(stale, dst)
+            return
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False  # kernel or file system without the flag
+    raise OSError(err, os.strerror(err), b)
+
+
 def fsync_dir(path: str) -> None:
     """Flush a directory entry table to disk (makes renames durable)."""
     fd = os.open(path, os.O_RDONLY)
@@ -106,6 +138,7 @@ class AtomicOutputDir:
         self.committed = False
 
     def __enter__(self) -> AtomicOutputDir:
+        restore_orphaned(self.dst)
         for stale in stale_siblings(self.dst):
             shutil.rmtree(stale, ignore_errors=True)
         os.makedirs(os.path.dirname(self.dst), exist_ok=True)
@@ -127,12 +160,16 @@ class AtomicOutputDir:
         if check is not None:
             check(self.tmp)
         fsync_dir(self.tmp)
-        replaced = os.path.lexists(self.dst)
-        if replaced:
-            os.rename(self.dst, self._old)
-        os.rename(self.tmp, self.dst)
-        fsync_dir(os.path.dirname(self.dst))
-        if replaced:
+        if not os.path.lexists(self.dst):
+            os.rename(self.tmp, self.dst)
+            fsync_dir(os.path.dirname(self.dst))
+        elif exchange(self.tmp, self.dst):  # one atomic step: DST is the new output, tmp the old one
+            fsync_dir(os.path.dirname(self.dst))
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:  # no RENAME_EXCHANGE here: two renames; a kill between them leaves the old copy, which
+            os.rename(self.dst, self._old)  # the next run restores (see __enter__), never deletes
+            os.rename(self.tmp, self.dst)
+            fsync_dir(os.path.dirname(self.dst))
             shutil.rmtree(self._old, ignore_errors=True)
         self.committed = True
 

@@ -185,3 +185,31 @@ def test_source_never_opened_for_writing(tiny_fp8, tmp_path):
         os.chmod(bad, 0o755)
     assert torch.equal(CheckpointReader(tmp_path / "out").get("model.norm.weight"),
                        CheckpointReader(bad).get("model.norm.weight"))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_overwrite_swaps_atomically_and_an_orphaned_old_copy_is_restored(tiny_fp8, tmp_path):
+    dst = tmp_path / "out"
+    assert run_inproc("fp8-to-bf16", tiny_fp8, dst, "-q").returncode == 0
+    (dst / "marker.txt").write_text("first run")
+    proc = run_inproc("fp8-to-bf16", tiny_fp8, dst, "-q", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert not (dst / "marker.txt").exists() and _siblings(dst) == []  # replaced in one step, nothing left over
+    # A run killed between moving the old DST aside and renaming the new one in (where the exchange
+    # is unsupported) leaves only the old copy: the next run restores it, and never deletes it.
+    old = tmp_path / f".out.old-{_dead_pid()}"
+    os.rename(dst, old)
+    (old / "marker.txt").write_text("the only copy")
+    bad = _copy(tiny_fp8, tmp_path)
+    os.remove(os.path.join(bad, _first_shard(bad)))  # this run fails, after restoring
+    proc = run_inproc("fp8-to-bf16", bad, dst, "-q", "--overwrite")
+    assert proc.returncode == 2
+    assert (dst / "marker.txt").read_text() == "the only copy" and _siblings(dst) == []
+    proc = run_inproc("fp8-to-bf16", tiny_fp8, dst, "-q")  # restored: DST exists again, so it needs --overwrite
+    assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
+    assert (dst / "marker.txt").read_text() == "the only copy"
