@@ -17,9 +17,11 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.reader import CONFIG_FILE, INDEX_FILE, CheckpointReader
-from deepseek_model.convert.io import AtomicOutputDir, check_paths, copy_other_files, write_json
 from deepseek_model.checkpoint.stream import ShardWriter, SourceReader, TensorSpec, check_written_file
+from deepseek_model.config import ModelConfig
+from deepseek_model.convert.io import AtomicOutputDir, ConvertError, check_paths, copy_other_files, write_json
 
 # Seconds to sleep after each written tensor: lets tests kill a run deterministically mid-way.
 CONVERT_COMPUTE_THREADS = 1  # torch threads for band math; the shard writer thread does the I/O
@@ -127,6 +129,20 @@ def compute_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def check_against_config(reader: CheckpointReader) -> None:
+    """Refuse a checkpoint whose config.json is invalid or contradicts its tensors (as loading would).
+
+    Raises:
+        ConfigError: config.json is invalid.
+        ConvertError: a tensor is unexpected, mis-shaped or missing for that config.
+    """
+    source = os.path.join(reader.path, CONFIG_FILE)
+    cfg = ModelConfig.from_dict(reader.config(), source=source)
+    problem = schema.inventory_problem(cfg, {name: reader.shape(name) for name in reader.names()})
+    if problem:
+        raise ConvertError(f"{reader.path}: {problem} ({CONFIG_FILE} and the tensors disagree)")
+
+
 def run_hf_conversion(src: str, dst: str, plan: PlanFn, *, overwrite: bool = False, quiet: bool = False,
                       desc: str = "convert") -> dict[str, Any]:
     """Run one HF → HF conversion safely.
@@ -149,6 +165,7 @@ def run_hf_conversion(src: str, dst: str, plan: PlanFn, *, overwrite: bool = Fal
     try:
         for fname in reader.files:  # every shard header is validated before anything is written
             reader.header(fname)
+        check_against_config(reader)
         files, config = plan(reader, source)
         with AtomicOutputDir(dst) as out, compute_threads(CONVERT_COMPUTE_THREADS):
             written = write_shards(out.tmp, files, desc, quiet)

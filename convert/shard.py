@@ -19,7 +19,8 @@ from deepseek_model.checkpoint.reader import CONFIG_FILE, INDEX_FILE, Checkpoint
 from deepseek_model.convert.fp8 import FP8_DTYPES, block_size_of, check_fp8_pairs
 from deepseek_model.convert.io import AtomicOutputDir, ConvertError, check_paths, copy_other_files, write_json
 from deepseek_model.convert.mtp import tensors_by_file
-from deepseek_model.convert.pipeline import Advance, TensorJob, check_hf_output, write_index, write_shards
+from deepseek_model.convert.pipeline import (Advance, TensorJob, check_against_config, check_hf_output, write_index,
+                                             write_shards)
 from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.schema import SCHEMA, SPLIT_COLUMN, SPLIT_EXPERT, SPLIT_ROW, Schema
 from deepseek_model.checkpoint.sharded import (MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, ShardedSource,
@@ -125,6 +126,7 @@ def shard(src: str, dst: str, world_size: int, *, overwrite: bool = False, quiet
     try:
         for fname in reader.files:
             reader.header(fname)
+        check_against_config(reader)
         plan = plan_splits(reader, world_size, layout)
         order = [n for ns in tensors_by_file(reader).values() for n in ns]
         files = {}

@@ -429,6 +429,35 @@ class Schema:
         return problems
 
 
+    def inventory_problem(self, cfg, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """The first way a checkpoint's tensors contradict its config, or None when they agree.
+
+        Checks, as the loader does: every tensor is one the config describes (block scales of the
+        FP8 weights included), with the shape the config gives it, and none is missing (the MTP
+        layer may be absent: it is optional).
+
+        Args:
+            cfg: the checkpoint's ModelConfig.
+            shapes: {HF name: shape} of every tensor of the checkpoint.
+        """
+        want = self.hf_weight_shapes(cfg, mtp=True)
+        mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
+        for name, shape in shapes.items():
+            if is_scale_name(name):
+                weight = weight_of_scale(name)
+                if weight not in want or not self.is_fp8_weight(weight):
+                    return f"unexpected tensor '{name}' (not the block scale of an FP8 weight the config describes)"
+                continue
+            if name not in want:
+                return f"unexpected tensor '{name}' (the config describes no such tensor)"
+            if tuple(shape) != want[name]:
+                return f"tensor '{name}' has shape {list(shape)}, the config needs {list(want[name])}"
+        missing = [n for n in want if n not in shapes and not n.startswith(mtp_prefix)]
+        if missing:
+            return f"missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        return None
+
+
 SCHEMA = Schema(_families())
 
 
@@ -463,5 +492,6 @@ expert_index = SCHEMA.expert_index
 hf_weight_shapes = SCHEMA.hf_weight_shapes
 hf_weights = SCHEMA.hf_weights
 match = SCHEMA.match
+inventory_problem = SCHEMA.inventory_problem
 split_dims = SCHEMA.split_dims
 split_problems = SCHEMA.split_problems

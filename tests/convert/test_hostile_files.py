@@ -158,3 +158,24 @@ def test_one_header_validator_for_the_loader_and_the_converters(tiny_bf16, tmp_p
         _one_line(run_inproc(cmd, src, tmp_path / cmd, *extra), shard_file, message)
         assert not (tmp_path / cmd).exists()
     assert CheckpointReader(tiny_bf16).names()  # the fixture itself was never touched
+
+
+@pytest.mark.parametrize("change, needles", [  # the first offending tensor in index order is named
+    ({"intermediate_size": 512}, ("tensor 'model.layers.0.mlp.down_proj.weight' has shape [256, 384], the config "
+                                  "needs [256, 512] (config.json and the tensors disagree)",)),
+    ({"n_routed_experts": 8, "n_group": 4}, ("unexpected tensor 'model.layers.1.mlp.experts.1",
+                                             "(the config describes no such tensor)")),
+    ({"num_hidden_layers": 5}, ("unexpected tensor 'model.layers.3.eh_proj.weight'",)),  # layer 3 is the MTP layer
+    ({"num_hidden_layers": 2}, ("unexpected tensor 'model.layers.3.",)),  # past the MTP layer (2)
+    ({"hidden_size": [256]}, ("'hidden_size' must be an integer, got [256]",)),
+])
+def test_converters_check_the_config_against_the_tensors(tiny_bf16, tmp_path, change, needles):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_bf16, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(change)
+    (src / "config.json").write_text(json.dumps(cfg))
+    for cmd in ("bf16-to-fp8", "shard", "strip-mtp"):
+        extra = ["-n", "2"] if cmd == "shard" else []
+        _one_line(run_inproc(cmd, src, tmp_path / cmd, *extra), *needles)
+        assert not (tmp_path / cmd).exists()
