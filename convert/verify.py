@@ -4,8 +4,10 @@ Each side may be HF bf16, HF FP8 (dequantized on the fly, band by band) or the s
 every weight: max absolute error, relative error (max abs error / max |A|), and — when either side is
 FP8 — the number of 128×128 blocks whose max error exceeds the FP8 quantization bound of that block:
 half the e4m3 spacing at the top of the range (256..448 has spacing 32) times the block's scale_inv,
-i.e. amax/28. Rounding to e4m3 never moves a value further (smaller binades and subnormals have finer
-spacing), and a bf16 rounding on the way (≤ 2⁻⁹ relative) stays far inside it.
+i.e. amax/28, plus a few fp32 ulps of the block's largest value. Rounding to e4m3 never moves a
+value further (smaller binades and subnormals have finer spacing), and a bf16 rounding on the way
+(≤ 2⁻⁹ relative) stays far inside it. Two unquantized tensors must agree within 2⁻⁸ of max |A| (a
+bf16 rounding): two unrelated checkpoints of the same shapes fail.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ from deepseek_model.convert.fp8 import FP8_DTYPES, dequant_band
 from deepseek_model.convert.mtp import MTP_COPIES
 from deepseek_model.checkpoint.sharded import ShardedSource, is_sharded_dir
 from deepseek_model.checkpoint.stream import SourceReader, row_bands
+from deepseek_model.constants import FP8_MAX
 from deepseek_model.kernels.reference import BLOCK
 
 FP8_HALF_SPACING_AT_MAX = 16.0  # e4m3 values in [256, 448] are 32 apart; rounding error ≤ 16 units of scale_inv
-BOUND_SLACK = 1e-6  # relative slack for fp32 round-off in forming the difference
+# fp32 round-off in w / scale_inv (quantizing), q · scale_inv (dequantizing) and the difference: a
+# few ulps of the block's largest value (FP8_MAX · scale_inv), so a value on an e4m3 rounding tie
+# that fp32 nudged across it still passes (a fixed relative slack of 1e-6 of the bound did not).
+FP32_ULPS_SLACK = 4 * 2.0 ** -23 * FP8_MAX
+DENSE_MAX_REL = 2.0 ** -8  # default bound of non-FP8 tensors: twice bf16's half-ulp, relative to max |A|
 VERIFY_BAND_BYTES = 32 << 20
 
 Source = Union[SourceReader, ShardedSource]
@@ -98,9 +105,9 @@ def compare_tensor(a: Source, b: Source, name: str, name_a: str, name_b: str, bl
             sq_err += float(err.double().square().sum())
         if fp8 and err.dim() == 2:
             scales = [s for s in (scale_a, scale_b) if s is not None]
-            bound = torch.stack(scales).amax(0) * FP8_HALF_SPACING_AT_MAX  # (RB, KB)
+            bound = torch.stack(scales).amax(0) * (FP8_HALF_SPACING_AT_MAX + FP32_ULPS_SLACK)  # (RB, KB)
             block_err = _block_max(err, block)
-            over += int((block_err > bound * (1 + BOUND_SLACK)).sum())
+            over += int((block_err > bound).sum())
             blocks += block_err.numel()
     numel = math.prod(sa.shape)
     rel = (max_abs / ref_max) if ref_max else (0.0 if max_abs == 0 else math.inf)
@@ -108,6 +115,8 @@ def compare_tensor(a: Source, b: Source, name: str, name_a: str, name_b: str, bl
                  rms_err=math.sqrt(sq_err / numel) if numel else 0.0, exact=max_abs == 0.0 and finite)
     if fp8:
         entry.update(fp8_blocks=blocks, fp8_blocks_over_bound=over)
+    elif rel > DENSE_MAX_REL:  # two unquantized tensors: at most a bf16 rounding apart
+        over = 1
     entry["status"] = "ok" if finite and not over else ("nonfinite" if not finite else "over_bound")
     return entry
 
@@ -118,7 +127,9 @@ def verify(path_a: str, path_b: str, *, max_rel: float | None = None, progress: 
     Args:
         path_a: reference checkpoint (relative errors are relative to its values).
         path_b: the other checkpoint.
-        max_rel: optional threshold on each tensor's max_rel_err.
+        max_rel: optional extra threshold on each tensor's max_rel_err (finite, >= 0). Without
+            it, non-FP8 tensors must agree within DENSE_MAX_REL of max |A| (a bf16 rounding) and
+            FP8 ones within the e4m3 rounding bound of every block.
         progress: show a tqdm bar over tensors on stderr.
 
     Returns:
@@ -126,6 +137,8 @@ def verify(path_a: str, path_b: str, *, max_rel: float | None = None, progress: 
         tensor is present on both sides with the same shape, finite, within the FP8 block bound and
         within max_rel if given.
     """
+    if max_rel is not None and not (math.isfinite(max_rel) and max_rel >= 0):
+        raise ValueError(f"--max-rel must be a finite number >= 0, got {max_rel}")
     a, b = open_source(os.path.abspath(path_a)), open_source(os.path.abspath(path_b))
     try:
         weights = [n for n in a.names() if not schema.is_scale_name(n)]

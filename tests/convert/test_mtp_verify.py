@@ -80,3 +80,38 @@ def test_verify_flags_missing_and_different_tensors(tiny_fp8, tiny_bf16, tmp_pat
     # different weights (another seed): far outside the FP8 bound
     different = verify(tiny_fp8, tiny_bf16)
     assert not different["summary"]["ok"] and different["summary"]["fp8_blocks_over_bound"] > 0
+
+
+def test_verify_fails_unrelated_checkpoints_of_the_same_shapes(tmp_path):
+    cfg = ModelConfig.builtin("tiny")
+    a = write_checkpoint(tmp_path / "a", make_tiny_tensors(cfg, seed=1), cfg.to_dict())
+    b = write_checkpoint(tmp_path / "b", make_tiny_tensors(cfg, seed=5), cfg.to_dict())
+    s = verify(a, b)["summary"]
+    assert not s["ok"] and s["max_rel_err"] > 0.5
+    assert verify(a, a)["summary"]["ok"]
+    proc = run_cli("verify", a, b)
+    assert proc.returncode == 1 and "verify: FAIL" in proc.stderr
+
+
+def test_verify_passes_the_converters_own_output_at_rounding_ties(tmp_path):
+    """Values on e4m3 rounding ties (s·(272 + 32k): halfway between neighbours of the top binade),
+    with scales that are not powers of two: fp32 round-off may tip them, the bound allows for it."""
+    cfg = ModelConfig.builtin("tiny")
+    tensors = make_tiny_tensors(cfg, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    for name, v in list(tensors.items()):
+        if v.dim() == 2 and schema.is_fp8_weight(name):
+            s = torch.rand(1, generator=gen).item() * 0.01 + 1e-3
+            k = torch.randint(0, 6, tuple(v.shape), generator=gen).float()
+            ties = s * (272 + 32 * k)
+            ties[0, 0] = 448 * s
+            tensors[name] = ties.to(torch.bfloat16)
+    src = write_checkpoint(tmp_path / "src", tensors, cfg.to_dict())
+    bf16_to_fp8(src, tmp_path / "fp8", quiet=True)
+    s = verify(src, tmp_path / "fp8")["summary"]
+    assert s["ok"] and s["fp8_blocks"] > 0 and s["fp8_blocks_over_bound"] == 0
+
+
+def test_verify_refuses_a_nan_threshold(tiny_fp8):
+    proc = run_inproc("verify", tiny_fp8, tiny_fp8, "--max-rel", "nan")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --max-rel must be a finite number >= 0, got nan"
