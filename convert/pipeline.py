@@ -80,10 +80,13 @@ def write_shards(out_dir: str, files: dict[str, list[TensorJob]], desc: str,
                 for job in jobs:
                     if job.fill is not None:
                         job.fill(writer, bar.update)
+                writer.close()
+            except OSError as e:  # disk full, quota...: name the file (the temporary DST goes with it)
+                writer.abort()
+                raise OSError(e.errno, f"{os.path.join(out_dir, fname)}: {e.strerror or e}") from None
             except BaseException:
                 writer.abort()
                 raise
-            writer.close()
             written[fname] = specs
     return written
 

@@ -256,7 +256,10 @@ class ShardWriter:
         except OSError:
             pass  # the conversion is being abandoned anyway
         finally:
-            os.close(self._fd)
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass  # already closed by a close() that failed part-way
 
 
 def check_written_file(path: str, specs: list[TensorSpec]) -> None:

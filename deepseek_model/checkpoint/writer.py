@@ -62,7 +62,10 @@ def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor
     for s in range(num_shards):
         fname = shard_file_name(s + 1, num_shards)
         part = {n: tensors[n].contiguous() for n in tensor_names if shard_of[n] == s}
-        save_file(part, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        try:
+            save_file(part, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        except OSError as e:  # disk full, read-only...: name the file
+            raise OSError(e.errno, f"{os.path.join(out_dir, fname)}: {e.strerror or e}") from None
         for n, t in part.items():
             weight_map[n] = fname
             total += t.numel() * t.element_size()

@@ -32,7 +32,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.out}: exists and is not an empty directory")
     if args.shards < 1:
         raise ValueError(f"--shards must be >= 1, got {args.shards}")
-    path = make_tiny_checkpoint(args.out, args.config, fp8=args.fp8, seed=args.seed, mtp=not args.no_mtp,
-                                num_shards=args.shards)
-    print(f"wrote {'fp8' if args.fp8 else 'bf16'} '{args.config}' checkpoint to {path}")
+    from deepseek_model.convert.io import AtomicOutputDir  # noqa: PLC0415 (torch-free; keeps --help fast)
+
+    with AtomicOutputDir(os.path.abspath(args.out)) as out:  # a failure (disk full) leaves no OUT behind
+        make_tiny_checkpoint(out.tmp, args.config, fp8=args.fp8, seed=args.seed, mtp=not args.no_mtp,
+                             num_shards=args.shards)
+        out.commit()
+    print(f"wrote {'fp8' if args.fp8 else 'bf16'} '{args.config}' checkpoint to {os.path.abspath(args.out)}")
     return 0

@@ -213,3 +213,41 @@ def test_overwrite_swaps_atomically_and_an_orphaned_old_copy_is_restored(tiny_fp
     proc = run_inproc("fp8-to-bf16", tiny_fp8, dst, "-q")  # restored: DST exists again, so it needs --overwrite
     assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
     assert (dst / "marker.txt").read_text() == "the only copy"
+
+
+def test_disk_full_names_the_file_and_leaves_nothing(tiny_fp8, tmp_path, monkeypatch):
+    """ENOSPC in the middle of a conversion: one line naming the shard, no DST, no temporary left."""
+    import errno
+
+    real_pwrite, calls = os.pwrite, [0]
+
+    def full_disk(fd, data, pos):
+        calls[0] += 1
+        if calls[0] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EXDEV, "cross")),
+                        raising=False)
+    proc = run_inproc("fp8-to-bf16", tiny_fp8, tmp_path / "out", "-q")
+    monkeypatch.undo()
+    line = _assert_one_line_error(proc, "No space left on device", str(tmp_path / ".out.tmp-"))
+    assert ".safetensors" in line
+    assert not (tmp_path / "out").exists() and _siblings(tmp_path / "out") == []
+
+
+def test_make_tiny_disk_full_leaves_no_output(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from deepseek_model import cli
+    from deepseek_model.checkpoint import writer
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "save_file", full_disk)
+    assert cli.main(["make-tiny", str(tmp_path / "tiny")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "model-00001-of-000004.safetensors" in err[0]
+    assert os.listdir(tmp_path) == []
