@@ -187,6 +187,13 @@ def write_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512, bos_
     write_tokenizer_config(out_dir, model_max_length)
 
 
+def check_build_memory(config: str | dict | ModelConfig, fp8: bool, mtp: bool, where: str) -> None:
+    """Refuse (InsufficientMemory, one line) a `make_tiny_checkpoint` that would not fit in memory:
+    every tensor is held until written, and a shard is serialized once more."""
+    cfg = ModelConfig.from_dict(_config_dict(config, fp8, mtp), source="config")
+    memory.require(2 * memory.model_bytes(cfg, 2, fp8=fp8, mtp=mtp), f"building the checkpoint in {where}")
+
+
 def make_tiny_checkpoint(out_dir: str | os.PathLike, config: str | dict | ModelConfig = "tiny",
                          fp8: bool = False, seed: int = 0, mtp: bool = True,
                          num_shards: int = DEFAULT_SHARDS) -> str:
@@ -206,8 +213,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, config: str | dict | ModelC
     """
     d = _config_dict(config, fp8, mtp)
     cfg = ModelConfig.from_dict(d, source="config")
-    # every tensor is held until written, and a shard is serialized once more
-    memory.require(2 * memory.model_bytes(cfg, 2, fp8=fp8, mtp=mtp), f"building the checkpoint in {os.fspath(out_dir)}")
+    check_build_memory(config, fp8, mtp, os.fspath(out_dir))
     tensors = make_tiny_tensors(cfg, fp8=fp8, seed=seed, mtp=mtp)
     path = write_checkpoint(out_dir, tensors, d, num_shards=num_shards)
     if cfg.bos_token_id in (0, 1) and cfg.eos_token_id in (0, 1) and cfg.bos_token_id != cfg.eos_token_id:

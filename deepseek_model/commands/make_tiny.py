@@ -7,7 +7,7 @@ import os
 
 from deepseek_model.config import BUILTIN_CONFIGS
 from deepseek_model.checkpoint.writer import DEFAULT_SHARDS
-from deepseek_model.testing import make_tiny_checkpoint
+from deepseek_model.testing import check_build_memory, make_tiny_checkpoint
 
 HELP = "write a deterministic random checkpoint in the exact HF layout (bf16 or FP8, with MTP)"
 EXAMPLES = (
@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--shards must be >= 1, got {args.shards}")
     from deepseek_model.convert.io import AtomicOutputDir  # noqa: PLC0415 (torch-free; keeps --help fast)
 
+    check_build_memory(args.config, args.fp8, not args.no_mtp, os.path.abspath(args.out))  # before any file
     with AtomicOutputDir(os.path.abspath(args.out)) as out:  # a failure (disk full) leaves no OUT behind
         make_tiny_checkpoint(out.tmp, args.config, fp8=args.fp8, seed=args.seed, mtp=not args.no_mtp,
                              num_shards=args.shards)
