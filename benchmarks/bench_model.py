@@ -11,7 +11,9 @@ Reported as ratios against the peer measured in the same run:
 - cache bytes per token: latent (kv_lora_rank + rope)·bytes·layers vs transformers' per-head K/V
   (for this config and for DeepSeek-V3's dims);
 - the fp8 latent cache (logit error and bytes) and a torch.compile'd decode step (identical tokens,
-  speed-up; if compile fails on this box, the error is reported instead).
+  speed-up; if compile fails on this box, the error is reported instead);
+- weight-only FP8 (`weights="fp8"`, what "auto" runs on a CPU) vs the same FP8 checkpoint dequantized
+  at load: decode tokens/s as a ratio, and the weight bytes of each.
 Writes results.json, results.md and results.png (matplotlib Agg) into --out.
 
 Usage: python -m deepseek_model.benchmarks.bench_model [--quick] [--out DIR] [--threads N]
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -44,6 +47,7 @@ DECODE_STEPS = 8
 QUICK_DECODE_STEPS = 4
 TRIALS = 3
 QUICK_TRIALS = 3
+WEIGHT_ONLY_CONTEXT = 128  # the weight-only FP8 vs dequantized-at-load decode comparison
 WARMUP_CONTEXT = 64
 GOAL_CONTEXT = 1024
 GOAL_DECODE = 2.0
@@ -202,6 +206,28 @@ def _measure(runners: list, ids: torch.Tensor, steps: int, trials: int) -> list[
     return out
 
 
+def _weight_only_fp8(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen: torch.Generator, steps: int,
+                     trials: int) -> dict:
+    """Decode speed of FP8 weights dequantized per GEMM (weights="fp8", what "auto" runs on a CPU)
+    vs the same checkpoint dequantized at load (weights="bf16"), same run, context 128, batch 1."""
+    path = make_tiny_checkpoint(os.path.join(tmp, "fp8"), "small", fp8=True, seed=args.seed)
+    fp8 = from_pretrained(path, dtype=dtype, mtp=False, attn=args.attn, weights="fp8")
+    dense = from_pretrained(path, dtype=dtype, mtp=False, attn=args.attn, weights="bf16")
+    ids = torch.randint(0, fp8.cfg.vocab_size, (1, WEIGHT_ONLY_CONTEXT), generator=gen)
+    runners = [_Ours(fp8), _Ours(dense)]
+    for runner in runners:
+        _one_trial(runner, ids, 2)
+    a, b = _measure(runners, ids, steps, trials)
+    param_bytes = [sum(p.numel() * p.element_size() for p in m.parameters()) for m in (fp8, dense)]
+    out = {"context": WEIGHT_ONLY_CONTEXT, "batch": 1, "fp8_decode_tok_s": a["decode_tok_s"],
+           "dense_decode_tok_s": b["decode_tok_s"], "ratio": a["decode_tok_s"] / b["decode_tok_s"],
+           "fp8_weight_bytes": param_bytes[0], "dense_weight_bytes": param_bytes[1]}
+    print(f"weight-only FP8 decode (ctx {WEIGHT_ONLY_CONTEXT}, B 1): {a['decode_tok_s']:.1f} tok/s vs dequantized "
+          f"at load {b['decode_tok_s']:.1f} ({out['ratio']:.2f}x), weights {param_bytes[0] / 2**20:.0f} vs "
+          f"{param_bytes[1] / 2**20:.0f} MiB", flush=True)
+    return out
+
+
 def _load_hf(path: str, dtype: torch.dtype):
     import transformers  # noqa: PLC0415 (optional peer)
 
@@ -277,6 +303,8 @@ def _table(report: dict) -> str:
               f"V3 {report['cache']['v3']}; the measured transformers column shows what that version caches "
               f"(5.x caches the compressed latent as well and re-expands it with kv_b at every step)",
               f"- fp8 latent cache: {report['fp8_cache']}", f"- torch.compile decode: {report['compile']}",
+              f"- weight-only FP8 (weights=\"fp8\", dequantized per GEMM) vs dequantized at load, decode: "
+              f"{report['weight_only_fp8']}",
               f"- same weights check (logits max diff vs transformers): {report.get('hf_logit_max_diff')}"]
     return "\n".join(lines) + "\n"
 
@@ -399,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             report["cache"] = {"small": {k: round(v, 2) for k, v in small_c.items()},
                                "v3": {k: round(v, 2) for k, v in v3_c.items()}}
             report["fp8_cache"] = _fp8_cache_error(ours_model, gen)
+            report["weight_only_fp8"] = _weight_only_fp8(tmp, args, dtype, gen, steps, trials)
         report["compile"] = {"skipped": True} if args.no_compile else _compile_check(ours_model, list(range(1, 65)))
     for k, v in report["goals"].items():
         print(f"goal: {k}: {v}")

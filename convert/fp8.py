@@ -22,28 +22,10 @@ from deepseek_model.convert.pipeline import Advance, TensorJob, copy_job, run_hf
 from deepseek_model.checkpoint.stream import ShardWriter, SourceReader, TensorSpec, row_bands
 from deepseek_model.constants import FP8_BLOCK as BLOCK
 from deepseek_model.constants import FP8_DTYPE, FP8_MAX, SCALE_DTYPE, SCALE_FMTS, block_grid
-from deepseek_model.kernels.reference import round_scale_ue8m0
+from deepseek_model.kernels.reference import round_scale_ue8m0, weight_dequant
 
 BF16 = torch.bfloat16
 FP8_DTYPES = (torch.float8_e4m3fn,)
-
-
-# fp8 e4m3 → fp32 by bit placement (torch's own fp8 cast is a scalar loop, ~5x slower on CPU):
-# the byte's sign goes to bit 31 and its 7 exponent+mantissa bits to bits 20..26, which reads as
-# the e4m3 value times 2^-120 (normals land on fp32 normals, e4m3 subnormals on fp32 subnormals);
-# the 2^120 is folded into the block scale, so each output is rounded once, exactly as
-# fp8.float() * scale would be.
-_E4M3_BIT_SHIFT = 20
-_E4M3_SIGN_AND_MAGNITUDE = 0x87F00000 - (1 << 32)  # as a signed int32: bit 31 and bits 20..26
-_E4M3_UNBIAS = 2.0 ** 120
-_E4M3_NAN_RAW = 480.0 * 2.0 ** -120  # where the e4m3 NaN codes (S.1111.111) land after the shift
-
-
-def _e4m3_raw(q: torch.Tensor) -> torch.Tensor:
-    """fp32 [R, K] holding each e4m3 value of q times 2^-120 (NaN codes read as ±480·2^-120)."""
-    bits = q.view(torch.int8).to(torch.int32)  # sign-extended byte
-    bits.bitwise_left_shift_(_E4M3_BIT_SHIFT).bitwise_and_(_E4M3_SIGN_AND_MAGNITUDE)
-    return bits.view(torch.float32)
 
 
 def dequant_band(q: torch.Tensor, s: torch.Tensor, block: int = BLOCK, dtype: torch.dtype = BF16) -> torch.Tensor:
@@ -58,20 +40,7 @@ def dequant_band(q: torch.Tensor, s: torch.Tensor, block: int = BLOCK, dtype: to
     Returns:
         [R, K] of `dtype`, bit-identical to weight_dequant(q, s, b, dtype).
     """
-    rows, k = q.shape
-    v = _e4m3_raw(q)  # (R, K) = fp8 · 2^-120
-    lo, hi = torch.aminmax(v)
-    if max(-lo.item(), hi.item()) >= _E4M3_NAN_RAW:  # NaN bytes present: take torch's cast
-        v = q.float()
-        s_cols = s.float().repeat_interleave(block, dim=1)[:, :k]  # (ceil(R/b), K)
-    else:
-        s_cols = (s.float() * _E4M3_UNBIAS).repeat_interleave(block, dim=1)[:, :k]  # (ceil(R/b), K)
-    full = rows // block * block
-    if full:
-        v[:full].view(full // block, block, k).mul_(s_cols[: full // block].unsqueeze(1))  # (R/b, b, K)
-    if rows > full:
-        v[full:].mul_(s_cols[-1])
-    return v.to(dtype)
+    return weight_dequant(q, s, block, dtype)
 
 
 def quant_band(w: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
