@@ -18,6 +18,7 @@ setup(
         "deepseek_model.commands",
         "deepseek_model.pretrained",
         "deepseek_model.recipes",
+        "deepseek_model.rl",
         "deepseek_model.kernels",
         "deepseek_model.convert",
         "deepseek_model.benchmarks",

@@ -24,6 +24,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("bench", "deepseek_model.commands.bench"),
     ("train", "deepseek_model.commands.train"),
     ("generate", "deepseek_model.commands.generate"),
+    ("rl", "deepseek_model.commands.rl"),
 )
 CHECKPOINT_ARGS = ("ckpt", "src", "a", "b")  # argument names that take a checkpoint directory
 EXIT_BAD_INPUT = 2

@@ -1,15 +1,15 @@
-"""bench: run one of the benchmarks (kernels, model, convert, train, mini, gpu) with its own arguments."""
+"""bench: run one of the benchmarks (kernels, model, convert, train, mini, rl, gpu) with its own arguments."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 
-HELP = ("run a benchmark: kernels | model | convert | train | mini | gpu (arguments after the name go to the "
-        "benchmark)")
+HELP = ("run a benchmark: kernels | model | convert | train | mini | rl | gpu (arguments after the name go to "
+        "the benchmark)")
 # benchmark name → module under deepseek_model.benchmarks
 BENCHMARKS = {"kernels": "bench_kernels", "model": "bench_model", "convert": "bench_convert", "train": "bench_train",
-              "mini": "bench_mini", "gpu": "gpu_check"}
+              "mini": "bench_mini", "rl": "bench_rl", "gpu": "gpu_check"}
 EXAMPLES = (
     'deepseek-model bench mini --only speculative',
     'deepseek-model bench model --quick',

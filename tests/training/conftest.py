@@ -1,17 +1,15 @@
 """Training tests: one intra-op thread (the machine is shared; small GEMMs gain nothing from more)."""
 
 import pytest
-import torch
 
 from deepseek_model.config import ModelConfig, builtin_config_dict
+from deepseek_model.testing import one_thread
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
