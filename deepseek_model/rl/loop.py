@@ -12,8 +12,8 @@ One `GRPOTrainer.step` is one batch of prompts:
    the outputs;
 4. old-policy and reference log-probs of the sampled tokens, once, without gradients;
 5. `inner_steps` AdamW updates on `grpo_loss`, each followed by the bias update of every router
-   (`BiasUpdater`, counting the tokens of the training forwards only: sampling, scoring and the
-   old/reference passes are paused).
+   (`BiasUpdater`, counting the routing the training forwards return: sampling, scoring and the
+   old/reference passes are not recorded).
 
 Log-probs are those of the sampling distribution, softmax(logits / τ).
 """
@@ -28,10 +28,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from deepseek_model.generate import generate
-from deepseek_model.model import Transformer
+from deepseek_model.model import RouterOutput, Transformer
 from deepseek_model.rl.objective import CLIP_EPS, KL_COEF, grpo_terms, group_advantages
 from deepseek_model.rl.rewards import RewardError, RewardFn, score
-from deepseek_model.training import BETAS, GAMMA, BiasUpdater, moe_layers
+from deepseek_model.training import BETAS, GAMMA, BiasUpdater
 
 CONTROLS = (None, "shuffled")
 SHUFFLE_STRIDE = 7_919  # control permutation generator of step s: seed · SHUFFLE_STRIDE + s
@@ -131,7 +131,7 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
 
 
 def token_logprobs(model: Transformer, ids: torch.Tensor, index: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, router: list[RouterOutput] | None = None) -> torch.Tensor:
     """log π(ids[i, index[i, j]] | ids[i, :index[i, j]]) under softmax(logits / temperature).
 
     Args:
@@ -139,11 +139,18 @@ def token_logprobs(model: Transformer, ids: torch.Tensor, index: torch.Tensor,
         ids: (N, L) token rows.
         index: (N, T) positions (>= 1) of the scored tokens.
         temperature: the sampling temperature.
+        router: when given, the forward's routing of every MoE layer is appended here.
 
     Returns:
         (N, T) fp32 log-probs (differentiable when grad is enabled).
     """
-    logits = model(ids).float() / temperature  # (N, L, V)
+    if router is None:
+        logits = model(ids)  # (N, L, V)
+    else:
+        out = model(ids, outputs={"router"})
+        router.extend(out.router)
+        logits = out.logits
+    logits = logits.float() / temperature  # (N, L, V)
     logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (N, L-1, V): row k predicts token k+1
     pred = (index - 1).clamp_min(0)  # (N, T) rows predicting the scored tokens
     rows = logp.gather(1, pred.unsqueeze(-1).expand(-1, -1, logp.shape[-1]))  # (N, T, V)
@@ -172,13 +179,7 @@ def greedy_pass_at_1(model: Transformer, prompts: Sequence[Sequence[int]], answe
 
 
 def frozen_copy(model: Transformer) -> Transformer:
-    """A deep copy of `model` in eval mode without gradients (the reference policy).
-
-    The routing a MoE layer keeps from its last training forward holds autograd history, which
-    cannot be deep-copied; it is dropped first (the next training forward records it again).
-    """
-    for _, moe in moe_layers(model):
-        moe.last_routing, moe.last_token_shape = None, None
+    """A deep copy of `model` in eval mode without gradients (the reference policy)."""
     ref = copy.deepcopy(model)
     ref.eval().requires_grad_(False)
     return ref
@@ -205,9 +206,6 @@ class GRPOTrainer:
         self.metrics = dict(metrics or {})
         self.ref = ref if ref is not None else frozen_copy(model)
         self.ref.eval().requires_grad_(False)
-        for m in self.ref.modules():  # the reference's routers never count load
-            if hasattr(m, "record_load"):
-                m.record_load = False
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
         rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -219,9 +217,8 @@ class GRPOTrainer:
         rows = [list(p) for p in prompts for _ in range(self.cfg.group_size)]
         self.model.eval()
         try:
-            with self.balancer.paused():
-                res = generate(self.model, rows, max_new_tokens=self.cfg.max_new_tokens,
-                               temperature=self.cfg.temperature, eos=self.eos, seed=seed)
+            res = generate(self.model, rows, max_new_tokens=self.cfg.max_new_tokens,
+                           temperature=self.cfg.temperature, eos=self.eos, seed=seed)
         finally:
             self.model.train()
         return res.tokens
@@ -265,7 +262,7 @@ class GRPOTrainer:
         adv = group_advantages(trained_on, g)  # (P·G,)
         rows = [list(p) for p in prompts for _ in range(g)]
         ids, index, mask = pack(rows, outputs, device)  # (N, L), (N, T), (N, T)
-        with torch.no_grad(), self.balancer.paused():
+        with torch.no_grad():
             was = self.model.training
             self.model.eval()
             old = token_logprobs(self.model, ids, index, cfg.temperature)  # (N, T)
@@ -277,7 +274,9 @@ class GRPOTrainer:
             group["lr"] = lr
         losses, kls, clips, norms = [], [], [], []
         for _ in range(cfg.inner_steps):
-            lp = token_logprobs(self.model, ids, index, cfg.temperature)  # (N, T)
+            routed: list[RouterOutput] = []
+            lp = token_logprobs(self.model, ids, index, cfg.temperature, router=routed)  # (N, T)
+            self.balancer.record(routed)  # only the training forwards count as expert load
             terms = grpo_terms(lp, old, ref, adv, mask, cfg.clip_eps, cfg.kl_coef)
             terms.loss.backward()
             norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)))

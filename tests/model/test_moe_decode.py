@@ -24,7 +24,6 @@ def _loop(moe, x):
     with torch.no_grad():
         y = moe(x)
     moe.eval()
-    moe.last_routing = moe.last_token_shape = None
     return y
 
 

@@ -26,7 +26,7 @@ def _worker(rank, store_path, out_path):
         d.update({"n_routed_experts": 8, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 2})
         gate = Gate(ModelConfig.from_dict(d), torch.float32, "cpu")
         updater = BiasUpdater(_Holder(gate), gamma=0.5, group=dist.group.WORLD)
-        gate.load.copy_(torch.tensor(LOADS[rank]))
+        updater.counts["gate"].copy_(torch.tensor(LOADS[rank]))
         stats = updater.step()
         torch.save({"bias": gate.bias.clone(), "counts": stats["gate"].counts}, f"{out_path}.{rank}")
     finally:

@@ -1,10 +1,12 @@
 """Losses: sequence-wise balance loss (formula + fp64 gradient), CE and MTP targets with masking."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from deepseek_model.training import (ALPHA, IGNORE_INDEX, MTP_LAMBDA, balance_loss, build_model, document_ids,
-                                     forward_train, lm_loss, mtp_loss, sequence_balance_loss, shifted_targets)
+                                     forward_train, forward_train_outputs, lm_loss, mtp_loss, sequence_balance_loss,
+                                     shifted_targets)
 
 
 def _direct_balance_loss(scores, indices, alpha):
@@ -55,20 +57,18 @@ def test_sequence_loss_gradient_matches_finite_differences():
 def test_model_balance_loss_sums_the_layers_and_reaches_the_router(micro_cfg):
     model = build_model(micro_cfg, seed=0)
     ids = torch.randint(0, micro_cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(2))
-    forward_train(model, ids)
+    out = forward_train_outputs(model, ids)
+    assert [r.layer for r in out.router] == ["layers.1.ffn", "mtp.block.ffn"]
     want = 0.0
-    for name in ("layers.1.ffn", "mtp.block.ffn"):
-        moe = model.get_submodule(name)
-        b, t = moe.last_token_shape
-        r = moe.last_routing
-        want += _direct_balance_loss(r.scores.view(b, t, -1), r.indices.view(b, t, -1), ALPHA)
-    got = balance_loss(model)
+    for r in out.router:
+        assert r.scores.shape[:2] == r.indices.shape[:2] == (3, 9 if r.layer == "layers.1.ffn" else 8)
+        want += _direct_balance_loss(r.scores, r.indices, ALPHA)
+    got = balance_loss(out.router)
     torch.testing.assert_close(got, torch.as_tensor(want, dtype=got.dtype), rtol=1e-5, atol=0)
     got.backward()
     assert model.layers[1].ffn.gate.weight.grad.abs().sum() > 0
-    model.eval()
-    forward_train(model, ids)
-    assert model.layers[1].ffn.last_routing is None  # inference keeps nothing
+    with pytest.raises(ValueError, match="no MoE routing in this forward"):
+        balance_loss([])
 
 
 def test_shifted_targets_are_two_ahead_and_respect_documents():
