@@ -132,8 +132,12 @@ def compute_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def check_against_config(reader: CheckpointReader) -> None:
+def check_against_config(reader: CheckpointReader, layout: schema.Schema = schema.SCHEMA) -> None:
     """Refuse a checkpoint whose config.json is invalid or contradicts its tensors (as loading would).
+
+    Args:
+        reader: the source checkpoint.
+        layout: the schema the tensors are checked against (one with extra tensor families, or the default).
 
     Raises:
         ConfigError: config.json is invalid.
@@ -141,7 +145,7 @@ def check_against_config(reader: CheckpointReader) -> None:
     """
     source = os.path.join(reader.path, CONFIG_FILE)
     cfg = ModelConfig.from_dict(reader.config(), source=source)
-    problem = schema.inventory_problem(cfg, {name: reader.shape(name) for name in reader.names()})
+    problem = layout.inventory_problem(cfg, {name: reader.shape(name) for name in reader.names()})
     if problem:
         raise ConvertError(f"{reader.path}: {problem} ({CONFIG_FILE} and the tensors disagree)")
 

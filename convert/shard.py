@@ -126,7 +126,7 @@ def shard(src: str, dst: str, world_size: int, *, overwrite: bool = False, quiet
     try:
         for fname in reader.files:
             reader.header(fname)
-        check_against_config(reader)
+        check_against_config(reader, layout)
         plan = plan_splits(reader, world_size, layout)
         order = [n for ns in tensors_by_file(reader).values() for n in ns]
         files = {}

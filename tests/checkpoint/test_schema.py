@@ -145,8 +145,9 @@ def test_a_registered_family_round_trips_write_shard_merge_load(tmp_path):
     for n in extra:
         assert torch.equal(back.get(n), tensors[n]), n
 
-    shard(src, tmp_path / "default", 2, quiet=True)  # without the entry the tensor is simply replicated
-    assert read_manifest(tmp_path / "default")["tensors"][name]["split"] == SPLIT_REPLICATED
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.self_attn.extra_proj.weight'"):
+        shard(src, tmp_path / "default", 2, quiet=True)  # the default table does not know the family
+    assert not (tmp_path / "default").exists()
 
 
 def test_schema_is_not_mutable_state():
