@@ -22,7 +22,7 @@ from deepseek_model.convert.pipeline import Advance, TensorJob, copy_job, run_hf
 from deepseek_model.checkpoint.stream import ShardWriter, SourceReader, TensorSpec, row_bands
 from deepseek_model.constants import FP8_BLOCK as BLOCK
 from deepseek_model.constants import FP8_DTYPE, FP8_MAX, SCALE_DTYPE, SCALE_FMTS, block_grid
-from deepseek_model.kernels.reference import round_scale_ue8m0, weight_dequant
+from deepseek_model.kernels.reference import weight_dequant, weight_quant
 
 BF16 = torch.bfloat16
 FP8_DTYPES = (torch.float8_e4m3fn,)
@@ -54,23 +54,7 @@ def quant_band(w: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None
     Returns:
         (q, s): q float8_e4m3fn [R, K]; s fp32 [ceil(R/b), ceil(K/b)].
     """
-    rows, k = w.shape
-    rb, kb = math.ceil(rows / block), math.ceil(k / block)
-    if rows == rb * block and k == kb * block:
-        padded = w.to(torch.float32, copy=True)  # (R, K): our own fp32 copy (divided in place below)
-    else:
-        padded = torch.nn.functional.pad(w.float(), (0, kb * block - k, 0, rb * block - rows))  # (rb·b, kb·b)
-    blocks = padded.view(rb, block, kb, block)  # (RB, b, KB, b)
-    amax = torch.maximum(blocks.amax(dim=(1, 3)), blocks.amin(dim=(1, 3)).neg_())  # (RB, KB) without an abs copy
-    s = amax / FP8_MAX
-    if scale_fmt == "ue8m0":
-        s = round_scale_ue8m0(s)
-    divisor = torch.where(s > 0, s, 1.0)  # an all-zero block divides its zeros by 1
-    blocks.div_(divisor[:, None, :, None])  # (RB, b, KB, b), in place
-    if not bool(s.all()):
-        blocks.masked_fill_((s == 0)[:, None, :, None], 0.0)  # all-zero blocks give +0, even from -0.0
-    q = blocks.to(FP8_DTYPE).view(rb * block, kb * block)[:rows, :k]
-    return q, s
+    return weight_quant(w, block, scale_fmt)
 
 
 def block_size_of(config: dict[str, Any], source: str) -> int:

@@ -157,16 +157,22 @@ def weight_quant(w: torch.Tensor, block_size: int = BLOCK,
     _check_scale_fmt(scale_fmt)
     if w.dim() != 2:
         raise ValueError(f"weight_quant expects a 2-D weight, got shape {tuple(w.shape)}")
-    n, k = w.shape
-    nb, kb = ceil_div(n, block_size), ceil_div(k, block_size)
-    wf = torch.nn.functional.pad(w.float(), (0, kb * block_size - k, 0, nb * block_size - n))
-    blocks = wf.reshape(nb, block_size, kb, block_size)  # (NB, b, KB, b)
-    amax = blocks.abs().amax(dim=(1, 3))  # (NB, KB)
+    rows, k = w.shape
+    rb, kb = ceil_div(rows, block_size), ceil_div(k, block_size)
+    if rows == rb * block_size and k == kb * block_size:
+        padded = w.to(torch.float32, copy=True)  # (N, K): our own fp32 copy (divided in place below)
+    else:
+        padded = torch.nn.functional.pad(w.float(), (0, kb * block_size - k, 0, rb * block_size - rows))  # (NB·b, KB·b)
+    blocks = padded.view(rb, block_size, kb, block_size)  # (NB, b, KB, b)
+    amax = torch.maximum(blocks.amax(dim=(1, 3)), blocks.amin(dim=(1, 3)).neg_())  # (NB, KB) without an abs copy
     s = amax / FP8_MAX
     if scale_fmt == "ue8m0":
         s = round_scale_ue8m0(s)
-    full = _expand_block_scale(s, n, k, block_size)
-    q = torch.where(full > 0, w.float() / torch.where(full > 0, full, 1.0), 0.0).to(FP8_DTYPE)
+    divisor = torch.where(s > 0, s, 1.0)  # an all-zero block divides its zeros by 1
+    blocks.div_(divisor[:, None, :, None])  # (NB, b, KB, b), in place
+    if not bool(s.all()):
+        blocks.masked_fill_((s == 0)[:, None, :, None], 0.0)  # all-zero blocks give +0, even from -0.0
+    q = blocks.to(FP8_DTYPE).view(rb * block_size, kb * block_size)[:rows, :k].contiguous()  # (N, K)
     return q, s
 
 

@@ -151,3 +151,24 @@ def test_weight_dequant_rejects_bad_input():
         weight_dequant(q.float(), s, 128)
     with pytest.raises(ValueError, match="dtype"):
         weight_dequant(q, s, 128, torch.int8)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (128, 128), (5, 7), (129, 1)])
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_weight_quant_against_a_block_by_block_oracle(shape, scale_fmt):
+    """Each 128×128 block on its own: scale = amax / 448 (ue8m0: the next power of two), q = fp8(w / scale),
+    an all-zero block gives scale 0 and +0 codes (even from -0.0)."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(*shape, generator=g) * torch.exp2(torch.empty(shape[0], 1).uniform_(-6, 6, generator=g))
+    w[:min(shape[0], 128), :min(shape[1], 128)] = -0.0  # an all-zero (negative zero) block
+    q, s = reference.weight_quant(w, 128, scale_fmt)
+    for i in range(0, shape[0], 128):
+        for j in range(0, shape[1], 128):
+            blk = w[i:i + 128, j:j + 128]
+            amax = blk.abs().max()
+            want_s = amax / 448.0
+            if scale_fmt == "ue8m0" and want_s > 0:
+                want_s = torch.exp2(torch.ceil(torch.log2(want_s)))
+            assert s[i // 128, j // 128].item() == want_s.item()
+            want_q = (blk / want_s).to(torch.float8_e4m3fn) if want_s > 0 else torch.zeros_like(blk).to(torch.float8_e4m3fn)
+            assert torch.equal(q[i:i + 128, j:j + 128].view(torch.uint8), want_q.view(torch.uint8))
