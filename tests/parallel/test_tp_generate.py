@@ -10,7 +10,7 @@ import sys
 
 from deepseek_model import cli
 from deepseek_model.testing import one_thread
-from parallel_harness import free_port, results, run_workers, torchrun_env
+from multiprocess_harness import free_port, results, run_workers, torchrun_env
 from parallel_workers import GEN_CASES, generate_all
 
 TORCHRUN_TIMEOUT_S = 180

@@ -14,7 +14,7 @@ from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.schema import SPLIT_EXPERT, SPLIT_REPLICATED
 from deepseek_model.checkpoint.writer import write_checkpoint
 from deepseek_model.testing import make_tiny_tensors
-from parallel_harness import results, run_workers
+from multiprocess_harness import results, run_workers
 from parallel_workers import (die_before_collective, load_error, load_or_die, reads_during_load, split_kind,
                               stall_before_collective)
 

@@ -15,7 +15,7 @@ checkpoint dequantized at load is held to 1e-5 everywhere.
 import pytest
 import torch
 
-from parallel_harness import results, run_workers
+from multiprocess_harness import results, run_workers
 from parallel_workers import forward_all
 
 TOL = 1e-5
