@@ -18,16 +18,24 @@ def fp8_block_aligned(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("fp8_128"), d, fp8=True, seed=4)
 
 
-def test_fused_moe_equals_per_expert_loop(fp8_block_aligned):
+def test_fused_moe_equals_per_expert_sum(fp8_block_aligned):
+    """The grouped W8A8 expert op equals Σ_k weight_k · expert_k(x) + shared(x), each expert run through
+    its own W8A8 Linears (the published per-expert formulation), in ascending expert order."""
     model = dsm.from_pretrained(fp8_block_aligned, dtype=torch.float32, weights="w8a8")
-    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        fused = model(ids)
-        assert model.layers[1].ffn._stacked is not None  # the grouped path ran
-        for moe in (model.layers[1].ffn, model.layers[2].ffn, model.mtp.block.ffn):
-            moe._fused_experts = lambda: None  # force the per-expert loop
-        loop = model(ids)
-    assert torch.equal(fused, loop)
+    x = torch.randn(2, 9, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    for moe in (model.layers[1].ffn, model.layers[2].ffn, model.mtp.block.ffn):
+        assert moe.experts[0].w1.weight.dtype == torch.float8_e4m3fn
+        with torch.no_grad():
+            fused = moe(x)  # (2, 9, H)
+            flat = x.reshape(-1, x.shape[-1])  # (18, H)
+            routing = moe.gate(flat)
+            want = torch.zeros_like(flat)
+            for n in range(flat.shape[0]):
+                for e in sorted(routing.indices[n].tolist()):
+                    k = routing.indices[n].tolist().index(e)
+                    want[n] += moe.experts[e](flat[n:n + 1])[0] * routing.weights[n, k]
+            want = want + moe.shared_experts(flat)
+        torch.testing.assert_close(fused.reshape(-1, x.shape[-1]), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter on CPU")
