@@ -136,3 +136,11 @@ def test_a_wheel_carries_the_checkpoint(tmp_path, path):
     for f in os.listdir(path):
         assert f"deepseek_model/pretrained/{NAME}/{f}" in names, f
     assert "deepseek_model/configs/mini-shakespeare.json" in names
+    # every package of the source tree is in the wheel (a package missing from setup.py would not be)
+    for folder, prefix in (("deepseek_model", "deepseek_model"), ("kernels", "deepseek_model/kernels"),
+                           ("convert", "deepseek_model/convert"), ("benchmarks", "deepseek_model/benchmarks")):
+        for root, _, files in os.walk(os.path.join(REPO, folder)):
+            rel = os.path.relpath(root, os.path.join(REPO, folder))
+            for f in files:
+                if f.endswith(".py") and "__pycache__" not in root:
+                    assert os.path.normpath(f"{prefix}/{rel}/{f}") in names, f"{folder}/{rel}/{f}"
