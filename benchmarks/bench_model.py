@@ -228,6 +228,24 @@ def _weight_only_fp8(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen
     return out
 
 
+def _batch_invariant_cost(path: str, model, args: argparse.Namespace, dtype: torch.dtype, gen: torch.Generator,
+                          steps: int, trials: int) -> dict:
+    """Decode speed of the batch-invariant mode vs the default one, same weights, same run (ctx 128)."""
+    inv = from_pretrained(path, dtype=dtype, mtp=False, attn=args.attn, batch_invariant=True)
+    out = {"context": WEIGHT_ONLY_CONTEXT}
+    for bsz in (1, 4):
+        ids = torch.randint(0, model.cfg.vocab_size, (bsz, WEIGHT_ONLY_CONTEXT), generator=gen)
+        runners = [_Ours(inv), _Ours(model)]
+        for runner in runners:
+            _one_trial(runner, ids, 2)
+        a, b = _measure(runners, ids, steps, trials)
+        out[f"batch{bsz}"] = {"invariant_decode_tok_s": a["decode_tok_s"], "default_decode_tok_s": b["decode_tok_s"],
+                              "slowdown": b["decode_tok_s"] / a["decode_tok_s"]}
+        print(f"batch-invariant decode (ctx {WEIGHT_ONLY_CONTEXT}, B {bsz}): {a['decode_tok_s']:.1f} vs default "
+              f"{b['decode_tok_s']:.1f} tok/s ({b['decode_tok_s'] / a['decode_tok_s']:.2f}x slower)", flush=True)
+    return out
+
+
 def _load_hf(path: str, dtype: torch.dtype):
     import transformers  # noqa: PLC0415 (optional peer)
 
@@ -305,6 +323,7 @@ def _table(report: dict) -> str:
               f"- fp8 latent cache: {report['fp8_cache']}", f"- torch.compile decode: {report['compile']}",
               f"- weight-only FP8 (weights=\"fp8\", dequantized per GEMM) vs dequantized at load, decode: "
               f"{report['weight_only_fp8']}",
+              f"- batch-invariant mode vs default, decode: {report['batch_invariant']}",
               f"- same weights check (logits max diff vs transformers): {report.get('hf_logit_max_diff')}"]
     return "\n".join(lines) + "\n"
 
@@ -428,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                                "v3": {k: round(v, 2) for k, v in v3_c.items()}}
             report["fp8_cache"] = _fp8_cache_error(ours_model, gen)
             report["weight_only_fp8"] = _weight_only_fp8(tmp, args, dtype, gen, steps, trials)
+            report["batch_invariant"] = _batch_invariant_cost(path, ours_model, args, dtype, gen, steps, trials)
         report["compile"] = {"skipped": True} if args.no_compile else _compile_check(ours_model, list(range(1, 65)))
     for k, v in report["goals"].items():
         print(f"goal: {k}: {v}")

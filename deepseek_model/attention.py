@@ -134,6 +134,7 @@ class MLA(nn.Module):
         if mode not in ATTN_MODES:
             raise ValueError(f"attn must be one of {ATTN_MODES}, got {mode!r}")
         self.mode = mode
+        self.batch_invariant = spec.batch_invariant
         self.backend = spec.backend  # kernel backend of the decode step ("triton": ops.mla_decode)
         self.n_heads = ctx.split(cfg.num_attention_heads, "num_attention_heads")
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -189,7 +190,9 @@ class MLA(nn.Module):
             kv, k_pe = cache.update(start_pos, kv, k_pe)  # (B, S, c), (B, S, rope)
         elif start_pos:
             raise ValueError("start_pos > 0 needs a cache")
-        if self.mode == "naive" or (self.mode == "auto" and t > 1):
+        if self.batch_invariant:
+            out = self._per_query(q_nope, q_pe, kv, k_pe, mask)
+        elif self.mode == "naive" or (self.mode == "auto" and t > 1):
             out = self._naive(q_nope, q_pe, kv, k_pe, mask)
         else:
             out = self._absorbed(q_nope, q_pe, kv, k_pe, mask)
@@ -231,6 +234,31 @@ class MLA(nn.Module):
                   + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
         probs = self._softmax(scores, q_nope.dtype)
         return torch.einsum("bths,bshd->bthd", probs, v)  # (B, T, H, v)
+
+    def _per_query(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
+        """Batch-invariant absorbed attention: each query attends over exactly the keys its mask
+        allows (gathered, so padding and future keys never enter a reduction) with fixed-shape ops,
+        so its output is bit-identical alone, in a batch, in a chunk or in a one-shot prefill.
+
+        Args as for `_absorbed`; returns (B, T, H, v).
+        """
+        w = self.wkv_b.dense_weight(q_nope.dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # (H, nope, c), (H, v, c)
+        bsz, t = q_nope.shape[:2]
+        out = q_nope.new_empty(bsz, t, self.n_heads, self.v_dim)  # (B, T, H, v)
+        for b in range(bsz):
+            for i in range(t):
+                if mask is None:
+                    keys = slice(None)
+                else:
+                    row = mask[i] if mask.dim() == 2 else mask[b, 0, i]  # (S,) additive: 0 where allowed
+                    keys = (row == 0).nonzero().squeeze(1)  # (S',) the allowed keys, in order
+                c, r = kv[b, keys], k_pe[b, keys]  # (S', c), (S', rope)
+                q_lat = torch.einsum("hd,hdc->hc", q_nope[b, i], w_uk)  # (H, c)
+                scores = (q_lat @ c.T + q_pe[b, i] @ r.T) * self.scale  # (H, S')
+                probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (H, S')
+                out[b, i] = torch.einsum("hc,hvc->hv", probs @ c, w_uv)  # (H, v)
+        return out
 
     def _absorbed(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
         w = self.wkv_b.dense_weight(q_nope.dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)

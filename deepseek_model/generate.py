@@ -198,7 +198,7 @@ def encode_prompts(prompts, tokenizer=None, chat: bool = False):
 def generate(model: Transformer, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, eos: int | Sequence[int] | None = None, speculative: str | None = None,
              seed: int = DEFAULT_SEED, cache_fp8: bool = False, step_fn=None, tokenizer=None,
-             chat: bool = False) -> GenerationResult:
+             chat: bool = False, batch_invariant: bool | None = None) -> GenerationResult:
     """Generate continuations of token-id prompts with the latent cache.
 
     Args:
@@ -218,6 +218,8 @@ def generate(model: Transformer, prompts, max_new_tokens: int = 32, temperature:
             called as step_fn(ids, start_pos, cache, positions=..., valid=...).
         tokenizer: a deepseek_model.tokenizer.Tokenizer, needed for text prompts.
         chat: wrap each text prompt as one user turn of the tokenizer's chat template.
+        batch_invariant: require a model loaded with `batch_invariant=True` (its rows' logits, and
+            so greedy MTP speculative output, do not depend on batching, chunking or drafts).
 
     Returns:
         GenerationResult with the new tokens per prompt, finish reasons and stats.
@@ -226,6 +228,8 @@ def generate(model: Transformer, prompts, max_new_tokens: int = 32, temperature:
         ValueError: bad arguments, ids outside the vocabulary, or a prompt plus max_new_tokens
             longer than the model's max_seq_len.
     """
+    if batch_invariant and not model.spec.batch_invariant:
+        raise ValueError("batch_invariant: the model was loaded without it (from_pretrained(..., batch_invariant=True))")
     sampling = _check_sampling(temperature, top_p, top_k, max_new_tokens, speculative)
     rows = normalize_prompts(encode_prompts(prompts, tokenizer, chat), model.cfg.vocab_size)
     longest = max(len(r) for r in rows)

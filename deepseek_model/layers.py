@@ -35,6 +35,8 @@ class LinearSpec:
         backend: kernel backend for ops ("torch" | "triton" | "auto").
         fp8_training: emulate FP8 training in the dense linears (1×128 activation tiles, 128×128
             weight blocks, 1×128 gradient tiles; see deepseek_model.fp8_training).
+        batch_invariant: every row's result is bit-identical whatever rows are computed with it
+            (GEMMs on fixed row tiles, attention per query over exactly its keys, no grouped ops).
     """
 
     dtype: torch.dtype = torch.float32
@@ -45,6 +47,12 @@ class LinearSpec:
     scale_fmt: str | None = None
     backend: str = "torch"
     fp8_training: bool = False
+    batch_invariant: bool = False
+
+    @property
+    def row_tile(self) -> int | None:
+        """The fixed GEMM row tile of batch-invariant mode (None: any shape)."""
+        return ops.INVARIANT_ROWS if self.batch_invariant else None
 
 
 class RMSNorm(nn.Module):
@@ -104,7 +112,7 @@ class Linear(nn.Module):
         if self.fake_fp8:
             return fp8_training.fp8_linear(x, self.weight, self.spec.block_size, self.spec.scale_fmt)
         return ops.linear(x, self.weight, self.scale, backend=self.spec.backend, block_size=self.spec.block_size,
-                          scale_fmt=self.spec.scale_fmt, w8a8=self.spec.w8a8)
+                          scale_fmt=self.spec.scale_fmt, w8a8=self.spec.w8a8, row_tile=self.spec.row_tile)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
@@ -153,11 +161,11 @@ class ParallelHead(nn.Module):
     """Output head with the vocabulary split across ranks; logits gathered to full width (fp32)."""
 
     def __init__(self, dim: int, vocab_size: int, dtype: torch.dtype, device: torch.device | str,
-                 ctx: ParallelContext = SINGLE_PROCESS):
+                 ctx: ParallelContext = SINGLE_PROCESS, row_tile: int | None = None):
         super().__init__()
-        self.ctx = ctx
+        self.ctx, self.row_tile = ctx, row_tile
         self.weight = nn.Parameter(torch.empty(ctx.split(vocab_size, "vocab_size"), dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = ops.linear(x, self.weight).float()  # (B, T, V/world)
+        logits = ops.linear(x, self.weight, row_tile=self.row_tile).float()  # (B, T, V/world)
         return self.ctx.all_gather(logits, dim=-1)

@@ -281,7 +281,8 @@ def resolve_weights(weights: str, ckpt_fp8: bool, device: torch.device | str, ba
 
 
 def _load(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, attn: str, weights: str,
-          mtp: bool, max_seq_len: int | None, ctx: ParallelContext, backend: str, check_values: bool) -> Transformer:
+          mtp: bool, max_seq_len: int | None, ctx: ParallelContext, backend: str, check_values: bool,
+          batch_invariant: bool) -> Transformer:
     reader, config, split_info = _open(resolve_checkpoint(path), ctx)
     cfg = ModelConfig.from_dict(config, source=os.path.join(reader.path, CONFIG_FILE))
     mode = resolve_weights(weights, _is_fp8_checkpoint(reader, split_info), device, backend)
@@ -293,7 +294,7 @@ def _load(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | st
     # blocks (dequantizing at load reads the blocks covering each rank's slice instead).
     check_splits(cfg, ctx.world_size, block if use_fp8 else None)
     spec = LinearSpec(dtype=dtype, device=device, fp8=use_fp8, w8a8=mode == "w8a8", block_size=block,
-                      scale_fmt=scale_fmt, backend=backend)
+                      scale_fmt=scale_fmt, backend=backend, batch_invariant=batch_invariant)
     if torch.device(device).type == "cpu":  # before any parameter is allocated
         need = memory.model_bytes(cfg, dtype.itemsize, fp8=use_fp8, mtp=mtp, block=block) // ctx.world_size
         memory.require(need, f"loading {reader.path} ({mode} weights, {str(dtype).replace('torch.', '')})")
@@ -306,7 +307,7 @@ def _load(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | st
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                     device: torch.device | str = "cpu", attn: str = "absorb", weights: str = "auto",
                     mtp: bool = True, max_seq_len: int | None = None, parallel: ParallelContext | None = None,
-                    backend: str = "torch", check_values: bool = True) -> Transformer:
+                    backend: str = "torch", check_values: bool = True, batch_invariant: bool = False) -> Transformer:
     """Load a DeepSeek-V2/V3 model from an HF checkpoint directory (or a `convert shard` output).
 
     Args:
@@ -331,6 +332,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
         backend: kernel backend for the fp8 ops ("torch" | "triton" | "auto").
         check_values: refuse weights holding NaN or infinities and block scales that are NaN,
             infinite or negative (False loads them as they are).
+        batch_invariant: a row's logits are bit-identical whether it is computed alone or in a
+            batch, prefilled at once or in chunks, verified as one token or with a draft (GEMMs on
+            fixed 4-row tiles, attention per query over exactly its keys, no grouped expert op);
+            greedy MTP speculative decoding then equals plain greedy in every weight mode and dtype.
 
     Returns:
         The model in eval mode.
@@ -347,7 +352,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     ctx = parallel or SINGLE_PROCESS
     error, model = None, None
     try:
-        model = _load(path, dtype, device, attn, weights, mtp, max_seq_len, ctx, backend, check_values)
+        model = _load(path, dtype, device, attn, weights, mtp, max_seq_len, ctx, backend, check_values,
+                      batch_invariant)
     except Exception as e:  # every rank must learn about a failure on any rank
         error = e
     ctx.check_all(error, "loading the checkpoint")

@@ -152,7 +152,7 @@ class MTP(nn.Module):
         self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, spec, fp8=False)
         self.block = Block(cfg.mtp_layer_index, cfg, spec, ctx, attn)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.head = ParallelHead(cfg.hidden_size, cfg.vocab_size, dtype, device, ctx)
+        self.head = ParallelHead(cfg.hidden_size, cfg.vocab_size, dtype, device, ctx, spec.row_tile)
 
     def forward(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int, rotary: torch.Tensor,
                 mask: torch.Tensor | None, cache: LatentCache | None, last_only: bool = False,
@@ -193,7 +193,7 @@ class Transformer(nn.Module):
         self.embed = ParallelEmbedding(cfg.vocab_size, cfg.hidden_size, spec.dtype, spec.device, ctx)
         self.layers = nn.ModuleList(Block(i, cfg, spec, ctx, attn) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, spec.dtype, spec.device)
-        self.head = ParallelHead(cfg.hidden_size, cfg.vocab_size, spec.dtype, spec.device, ctx)
+        self.head = ParallelHead(cfg.hidden_size, cfg.vocab_size, spec.dtype, spec.device, ctx, spec.row_tile)
         self.mtp = MTP(cfg, spec, ctx, attn) if mtp and cfg.num_nextn_predict_layers else None
         self.register_buffer("inv_freq", inv_frequencies(cfg).to(spec.device), persistent=False)
         self.rope_magnitude = attention_factor(cfg)
@@ -220,12 +220,19 @@ class Transformer(nn.Module):
 
     def _rotary_and_mask(self, t: int, start_pos: int, positions: torch.Tensor | None = None,
                          valid: torch.Tensor | None = None, bsz: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if positions is None:
+        if positions is None and self.spec.batch_invariant:  # each position's cos/sin computed alone
+            rotary = torch.cat([rotary_table(self.inv_freq, start_pos + i, 1, self.rope_magnitude)
+                                for i in range(t)]) if t else rotary_table(self.inv_freq, start_pos, 0)  # (T, rope/2)
+        elif positions is None:
             rotary = rotary_table(self.inv_freq, start_pos, t, self.rope_magnitude)  # (T, rope/2)
         else:
             if tuple(positions.shape) != (bsz, t):
                 raise ValueError(f"positions must have shape {(bsz, t)}, got {tuple(positions.shape)}")
-            rotary = row_rotary(self.inv_freq, positions.to(self.inv_freq.device), self.rope_magnitude)  # (B, T, rope/2)
+            if self.spec.batch_invariant:  # each position alone, as rotary_table computes it
+                rotary = torch.stack([torch.cat([rotary_table(self.inv_freq, int(p), 1, self.rope_magnitude)
+                                                 for p in row]) for row in positions.tolist()])  # (B, T, rope/2)
+            else:
+                rotary = row_rotary(self.inv_freq, positions.to(self.inv_freq.device), self.rope_magnitude)  # (B, T, rope/2)
         if valid is None:
             return rotary, causal_mask(t, start_pos, self.spec.dtype, self.inv_freq.device)
         if tuple(valid.shape) != (bsz, start_pos + t) or valid.dtype != torch.bool:

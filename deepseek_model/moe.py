@@ -55,8 +55,9 @@ class Gate(nn.Module):
         device: where parameters live.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, row_tile: int | None = None):
         super().__init__()
+        self.row_tile = row_tile  # batch-invariant mode: the logits GEMM on fixed row tiles
         self.n_experts, self.topk = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.scoring_func, self.method = cfg.scoring_func, cfg.topk_method
@@ -70,8 +71,9 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route tokens x (N, hidden)."""
-        logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        logits = ops.linear(x.float(), self.weight.float(), row_tile=self.row_tile)  # (N, E) fp32
+        score = torch.sigmoid if self.scoring_func == "sigmoid" else (lambda t: t.softmax(dim=-1))
+        scores = ops.rowwise(score, logits, self.row_tile is not None)  # (N, E)
         choice = scores if self.bias is None else scores + self.bias  # (N, E), selection only
         if self.method != "greedy" and self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # (N, G, E/G)
@@ -97,9 +99,10 @@ class Expert(nn.Module):
         self.w1 = Linear(dim, inter_dim, spec)
         self.w2 = Linear(inter_dim, dim, spec)
         self.w3 = Linear(dim, inter_dim, spec)
+        self.invariant = spec.batch_invariant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(ops.rowwise(F.silu, self.w1(x), self.invariant) * self.w3(x))
 
 
 class MLP(nn.Module):
@@ -110,9 +113,10 @@ class MLP(nn.Module):
         self.w1 = ColumnParallelLinear(dim, inter_dim, spec, ctx)
         self.w2 = RowParallelLinear(inter_dim, dim, spec, ctx)
         self.w3 = ColumnParallelLinear(dim, inter_dim, spec, ctx)
+        self.invariant = spec.batch_invariant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(ops.rowwise(F.silu, self.w1(x), self.invariant) * self.w3(x))
 
 
 class MoE(nn.Module):
@@ -130,7 +134,8 @@ class MoE(nn.Module):
         local = ctx.split(cfg.n_routed_experts, "n_routed_experts")
         self.lo, self.hi = ctx.rank * local, (ctx.rank + 1) * local
         self.ctx = ctx
-        self.gate = Gate(cfg, spec.dtype, spec.device)
+        self.gate = Gate(cfg, spec.dtype, spec.device, spec.row_tile)
+        self.row_tile = spec.row_tile
         self.experts = nn.ModuleList(
             [Expert(cfg.hidden_size, cfg.moe_intermediate_size, spec) if self.lo <= e < self.hi else None
              for e in range(cfg.n_routed_experts)])
@@ -144,7 +149,7 @@ class MoE(nn.Module):
         routing = self.gate(flat)
         if router is not None:
             router.append(routing)
-        fused = self._fused_experts()
+        fused = None if self.row_tile else self._fused_experts()  # grouped ops are not batch-invariant
         if fused is not None:  # fp8 experts: one grouped W8A8 op (Triton kernel or its torch twin)
             spec = self.experts[self.lo].w1.spec
             kw = {"block_size": spec.block_size, "scale_fmt": spec.scale_fmt, "backend": spec.backend}
@@ -159,7 +164,8 @@ class MoE(nn.Module):
             out = ops.fused_moe(flat[token], routing.weights[token, slot].unsqueeze(1), ids, *fused, **kw)  # (P, H)
             return self._combine(flat, torch.zeros_like(flat).index_add_(0, token, out)).view(shape)
         first = self.experts[self.lo]
-        if not (self.training or first.w1.is_fp8 or first.w1.fake_fp8) and routing.indices.numel() <= FEW_PAIRS:
+        if not (self.training or first.w1.is_fp8 or first.w1.fake_fp8 or self.row_tile) and \
+                routing.indices.numel() <= FEW_PAIRS:  # (batch-invariant mode keeps one path for every size)
             return self._combine(flat, self._few_tokens(flat, routing)).view(shape)
         y = torch.zeros_like(flat)
         counts = torch.bincount(routing.indices.flatten(), minlength=self.n_experts).tolist()
@@ -192,8 +198,8 @@ class MoE(nn.Module):
                 x, w = flat[span], combine[span, e:e + 1]  # (n_e, hidden), (n_e, 1)
             else:
                 x, w = flat[rows], combine[rows, e:e + 1]
-            gate, up = ops.linear(x, w13[e - self.lo]).split([inter, inter], dim=-1)  # (n_e, I) each
-            out = ops.linear(F.silu(gate) * up, w2[e - self.lo]) * w  # (n_e, hidden)
+            gate, up = ops.linear(x, w13[e - self.lo], row_tile=self.row_tile).split([inter, inter], dim=-1)  # (n_e, I)
+            out = ops.linear(F.silu(gate) * up, w2[e - self.lo], row_tile=self.row_tile) * w  # (n_e, hidden)
             if rows[-1] - rows[0] + 1 == len(rows):
                 y[span] += out
             else:

@@ -22,6 +22,8 @@ FP8_DTYPE = reference.FP8_DTYPE
 # faster one. A single row pays for padding to two, which only wins on weights of at least
 # NARROW_MIN_WEIGHT elements (768x256 and up).
 CPU_NARROW_ROWS = 4
+INVARIANT_ROWS = 1  # batch-invariant mode: every GEMM runs one row at a time (a row's place in a
+# multi-row tile changed its rounding in MKL for odd widths, measured), always with the same kernel
 NARROW_MIN_COLS = 2
 NARROW_MIN_WEIGHT = 3 * 2**16  # elements: one-row products of smaller weights stay on F.linear
 
@@ -80,7 +82,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Ten
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, backend: str = "torch", block_size: int = reference.BLOCK,
-           scale_fmt: str | None = None, w8a8: bool = True) -> torch.Tensor:
+           scale_fmt: str | None = None, w8a8: bool = True, row_tile: int | None = None) -> torch.Tensor:
     """y = x·Wᵀ (+ bias), the single choke point of every projection.
 
     The weight's dtype decides the path: a float8_e4m3fn weight (with its block `scale`) runs
@@ -97,10 +99,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
         block_size: quantization block.
         scale_fmt: activation scale format (None or "ue8m0").
         w8a8: for an fp8 weight, quantize the activations too (else dequantize the weight).
+        row_tile: batch-invariant mode: rows go through GEMMs of exactly this many rows (the last
+            tile zero-padded), so a row's result never depends on how many rows came with it.
 
     Returns:
         [..., N] in x.dtype.
     """
+    if row_tile is not None:
+        return _tiled_linear(x, weight, scale, bias, backend, block_size, scale_fmt, w8a8, row_tile)
     if weight.dtype == FP8_DTYPE and not w8a8:
         if scale is None:
             raise ValueError("linear: an fp8 weight needs its block scale")
@@ -119,6 +125,39 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, weight.shape[0])
+
+
+def rowwise(fn, x: torch.Tensor, invariant: bool) -> torch.Tensor:
+    """fn(x) for an elementwise op; in batch-invariant mode one row ([..., D] slices) at a time.
+
+    A vectorized transcendental (exp in silu, sigmoid, cos/sin) rounds a value differently when it
+    falls in the scalar tail of a loop, and where the tail falls depends on how many rows come with
+    it; applied per row, each row is computed exactly as it would be alone.
+    """
+    if not invariant:
+        return fn(x)
+    rows = x.reshape(-1, x.shape[-1])  # (M, D)
+    return torch.cat([fn(rows[i:i + 1]) for i in range(rows.shape[0])]).reshape(x.shape) if rows.shape[0] else fn(x)
+
+
+def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                  backend: str, block_size: int, scale_fmt: str | None, w8a8: bool, tile: int) -> torch.Tensor:
+    """`linear` over fixed-shape row tiles: every tile is a (tile, K) GEMM, whatever M is, so each
+    row meets the same kernel and reduction order alone, in a batch, or in a chunk."""
+    *lead, k = x.shape
+    rows = x.reshape(-1, k)  # (M, K)
+    m = rows.shape[0]
+    if weight.dtype == FP8_DTYPE and not w8a8:
+        weight = weight_dequant(weight, scale, block_size, x.dtype)  # (N, K), once for all tiles
+    outs = []
+    for start in range(0, m, tile):
+        part = rows[start:start + tile]  # (≤tile, K)
+        n = part.shape[0]
+        if n < tile:
+            part = torch.cat([part, part.new_zeros(tile - n, k)])  # (tile, K)
+        outs.append(linear(part, weight, scale, bias, backend, block_size, scale_fmt, w8a8)[:n])  # (n, N)
+    out = torch.cat(outs) if outs else x.new_zeros(0, weight.shape[0])  # (M, N)
+    return out.reshape(*lead, weight.shape[0])
 
 
 def _narrow_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
