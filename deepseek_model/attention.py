@@ -33,6 +33,17 @@ def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return apply_rotary(flat, table.reshape(b * t, -1)).view_as(x)
 
 
+def _key_starts(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """For a one-query row mask (B, 1, 1, S) whose allowed keys are a suffix [start_b, S) of every
+    row (a left-padded batch), the (B,) starts; None for anything else (no mask included)."""
+    if mask is None or mask.dim() != 4 or mask.shape[2] != 1:
+        return None
+    allowed = mask[:, 0, 0] == 0  # (B, S)
+    starts = allowed.to(torch.int32).argmax(dim=-1)  # (B,) first allowed key
+    suffix = torch.arange(allowed.shape[1], device=mask.device)[None, :] >= starts[:, None]  # (B, S)
+    return starts if bool(torch.equal(allowed, suffix)) else None
+
+
 class LatentCache:
     """One layer's latent KV cache: grows with use, never preallocated to max_seq_len.
 
@@ -264,15 +275,19 @@ class MLA(nn.Module):
         w = self.wkv_b.dense_weight(q_nope.dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # (H, nope, c), (H, v, c)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, c)
+        if q_lat.shape[1] == 1 and ops.resolve_backend(self.backend, kv.device) == "triton":
+            starts = _key_starts(mask)
+            if mask is None or starts is not None:
+                # one-token decode, each row over its own keys [start, S) (left padding): the
+                # split-K flash-decoding kernel
+                lens = torch.full((kv.shape[0],), kv.shape[1], dtype=torch.int32, device=kv.device)  # (B,)
+                o_lat = ops.mla_decode(q_lat[:, 0], q_pe[:, 0], kv, k_pe, lens, self.scale, backend="triton",
+                                       cache_starts=starts)  # (B, H, c)
+                return torch.einsum("bhc,hvc->bhv", o_lat.to(q_lat.dtype), w_uv).unsqueeze(1)  # (B, 1, H, v)
         if mask is not None:  # multi-token chunk: fused attention, one latent K/V head shared by all heads
             k = torch.cat([kv, k_pe], -1).unsqueeze(2)  # (B, S, 1, c+rope); its first c columns are the values
             o_lat = self._sdpa(torch.cat([q_lat, q_pe], -1), k, k, mask)[..., : self.kv_lora_rank]  # (B, T, H, c)
             return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
-        if mask is None and q_lat.shape[1] == 1 and ops.resolve_backend(self.backend, kv.device) == "triton":
-            # one-token decode over the whole latent cache: the split-K flash-decoding kernel
-            lens = torch.full((kv.shape[0],), kv.shape[1], dtype=torch.int32, device=kv.device)  # (B,)
-            o_lat = ops.mla_decode(q_lat[:, 0], q_pe[:, 0], kv, k_pe, lens, self.scale, backend="triton")  # (B, H, c)
-            return torch.einsum("bhc,hvc->bhv", o_lat.to(q_lat.dtype), w_uv).unsqueeze(1)  # (B, 1, H, v)
         scores = (torch.einsum("bthc,bsc->bths", q_lat, kv)
                   + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
         probs = self._softmax(scores, q_nope.dtype)

@@ -29,7 +29,7 @@ CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _mla_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, o_ptr, lse_ptr, H, scale,
+def _mla_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, start_ptr, o_ptr, lse_ptr, H, scale,
                       stride_qlb, stride_qlh, stride_qrb, stride_qrh,
                       stride_kvb, stride_kvs, stride_krb, stride_krs,
                       stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
@@ -40,18 +40,20 @@ def _mla_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, o_ptr, lse_ptr, H
     Pointers (unit stride on the last dimension everywhere):
         ql_ptr: [B, H, C] q_lat; qr_ptr: [B, H, R] q_rope (any float dtype).
         kv_ptr: [B, S, C] latent cache; kr_ptr: [B, S, R] rope keys (views of one cache are fine).
-        len_ptr: [B] int valid lengths.
+        len_ptr: [B] int valid lengths; start_ptr: [B] int first valid position (left padding).
         o_ptr: [B, H, NUM_SPLITS, C] fp32 partial outputs (softmax-normalised within the chunk).
         lse_ptr: [B, H, NUM_SPLITS] fp32 log-sum-exp of the chunk's scaled scores (-inf if empty).
-    Grid: (B, cdiv(H, BLOCK_H), NUM_SPLITS). Chunk size = cdiv(cdiv(len, NUM_SPLITS), BLOCK_N)·BLOCK_N.
+    Grid: (B, cdiv(H, BLOCK_H), NUM_SPLITS). The keys [start, len) are cut into NUM_SPLITS chunks of
+    cdiv(cdiv(len - start, NUM_SPLITS), BLOCK_N)·BLOCK_N positions.
     """
     b = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,)
     split = tl.program_id(2)
     mask_h = heads < H
     seqlen = tl.load(len_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    first = tl.load(start_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(seqlen - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * chunk
     end = tl.minimum(start + chunk, seqlen)
     offs_c = tl.arange(0, C)
     offs_r = tl.arange(0, R)
@@ -119,7 +121,8 @@ def default_num_splits(max_len: int) -> int:
 
 
 def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
-               cache_seqlens: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
+               cache_seqlens: torch.Tensor, scale: float, num_splits: int | None = None,
+               cache_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA decode, split-K flash-decoding (Triton).
 
     Args:
@@ -130,11 +133,13 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_ro
         cache_seqlens: [B] int valid lengths in [1, S].
         scale: softmax scale.
         num_splits: sequence chunks per (sequence, head block); default from the longest length.
+        cache_starts: optional [B] int first valid position per row (default 0): a left-padded
+            ragged batch attends over [start, len) of each row.
 
     Returns:
         o_lat [B, H, C] fp32.
     """
-    reference.check_mla_inputs(q_lat, q_rope, kv, k_rope, cache_seqlens)
+    reference.check_mla_inputs(q_lat, q_rope, kv, k_rope, cache_seqlens, cache_starts)
     b, h, c = q_lat.shape
     r = q_rope.shape[2]
     if not (_is_pow2(c) and _is_pow2(r)):
@@ -154,8 +159,10 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_ro
     lse = torch.empty((b, h, splits), dtype=torch.float32, device=q_lat.device)  # (B, H, S)
     out = torch.empty((b, h, c), dtype=torch.float32, device=q_lat.device)  # (B, H, C)
     lens = cache_seqlens.to(device=q_lat.device, dtype=torch.int32)
+    starts = (torch.zeros_like(lens) if cache_starts is None
+              else cache_starts.to(device=q_lat.device, dtype=torch.int32))  # (B,)
     _mla_split_kernel[(b, triton.cdiv(h, BLOCK_H), splits)](
-        q_lat, q_rope, kv, k_rope, lens, o_part, lse, h, float(scale),
+        q_lat, q_rope, kv, k_rope, lens, starts, o_part, lse, h, float(scale),
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
         kv.stride(0), kv.stride(1), k_rope.stride(0), k_rope.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),

@@ -208,7 +208,8 @@ def stack_experts(gate: list[tuple[torch.Tensor, torch.Tensor]], up: list[tuple[
 
 
 def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
-               cache_seqlens: torch.Tensor, scale: float, backend: str = "torch") -> torch.Tensor:
+               cache_seqlens: torch.Tensor, scale: float, backend: str = "torch",
+               cache_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA decode over the latent cache; see reference.mla_decode.
 
     Args:
@@ -217,10 +218,11 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_ro
         cache_seqlens: [B] int valid lengths (>= 1).
         scale: softmax scale.
         backend: "torch" | "triton" | "auto".
+        cache_starts: optional [B] int first valid position per row (a left-padded ragged batch).
 
     Returns:
         o_lat [B, H, C] fp32.
     """
     if resolve_backend(backend, q_lat.device) == "triton":
-        return _triton_ops().mla_decode(q_lat, q_rope, kv, k_rope, cache_seqlens, scale)
-    return reference.mla_decode(q_lat, q_rope, kv, k_rope, cache_seqlens, scale)
+        return _triton_ops().mla_decode(q_lat, q_rope, kv, k_rope, cache_seqlens, scale, cache_starts=cache_starts)
+    return reference.mla_decode(q_lat, q_rope, kv, k_rope, cache_seqlens, scale, cache_starts)

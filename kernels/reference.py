@@ -271,7 +271,7 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
 
 
 def check_mla_inputs(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
-                     cache_seqlens: torch.Tensor) -> None:
+                     cache_seqlens: torch.Tensor, cache_starts: torch.Tensor | None = None) -> None:
     """Raise ValueError naming the argument unless the absorbed-MLA decode inputs fit together."""
     if q_lat.dim() != 3 or q_rope.dim() != 3 or q_rope.shape[:2] != q_lat.shape[:2]:
         raise ValueError(f"q_lat/q_rope: expected [B, H, C] and [B, H, R], got {tuple(q_lat.shape)}, "
@@ -286,14 +286,20 @@ def check_mla_inputs(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor
         raise ValueError(f"cache_seqlens: expected int [B={b}], got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     if b and (int(cache_seqlens.min()) < 1 or int(cache_seqlens.max()) > kv.shape[1]):
         raise ValueError(f"cache_seqlens: lengths must lie in [1, {kv.shape[1]}]")
+    if cache_starts is not None:
+        if tuple(cache_starts.shape) != (b,) or cache_starts.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cache_starts: expected int [B={b}], got {cache_starts.dtype} {tuple(cache_starts.shape)}")
+        if b and (int(cache_starts.min()) < 0 or bool((cache_starts.to(cache_seqlens.device) >= cache_seqlens).any())):
+            raise ValueError("cache_starts: every row needs 0 <= start < its length (at least one key)")
 
 
 def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
-               cache_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+               cache_seqlens: torch.Tensor, scale: float, cache_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA decode (one query token per sequence) over the latent cache, plain attention.
 
-    scores = (q_lat·cᵀ + q_rope·k_ropeᵀ)·scale over the first cache_seqlens[b] positions,
-    softmax in fp32, o_lat = p·c. The latent c is both key (with k_rope) and value.
+    scores = (q_lat·cᵀ + q_rope·k_ropeᵀ)·scale over positions [cache_starts[b], cache_seqlens[b])
+    (a ragged, left-padded batch: each row's own keys), softmax in fp32, o_lat = p·c. The latent c
+    is both key (with k_rope) and value.
 
     Args:
         q_lat: [B, H, C] absorbed query (q_nope·W_UK), C = kv_lora_rank.
@@ -302,15 +308,19 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_ro
         k_rope: [B, S, R] rotated shared rope key.
         cache_seqlens: [B] int valid lengths (>= 1).
         scale: softmax scale.
+        cache_starts: optional [B] int first valid position of each row (default 0).
 
     Returns:
         o_lat [B, H, C] fp32.
     """
-    check_mla_inputs(q_lat, q_rope, kv, k_rope, cache_seqlens)
+    check_mla_inputs(q_lat, q_rope, kv, k_rope, cache_seqlens, cache_starts)
     s_max = kv.shape[1]
     scores = (torch.einsum("bhc,bsc->bhs", q_lat.float(), kv.float())
               + torch.einsum("bhr,bsr->bhs", q_rope.float(), k_rope.float())) * scale  # (B, H, S)
-    valid = torch.arange(s_max, device=kv.device)[None, :] < cache_seqlens[:, None].to(kv.device)  # (B, S)
+    slots = torch.arange(s_max, device=kv.device)[None, :]  # (1, S)
+    valid = slots < cache_seqlens[:, None].to(kv.device)  # (B, S)
+    if cache_starts is not None:
+        valid &= slots >= cache_starts[:, None].to(kv.device)
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1)  # (B, H, S) fp32
     return torch.einsum("bhs,bsc->bhc", p, kv.float())  # (B, H, C)

@@ -114,3 +114,12 @@ def test_stalled_rank_times_out_the_collective(tiny_bf16):
     assert outcomes[0].exitcode not in (0, None)
     print(outcomes[0].error.splitlines()[0][:300])
     assert "timed out" in outcomes[0].error.lower() or "timeout" in outcomes[0].error.lower(), outcomes[0].error[:500]
+
+
+def test_fp8_kept_in_fp8_over_a_block_cutting_split_is_one_line(tiny_fp8):
+    """weights="w8a8" (and "fp8") keep the 128-blocks, so a split that cuts one is refused, naming the
+    dimension and the block, in one line; weights="bf16" loads (tests/parallel/test_tp_numerics.py)."""
+    for weights in ("w8a8", "fp8"):
+        for msg in results(run_workers(load_error, 2, tiny_fp8, weights)):
+            assert msg.startswith("ParallelError: cannot split the model over world size 2: ") and "\n" not in msg
+            assert "not a multiple of the FP8 128-block its scale is split by" in msg
