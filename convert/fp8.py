@@ -109,9 +109,14 @@ def dequant_job(source: SourceReader, name: str, scale: str, block: int) -> Tens
 
     def fill(writer: ShardWriter, advance: Advance) -> None:
         s = source.read(scale)  # (ceil(N/b), ceil(K/b)): tiny
+        if not bool((torch.isfinite(s) & (s >= 0)).all()):
+            raise ConvertError(f"{scale}: NaN, infinite or negative block scales (a corrupt checkpoint)")
         for start, stop in row_bands(spec.rows, spec.row_bytes, align=block):
             q = source.read_rows(name, start, stop)  # (stop-start, K) fp8
-            writer.write_rows(name, start, dequant_band(q, s[start // block: math.ceil(stop / block)], block))
+            band = dequant_band(q, s[start // block: math.ceil(stop / block)], block)  # (stop-start, K) bf16
+            if not bool(torch.isfinite(band).all()):
+                raise ConvertError(f"{name}: NaN or infinite values in rows {start}..{stop - 1} (a corrupt checkpoint)")
+            writer.write_rows(name, start, band)
             advance(q.numel())
         advance(s.numel() * s.element_size())
 
@@ -169,6 +174,8 @@ def quant_job(source: SourceReader, name: str, block: int, scale_fmt: str | None
     def fill(writer: ShardWriter, advance: Advance) -> None:
         for start, stop in row_bands(spec.rows, spec.row_bytes, align=block):
             w = source.read_rows(name, start, stop)  # (stop-start, K)
+            if not bool(torch.isfinite(w).all()):
+                raise ConvertError(f"{name}: NaN or infinite values in rows {start}..{stop - 1} (a corrupt checkpoint)")
             q, s = quant_band(w, block, scale_fmt)
             writer.write_rows(name, start, q)
             writer.write_rows(scale, start // block, s)

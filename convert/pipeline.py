@@ -145,6 +145,10 @@ def check_against_config(reader: CheckpointReader, layout: schema.Schema = schem
     """
     source = os.path.join(reader.path, CONFIG_FILE)
     cfg = ModelConfig.from_dict(reader.config(), source=source)
+    for name in reader.names():
+        if not reader.dtype(name).is_floating_point:
+            raise ConvertError(f"{reader.path}: tensor '{name}' is {str(reader.dtype(name)).replace('torch.', '')}; "
+                               f"weights must be floating point")
     problem = layout.inventory_problem(cfg, {name: reader.shape(name) for name in reader.names()})
     if problem:
         raise ConvertError(f"{reader.path}: {problem} ({CONFIG_FILE} and the tensors disagree)")

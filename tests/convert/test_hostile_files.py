@@ -179,3 +179,36 @@ def test_converters_check_the_config_against_the_tensors(tiny_bf16, tmp_path, ch
         extra = ["-n", "2"] if cmd == "shard" else []
         _one_line(run_inproc(cmd, src, tmp_path / cmd, *extra), *needles)
         assert not (tmp_path / cmd).exists()
+
+
+def _replace_tensor(src, name, tensor, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({name: tensor.contiguous()}, str(src / "model-replaced.safetensors"))
+    index = json.loads((src / INDEX).read_text())
+    index["weight_map"][name] = "model-replaced.safetensors"
+    (src / INDEX).write_text(json.dumps(index))
+
+
+def test_converters_refuse_nan_weights_and_scales_and_integer_tensors(tiny_bf16, tiny_fp8, tmp_path):
+    w_name = "model.layers.1.self_attn.o_proj.weight"
+    src = tmp_path / "bf16"
+    shutil.copytree(tiny_bf16, src)
+    w = CheckpointReader(src).get(w_name).clone()
+    w[3, 5] = float("nan")
+    _replace_tensor(src, w_name, w, tmp_path)
+    _one_line(run_inproc("bf16-to-fp8", src, tmp_path / "a", "-q"), f"{w_name}: NaN or infinite values in rows 0..")
+    src8 = tmp_path / "fp8"
+    shutil.copytree(tiny_fp8, src8)
+    s = CheckpointReader(src8).get(w_name + "_scale_inv").clone()
+    s[0, 0] = -1.0
+    _replace_tensor(src8, w_name + "_scale_inv", s, tmp_path)
+    _one_line(run_inproc("fp8-to-bf16", src8, tmp_path / "b", "-q"), f"{w_name}_scale_inv: NaN, infinite or negative")
+    src_int = tmp_path / "int"
+    shutil.copytree(tiny_bf16, src_int)
+    _replace_tensor(src_int, "model.norm.weight", torch.ones(256, dtype=torch.int32), tmp_path)
+    for cmd in ("bf16-to-fp8", "shard"):
+        extra = ["-n", "2"] if cmd == "shard" else []
+        _one_line(run_inproc(cmd, src_int, tmp_path / f"c-{cmd}", *extra),
+                  "tensor 'model.norm.weight' is int32; weights must be floating point")
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c-bf16-to-fp8", "c-shard"))
