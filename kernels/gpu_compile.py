@@ -88,7 +88,7 @@ def _specs(tile) -> list[tuple[object, dict, dict, dict]]:
           "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "UE8M0": "constexpr"},
          {"BLOCK_M": fp8_moe.SWIGLU_ROWS, "BLOCK_K": 128, "UE8M0": False}, {}),
         (mla_decode._mla_split_kernel,
-         {"ql_ptr": "*bf16", "qr_ptr": "*bf16", "kv_ptr": "*bf16", "kr_ptr": "*bf16", "len_ptr": "*i32",
+         {"ql_ptr": "*bf16", "qr_ptr": "*bf16", "kv_ptr": "*bf16", "kr_ptr": "*bf16", "len_ptr": "*i32", "start_ptr": "*i32",
           "o_ptr": "*fp32", "lse_ptr": "*fp32", "H": "i32", "scale": "fp32",
           **_i32("stride_qlb", "stride_qlh", "stride_qrb", "stride_qrh", "stride_kvb", "stride_kvs", "stride_krb",
                  "stride_krs", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh"),
