@@ -135,7 +135,11 @@ def run(args: argparse.Namespace) -> int:
     mtp_part = f", MTP CE {result.eval_mtp_loss:.4f}" if result.eval_mtp_loss is not None else ""
     print(f"held-out CE {result.eval_loss:.4f}{mtp_part} ({seconds:.0f} s)")
     if args.out:
-        save_checkpoint(model, args.out, SAVE_DTYPES[args.save_dtype])
+        from deepseek_model.convert.io import AtomicOutputDir  # noqa: PLC0415
+
+        with AtomicOutputDir(os.path.abspath(args.out)) as out:  # a failed write (disk full) leaves no partial OUT
+            save_checkpoint(model, out.tmp, SAVE_DTYPES[args.save_dtype])
+            out.commit()
         print(f"saved checkpoint to {args.out}")
     if args.json:
         payload = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "seconds": seconds,

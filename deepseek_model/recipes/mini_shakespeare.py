@@ -205,11 +205,13 @@ def export_checkpoint(model: torch.nn.Module, tokenizer_dir: str, dst: str, bf16
         DST.
     """
     from deepseek_model.convert.fp8 import bf16_to_fp8  # noqa: PLC0415 (the command layer, only here)
+    from deepseek_model.convert.io import AtomicOutputDir  # noqa: PLC0415
 
-    shutil.rmtree(bf16_dst, ignore_errors=True)
-    save_checkpoint(model, bf16_dst, torch.bfloat16, num_shards=1)
-    for name in os.listdir(tokenizer_dir):
-        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(bf16_dst, name))
+    with AtomicOutputDir(os.path.abspath(bf16_dst)) as out:  # a failed write (disk full) leaves the old one
+        save_checkpoint(model, out.tmp, torch.bfloat16, num_shards=1)
+        for name in os.listdir(tokenizer_dir):
+            shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out.tmp, name))
+        out.commit()
     bf16_to_fp8(bf16_dst, dst, dedupe_mtp=True, overwrite=True, quiet=True)
     return dst
 

@@ -1,6 +1,7 @@
 """The console script: make-tiny, inspect, demo; bad input exits non-zero with one line, no traceback."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -154,3 +155,22 @@ def test_plots_are_skipped_with_one_line_without_matplotlib(tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["matplotlib is not installed (pip install 'deepseek-model[bench]'): no results.png; the JSON "
                    "and markdown have every value"]
+
+
+def test_train_disk_full_leaves_no_output(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from deepseek_model import cli
+    from deepseek_model.checkpoint import writer
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "save_file", full_disk)
+    out = tmp_path / "run"
+    code = cli.main(["train", "--config", "tiny", "--steps", "1", "--batch-size", "1", "--seq-len", "8",
+                     "--threads", "1", "--out", str(out)])
+    assert code == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "No space left on device" in err[0] and ".safetensors" in err[0]
+    assert os.listdir(tmp_path) == []
