@@ -12,7 +12,7 @@ import resource
 from typing import Any
 
 from deepseek_model.checkpoint import schema
-from deepseek_model.constants import SCALE_DTYPE_BYTES, block_grid
+from deepseek_model.constants import FP8_BLOCK, SCALE_DTYPE_BYTES, block_grid
 
 HEADROOM = 1.10  # activations, temporaries and the allocator's slack on top of the weights
 FP8_BYTES = 1
@@ -51,7 +51,7 @@ def available_bytes() -> int | None:
     return min(known) if known else None
 
 
-def model_bytes(cfg: Any, dtype_bytes: int, fp8: bool = False, mtp: bool = True, block: int = 128) -> int:
+def model_bytes(cfg: Any, dtype_bytes: int, fp8: bool = False, mtp: bool = True, block: int = FP8_BLOCK) -> int:
     """Bytes of a model's parameters: `dtype_bytes` per weight, or 1 byte plus fp32 block scales for
     the weights the FP8 layout quantizes."""
     total = 0

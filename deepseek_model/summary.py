@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from deepseek_model.config import ModelConfig
+from deepseek_model import memory
 from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.schema import SPLIT_DIM, SPLIT_EXPERT, SPLIT_REPLICATED, split_problems
 from deepseek_model.constants import FP8_BLOCK, ceil_div
@@ -47,15 +48,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
 def weight_bytes(cfg: ModelConfig, fmt: str, mtp: bool = True) -> int:
     """Bytes of the checkpoint in `fmt` ("bf16" or "fp8": the published FP8 tensor set + fp32 scales)."""
     block = cfg.quantization.block_size[0] if cfg.quantization else FP8_BLOCK
-    total = 0
-    for _, shape, fam in schema.hf_weights(cfg, mtp=mtp):
-        if fam.keep_fp32:
-            total += _numel(shape) * FP32_BYTES
-        elif fmt == "fp8" and fam.fp8:
-            total += _numel(shape) * FP8_BYTES + ceil_div(shape[0], block) * ceil_div(shape[1], block) * SCALE_BYTES
-        else:
-            total += _numel(shape) * BF16_BYTES
-    return total
+    return memory.model_bytes(cfg, BF16_BYTES, fp8=fmt == "fp8", mtp=mtp, block=block)
 
 
 def _tensor_bytes(fam: schema.TensorFamily, shape: tuple[int, ...], fmt: str, block: int, parts: int = 1,
