@@ -29,6 +29,7 @@ ALIGNED_INTS = frozenset({
     "stride_ws", "stride_wm", "stride_we", "stride_gu", "stride_y", "stride_qlb", "stride_qlh",
     "stride_qrb", "stride_qrh", "stride_kvb", "stride_kvs", "stride_krb", "stride_krs", "stride_ob",
     "stride_oh", "stride_os", "stride_pb", "stride_ph", "stride_ps", "N", "K",
+    "stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kn", "stride_ib",  # DSA: D = 128, top-k 2048
 })
 
 
@@ -47,7 +48,7 @@ def _i32(*names: str) -> dict[str, str]:
 
 def _specs(tile) -> list[tuple[object, dict, dict, dict]]:
     """(kernel, signature, constexprs, options) at production sizes; unit strides as constexpr 1."""
-    from deepseek_model.kernels import fp8_gemm, fp8_moe, fp8_quant, mla_decode  # noqa: PLC0415
+    from deepseek_model.kernels import dsa, fp8_gemm, fp8_moe, fp8_quant, mla_decode  # noqa: PLC0415
 
     warps = {"num_warps": tile.num_warps, "num_stages": tile.num_stages, "enable_fp_fusion": False}
     gemm_tiles = {"BLOCK_M": tile.BLOCK_M, "BLOCK_N": tile.BLOCK_N, "BLOCK_K": 128, "GROUP_M": tile.GROUP_M}
@@ -101,6 +102,25 @@ def _specs(tile) -> list[tuple[object, dict, dict, dict]]:
           **_i32("stride_pb", "stride_ph", "stride_ps", "stride_lb", "stride_lh", "stride_ob", "stride_oh"),
           "C": "constexpr", "NUM_SPLITS": "constexpr", "SPLITS_P2": "constexpr"},
          {"C": 512, "NUM_SPLITS": 8, "SPLITS_P2": 8}, {}),
+        (dsa._index_logits_kernel,
+         {"q_ptr": "*fp8e4nv", "qs_ptr": "*fp32", "k_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "w_ptr": "*fp32",
+          "out_ptr": "*fp32", **_i32("T", "H", "S", "D", "stride_qb", "stride_qt", "stride_qh", "stride_qsb",
+                                     "stride_qst", "stride_kb", "stride_kn", "stride_ksb", "stride_wb", "stride_wt",
+                                     "stride_ob", "stride_ot"),
+          "Q_SCALED": "constexpr", "K_SCALED": "constexpr", "NATIVE_DOT": "constexpr", "BLOCK_H": "constexpr",
+          "BLOCK_D": "constexpr", "BLOCK_S": "constexpr"},
+         {"Q_SCALED": True, "K_SCALED": True, "NATIVE_DOT": True, "BLOCK_H": 64, "BLOCK_D": 128,
+          "BLOCK_S": dsa.INDEX_BLOCK_S},
+         {"num_warps": dsa.INDEX_NUM_WARPS}),
+        (dsa._sparse_mla_split_kernel,
+         {"ql_ptr": "*bf16", "qr_ptr": "*bf16", "kv_ptr": "*bf16", "kr_ptr": "*bf16", "idx_ptr": "*i32",
+          "o_ptr": "*fp32", "lse_ptr": "*fp32", "H": "i32", "K": "i32", "scale": "fp32",
+          **_i32("stride_qlb", "stride_qlh", "stride_qrb", "stride_qrh", "stride_kvb", "stride_kvs", "stride_krb",
+                 "stride_krs", "stride_ib", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh"),
+          "C": "constexpr", "R": "constexpr", "NUM_SPLITS": "constexpr", "BLOCK_H": "constexpr",
+          "BLOCK_N": "constexpr"},
+         {"C": 512, "R": 64, "NUM_SPLITS": 16, "BLOCK_H": dsa.SPARSE_BLOCK_H, "BLOCK_N": dsa.SPARSE_BLOCK_N},
+         {"num_stages": dsa.SPARSE_NUM_STAGES}),
     ]
 
 

@@ -226,3 +226,42 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_ro
     if resolve_backend(backend, q_lat.device) == "triton":
         return _triton_ops().mla_decode(q_lat, q_rope, kv, k_rope, cache_seqlens, scale, cache_starts=cache_starts)
     return reference.mla_decode(q_lat, q_rope, kv, k_rope, cache_seqlens, scale, cache_starts)
+
+
+def index_logits(q: torch.Tensor, q_scale: torch.Tensor | None, k: torch.Tensor, k_scale: torch.Tensor | None,
+                 weights: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """DeepSeek-V3.2 lightning-indexer logits, unmasked; see reference.index_logits.
+
+    Args:
+        q: [B, T, H, D] float8_e4m3fn or float index queries.
+        q_scale: [B, T, H] fp32 positive dequantization scales, or None (float q).
+        k: [B, S, D] float8_e4m3fn or float index keys.
+        k_scale: [B, S] fp32 positive dequantization scales, or None (float k).
+        weights: [B, T, H] fp32 head weights (constant scalings folded in).
+        backend: "torch" | "triton" | "auto".
+
+    Returns:
+        logits [B, T, S] fp32.
+    """
+    if resolve_backend(backend, q.device) == "triton":
+        return _triton_ops().index_logits(q, q_scale, k, k_scale, weights)
+    return reference.index_logits(q, q_scale, k, k_scale, weights)
+
+
+def sparse_mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
+                      indices: torch.Tensor, scale: float, backend: str = "torch") -> torch.Tensor:
+    """Absorbed MLA decode over the cache rows each sequence selected (DSA); see reference.sparse_mla_decode.
+
+    Args:
+        q_lat: [B, H, C] absorbed query; q_rope: [B, H, R] rotated rope query.
+        kv: [B, S, C] latent cache; k_rope: [B, S, R] rope keys.
+        indices: [B, K] int positions in [0, S), -1 = no key; every row has at least one valid entry.
+        scale: softmax scale.
+        backend: "torch" | "triton" | "auto".
+
+    Returns:
+        o_lat [B, H, C] fp32.
+    """
+    if resolve_backend(backend, q_lat.device) == "triton":
+        return _triton_ops().sparse_mla_decode(q_lat, q_rope, kv, k_rope, indices, scale)
+    return reference.sparse_mla_decode(q_lat, q_rope, kv, k_rope, indices, scale)

@@ -270,9 +270,9 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
     return out.to(x.dtype)
 
 
-def check_mla_inputs(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
-                     cache_seqlens: torch.Tensor, cache_starts: torch.Tensor | None = None) -> None:
-    """Raise ValueError naming the argument unless the absorbed-MLA decode inputs fit together."""
+def _check_latent_operands(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor,
+                           k_rope: torch.Tensor) -> None:
+    """Raise ValueError naming the argument unless the shapes are [B,H,C], [B,H,R], [B,S,C], [B,S,R]."""
     if q_lat.dim() != 3 or q_rope.dim() != 3 or q_rope.shape[:2] != q_lat.shape[:2]:
         raise ValueError(f"q_lat/q_rope: expected [B, H, C] and [B, H, R], got {tuple(q_lat.shape)}, "
                          f"{tuple(q_rope.shape)}")
@@ -282,6 +282,13 @@ def check_mla_inputs(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor
         raise ValueError(f"kv: expected [B={b}, S, C={c}], got {tuple(kv.shape)}")
     if tuple(k_rope.shape) != (b, kv.shape[1], r):
         raise ValueError(f"k_rope: expected {(b, kv.shape[1], r)}, got {tuple(k_rope.shape)}")
+
+
+def check_mla_inputs(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
+                     cache_seqlens: torch.Tensor, cache_starts: torch.Tensor | None = None) -> None:
+    """Raise ValueError naming the argument unless the absorbed-MLA decode inputs fit together."""
+    _check_latent_operands(q_lat, q_rope, kv, k_rope)
+    b = q_lat.shape[0]
     if tuple(cache_seqlens.shape) != (b,) or cache_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cache_seqlens: expected int [B={b}], got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     if b and (int(cache_seqlens.min()) < 1 or int(cache_seqlens.max()) > kv.shape[1]):
@@ -324,6 +331,110 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_ro
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1)  # (B, H, S) fp32
     return torch.einsum("bhs,bsc->bhc", p, kv.float())  # (B, H, C)
+
+
+# DeepSeek-V3.2 sparse attention (DSA): the lightning indexer's logits and MLA over selected keys.
+INDEX_DTYPES = (FP8_DTYPE, torch.float32, torch.bfloat16, torch.float16)
+INDEX_TWIN_ELEMS = 1 << 24  # fp32 scores the index_logits twin holds at once (64 MiB): query tokens go in chunks
+
+
+def check_index_inputs(q: torch.Tensor, q_scale: torch.Tensor | None, k: torch.Tensor,
+                       k_scale: torch.Tensor | None, weights: torch.Tensor) -> None:
+    """Raise ValueError naming the argument unless the indexer-logit inputs fit together."""
+    if q.dim() != 4 or q.dtype not in INDEX_DTYPES:
+        raise ValueError(f"q: expected [B, T, H, D] of one of {INDEX_DTYPES}, got {q.dtype} {tuple(q.shape)}")
+    b, t, h, d = q.shape
+    if k.dim() != 3 or k.shape[0] != b or k.shape[2] != d or k.dtype not in INDEX_DTYPES:
+        raise ValueError(f"k: expected [B={b}, S, D={d}] of one of {INDEX_DTYPES}, got {k.dtype} {tuple(k.shape)}")
+    for name, scale, x, shape in (("q_scale", q_scale, q, (b, t, h)), ("k_scale", k_scale, k, (b, k.shape[1]))):
+        if scale is None:
+            if x.dtype == FP8_DTYPE:
+                raise ValueError(f"{name}: required with a {FP8_DTYPE} operand")
+        elif scale.dtype != torch.float32 or tuple(scale.shape) != shape:
+            raise ValueError(f"{name}: expected float32 {shape}, got {scale.dtype} {tuple(scale.shape)}")
+    if weights.dtype != torch.float32 or tuple(weights.shape) != (b, t, h):
+        raise ValueError(f"weights: expected float32 {(b, t, h)}, got {weights.dtype} {tuple(weights.shape)}")
+
+
+def index_logits(q: torch.Tensor, q_scale: torch.Tensor | None, k: torch.Tensor, k_scale: torch.Tensor | None,
+                 weights: torch.Tensor) -> torch.Tensor:
+    """Lightning-indexer logits: Σ_h weights · ReLU(q_h·k), every query token against every key.
+
+    logits[b, t, s] = Σ_h weights[b, t, h] · ReLU((q[b, t, h]·q_scale[b, t, h]) · (k[b, s]·k_scale[b, s])),
+    the D-long dot in fp32. No mask is applied (the caller adds its causal / padding mask).
+    Operation order (the Triton kernel's): fp8 is upcast exactly; dot = q·k on the raw values;
+    logits = (Σ_h ReLU(dot) · (weights · q_scale)) · k_scale. The scales must be positive (as
+    act_quant's are), so they commute with the ReLU.
+
+    Args:
+        q: [B, T, H, D] float8_e4m3fn or float index queries.
+        q_scale: [B, T, H] fp32 dequantization scale per (token, head); None for a float q (scale 1).
+        k: [B, S, D] float8_e4m3fn or float index keys.
+        k_scale: [B, S] fp32 dequantization scale per key; None for a float k (scale 1).
+        weights: [B, T, H] fp32 per-head weights (any constant factors already folded in).
+
+    Returns:
+        logits [B, T, S] fp32.
+    """
+    check_index_inputs(q, q_scale, k, k_scale, weights)
+    b, t, h, _ = q.shape
+    s = k.shape[1]
+    head_w = weights if q_scale is None else weights * q_scale  # (B, T, H)
+    kf = k.float()  # (B, S, D): exact for fp8
+    out = torch.empty(b, t, s, dtype=torch.float32, device=q.device)  # (B, T, S)
+    rows = max(1, INDEX_TWIN_ELEMS // max(1, b * h * s))  # query tokens per chunk
+    for t0 in range(0, t, rows):
+        scores = torch.einsum("bthd,bsd->bths", q[:, t0:t0 + rows].float(), kf).relu_()  # (B, t', H, S)
+        out[:, t0:t0 + rows] = torch.einsum("bths,bth->bts", scores, head_w[:, t0:t0 + rows])  # (B, t', S)
+    if k_scale is not None:
+        out.mul_(k_scale[:, None, :])  # (B, T, S) · (B, 1, S)
+    return out
+
+
+def check_sparse_mla_inputs(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
+                            indices: torch.Tensor) -> None:
+    """Raise ValueError naming the argument unless the sparse-MLA decode inputs fit together."""
+    _check_latent_operands(q_lat, q_rope, kv, k_rope)
+    b, s = q_lat.shape[0], kv.shape[1]
+    if (indices.dim() != 2 or indices.shape[0] != b or indices.shape[1] < 1
+            or indices.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"indices: expected int [B={b}, K>=1], got {indices.dtype} {tuple(indices.shape)}")
+    if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= s):
+        raise ValueError(f"indices: entries must lie in [-1, {s}) (-1 = no key)")
+    if indices.numel() and not bool((indices >= 0).any(dim=1).all()):
+        raise ValueError("indices: every row needs at least one valid (>= 0) index")
+
+
+def sparse_mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
+                      indices: torch.Tensor, scale: float) -> torch.Tensor:
+    """Absorbed MLA decode over a selected subset of each row's latent cache (DSA), plain attention.
+
+    scores[b, h, j] = (q_lat[b, h]·kv[b, i] + q_rope[b, h]·k_rope[b, i])·scale for i = indices[b, j]
+    (entries -1 skipped), softmax over j in fp32, o_lat[b, h] = Σ_j p·kv[b, i]. A duplicated index
+    is a second key with the same content (counted once per occurrence).
+
+    Args:
+        q_lat: [B, H, C] absorbed query (q_nope·W_UK), C = kv_lora_rank.
+        q_rope: [B, H, R] rotated rope query.
+        kv: [B, S, C] latent cache, also the values (may be a view of a [B, S, C+R] cache).
+        k_rope: [B, S, R] rotated shared rope key.
+        indices: [B, K] int32/int64 positions in [0, S), or -1 for "no key"; each row has one valid entry.
+        scale: softmax scale.
+
+    Returns:
+        o_lat [B, H, C] fp32.
+    """
+    check_sparse_mla_inputs(q_lat, q_rope, kv, k_rope, indices)
+    idx = indices.to(device=kv.device, dtype=torch.int64)  # (B, K)
+    valid = idx >= 0  # (B, K)
+    rows = idx.clamp_min(0)[..., None]  # (B, K, 1)
+    c = torch.gather(kv, 1, rows.expand(-1, -1, kv.shape[2])).float()  # (B, K, C)
+    kr = torch.gather(k_rope, 1, rows.expand(-1, -1, k_rope.shape[2])).float()  # (B, K, R)
+    scores = (torch.einsum("bhc,bkc->bhk", q_lat.float(), c)
+              + torch.einsum("bhr,bkr->bhk", q_rope.float(), kr)) * scale  # (B, H, K)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)  # (B, H, K) fp32
+    return torch.einsum("bhk,bkc->bhc", p, c)  # (B, H, C)
 
 
 def stack_experts(gate: list[tuple[torch.Tensor, torch.Tensor]], up: list[tuple[torch.Tensor, torch.Tensor]],
