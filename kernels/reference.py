@@ -138,13 +138,36 @@ def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK,
     return v.to(dtype)
 
 
+UE8M0_LOW_PEAK = FP8_MAX / 2  # 224: a block whose largest code rounds down to this is re-expressed at half the scale
+
+
+def _canonical_ue8m0(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make ue8m0 blocks round-trip: a block's largest value / scale lies in (224, 448], but values
+    in (224, 232) round to the code 224, and its bf16 dequantization then re-quantizes (by the same
+    formula) at half the scale. Such a block is stored as (2·codes, scale / 2) instead: the same
+    values exactly (doubling an e4m3 code is exact), and every block then peaks at a code >= 240,
+    so fp8 → bf16 → fp8 gives back the same bytes.
+
+    Args:
+        q: (NB, b, KB, b) float8 codes; s: (NB, KB) power-of-two scales.
+    """
+    codes = q.float()  # (NB, b, KB, b)
+    low = torch.maximum(codes.amax(dim=(1, 3)), codes.amin(dim=(1, 3)).neg()) == UE8M0_LOW_PEAK  # (NB, KB)
+    if not bool(low.any()):
+        return q, s
+    doubled = torch.where(low[:, None, :, None], codes * 2, codes).to(FP8_DTYPE)  # (NB, b, KB, b)
+    return doubled, torch.where(low, s / 2, s)
+
+
 def weight_quant(w: torch.Tensor, block_size: int = BLOCK,
                  scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D weight per block_size×block_size block (the published checkpoint formula).
 
     scale_inv = amax(block) / 448 with ragged edge blocks zero-padded (so their amax is over the
     real elements); an all-zero block gets scale_inv 0 and fp8 zeros. ue8m0 rounds the scale up to
-    a power of two.
+    a power of two, and a block whose codes peak at 224 is stored at half that scale with doubled
+    codes (same values; see _canonical_ue8m0), so dequantizing an ue8m0 checkpoint this wrote and
+    quantizing it again gives back its bytes.
 
     Args:
         w: [N, K] float tensor.
@@ -172,8 +195,10 @@ def weight_quant(w: torch.Tensor, block_size: int = BLOCK,
     blocks.div_(divisor[:, None, :, None])  # (NB, b, KB, b), in place
     if not bool(s.all()):
         blocks.masked_fill_((s == 0)[:, None, :, None], 0.0)  # all-zero blocks give +0, even from -0.0
-    q = blocks.to(FP8_DTYPE).view(rb * block_size, kb * block_size)[:rows, :k].contiguous()  # (N, K)
-    return q, s
+    q = blocks.to(FP8_DTYPE)  # (NB, b, KB, b)
+    if scale_fmt == "ue8m0":
+        q, s = _canonical_ue8m0(q, s)
+    return q.view(rb * block_size, kb * block_size)[:rows, :k].contiguous(), s  # (N, K), (NB, KB)
 
 
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor,

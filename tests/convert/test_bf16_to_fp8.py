@@ -20,7 +20,9 @@ E4M3_MAX = 448.0
 
 
 def independent_block_quant(w: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block by block, in float64 where exact: scale = amax/448 (ue8m0: 2^ceil(log2)), q = fp8(w/scale)."""
+    """Block by block, in float64 where exact: scale = amax/448 (ue8m0: 2^ceil(log2)), q = fp8(w/scale);
+    ue8m0 then stores a block whose codes peak at 224 as doubled codes at half the scale (same values,
+    and a bf16 round trip re-quantizes it to the same bytes)."""
     n, k = w.shape
     q = torch.zeros(n, k, dtype=torch.float8_e4m3fn)
     s = torch.zeros(math.ceil(n / B), math.ceil(k / B), dtype=torch.float32)
@@ -30,9 +32,11 @@ def independent_block_quant(w: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor,
             scale = torch.tensor(float(blk.abs().max()) / E4M3_MAX, dtype=torch.float32)  # amax/448 rounded once
             if ue8m0 and scale > 0:
                 scale = torch.tensor(2.0 ** math.ceil(math.log2(float(scale))), dtype=torch.float32)
+            codes = (blk / scale).to(torch.float8_e4m3fn) if scale > 0 else torch.zeros_like(blk).to(torch.float8_e4m3fn)
+            if ue8m0 and float(codes.float().abs().max()) == E4M3_MAX / 2:
+                codes, scale = (codes.double() * 2).to(torch.float8_e4m3fn), scale / 2
             s[i, j] = scale
-            if scale > 0:
-                q[i * B:(i + 1) * B, j * B:(j + 1) * B] = (blk / scale).to(torch.float8_e4m3fn)
+            q[i * B:(i + 1) * B, j * B:(j + 1) * B] = codes
     return q, s
 
 
