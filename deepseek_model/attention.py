@@ -1,9 +1,14 @@
-"""Multi-head Latent Attention (MLA): naive and weight-absorbed forward over one latent cache.
+"""Multi-head Latent Attention (MLA): naive and weight-absorbed forward over one latent cache,
+dense (DeepSeek-V2/V3) or sparse over the tokens a lightning indexer selects (DeepSeek-V3.2).
 
 Per token and layer the cache holds the normalised KV latent c (kv_lora_rank values) and the
 post-RoPE shared key k_rope (qk_rope_head_dim values): 576 numbers for DeepSeek-V3, shared by all
-heads. The naive path expands the latents to per-head keys/values with kv_b; the absorbed path
-folds kv_b into the query and the output instead (equal to fp32 round-off).
+heads; a V3.2 layer also caches one index key per token (IndexKeyCache). The naive path expands the
+latents to per-head keys/values with kv_b; the absorbed path folds kv_b into the query and the
+output instead (equal to fp32 round-off). With an indexer, a query whose context holds more than
+index_topk tokens attends to the selected ones only: the absorbed path gathers their latents (work
+∝ index_topk, not context), the naive path masks the others; up to index_topk tokens of context,
+every visible token is selected and the layer runs exactly the dense computation.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from torch import nn
 
 from deepseek_model.config import ModelConfig
 from deepseek_model.constants import FP8_DTYPE, FP8_MAX
+from deepseek_model.indexer import Indexer
 from deepseek_model.kernels import ops
 from deepseek_model.layers import ColumnParallelLinear, Linear, LinearSpec, RMSNorm, RowParallelLinear
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
@@ -22,6 +28,7 @@ from deepseek_model.rope import apply_rotary
 ATTN_MODES = ("absorb", "naive", "auto")  # auto: naive for multi-token chunks (prefill), absorbed for decode
 GROWTH = 2  # the cache grows geometrically: amortised O(1) copies per token
 FP8_SCALE_MIN = 1e-12  # keeps the per-token scale of an all-zero latent finite
+GATHER_BYTES = 64 << 20  # sparse attention gathers the selected latents of this many bytes of queries at once
 
 
 def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -44,6 +51,94 @@ def _key_starts(mask: torch.Tensor | None) -> torch.Tensor | None:
     return starts if bool(torch.equal(allowed, suffix)) else None
 
 
+def _with_capacity(old: torch.Tensor | None, bsz: int, capacity: int, width: tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device, fill: float = 0.0) -> torch.Tensor:
+    """A (B, capacity, *width) tensor holding `old`'s slots first and `fill` after them."""
+    new = torch.zeros(bsz, capacity, *width, dtype=dtype, device=device)
+    if fill:
+        new.fill_(fill)
+    if old is not None:
+        new[:, : old.shape[1]] = old
+    return new
+
+
+def _check_write(name: str, held_batch: int | None, length: int, start_pos: int, bsz: int) -> None:
+    """The rules every cache write follows (one batch size; no gap before start_pos)."""
+    if held_batch is not None and held_batch != bsz:
+        raise ValueError(f"{name} holds batch size {held_batch}, got a batch of {bsz}")
+    if held_batch is None and start_pos > 0:
+        raise ValueError(f"start_pos {start_pos} > 0 but the {name} is empty (prefill from position 0 first)")
+    if start_pos > length:
+        raise ValueError(f"start_pos {start_pos} is past the {length} cached positions (positions "
+                         f"[{length}, {start_pos}) were never written; continue at start_pos {length})")
+
+
+class IndexKeyCache:
+    """One layer's cache of DeepSeek-V3.2 index keys, written at the same positions as its latents
+    (so a speculative rollback of the latent cache rolls these back too).
+
+    Attributes:
+        keys: (B, capacity, index_head_dim) rotated keys: compute dtype, or float8_e4m3fn (fp8).
+        scale: (B, capacity) fp32 per-token dequantization scale (fp8 only).
+
+    Args:
+        fp8: hold keys as e4m3 with one scale per token (as DeepSeek's inference kernels do);
+            otherwise exact in the compute dtype.
+    """
+
+    def __init__(self, fp8: bool = False) -> None:
+        self.fp8 = fp8
+        self.length = 0
+        self.keys: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.scale) if t is not None)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows`."""
+        if self.keys is not None:
+            self.keys = self.keys[rows]
+            self.scale = None if self.scale is None else self.scale[rows]
+
+    def update(self, start_pos: int, keys: torch.Tensor,
+               scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Write positions [start_pos, start_pos + T); return keys (B, S, D) and scales (B, S) of [0, S).
+
+        Args:
+            start_pos: first position written.
+            keys: (B, T, D): float8 with `scale` (B, T) in fp8 mode, else float with scale None.
+        """
+        bsz, t, d = keys.shape
+        if (scale is not None) != self.fp8 or (self.fp8 and keys.dtype != FP8_DTYPE):
+            raise ValueError(f"index cache (fp8={self.fp8}) got keys of dtype {keys.dtype} "
+                             f"{'with' if scale is not None else 'without'} scales")
+        _check_write("index-key cache", None if self.keys is None else self.keys.shape[0], self.length, start_pos,
+                     bsz)
+        end = start_pos + t
+        capacity = 0 if self.keys is None else self.keys.shape[1]
+        if end > capacity:
+            capacity = max(end, GROWTH * capacity)
+            self.keys = _with_capacity(self.keys, bsz, capacity, (d,), keys.dtype, keys.device)
+            if self.fp8:
+                self.scale = _with_capacity(self.scale, bsz, capacity, (), torch.float32, keys.device, 1.0)
+        self.keys[:, start_pos:end] = keys
+        if self.fp8:
+            self.scale[:, start_pos:end] = scale
+        self.length = end
+        return self.keys[:, :end], None if scale is None else self.scale[:, :end]
+
+
+def _visible(mask: torch.Tensor | None, b: int, i: int, s: int, device: torch.device) -> torch.Tensor:
+    """Key positions (S',) query i of row b may attend to, ascending, under an additive (T, S) or
+    (B, 1, T, S) mask (None: all S)."""
+    if mask is None:
+        return torch.arange(s, device=device)
+    row = mask[i] if mask.dim() == 2 else mask[b, 0, i]  # (S,) additive: 0 where allowed
+    return (row == 0).nonzero().squeeze(1)
+
+
 class LatentCache:
     """One layer's latent KV cache: grows with use, never preallocated to max_seq_len.
 
@@ -52,17 +147,21 @@ class LatentCache:
         pe: (B, capacity, qk_rope_head_dim) post-RoPE shared keys (always in the compute dtype).
         kv_scale: (B, capacity, 1) fp32 per-token dequantization scale of kv (fp8 only).
 
+        index: the layer's index-key cache (DeepSeek-V3.2), or None.
+
     Args:
         fp8: store the latent as float8_e4m3fn with one fp32 scale per token (amax / FP8_MAX); the rope
             keys stay in the compute dtype.
+        index: an IndexKeyCache for a layer with a lightning indexer.
     """
 
-    def __init__(self, fp8: bool = False) -> None:
+    def __init__(self, fp8: bool = False, index: IndexKeyCache | None = None) -> None:
         self.fp8 = fp8
         self.length = 0  # positions [0, length) hold written tokens
         self.kv: torch.Tensor | None = None
         self.pe: torch.Tensor | None = None
         self.kv_scale: torch.Tensor | None = None
+        self.index = index
 
     @property
     def capacity(self) -> int:
@@ -71,10 +170,9 @@ class LatentCache:
 
     def nbytes(self) -> int:
         """Bytes held by this layer's cache."""
-        if self.kv is None:
-            return 0
-        extra = 0 if self.kv_scale is None else self.kv_scale.numel() * self.kv_scale.element_size()
-        return self.kv.numel() * self.kv.element_size() + self.pe.numel() * self.pe.element_size() + extra
+        held = (self.kv, self.pe, self.kv_scale)
+        return sum(t.numel() * t.element_size() for t in held if t is not None) + (
+            self.index.nbytes() if self.index is not None else 0)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (1-D index tensor), e.g. to drop finished sequences."""
@@ -82,6 +180,8 @@ class LatentCache:
             self.kv, self.pe = self.kv[rows], self.pe[rows]
             if self.kv_scale is not None:
                 self.kv_scale = self.kv_scale[rows]
+        if self.index is not None:
+            self.index.select(rows)
 
     def update(self, start_pos: int, kv: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write positions [start_pos, start_pos + T) and return the latents for [0, start_pos + T).
@@ -96,25 +196,13 @@ class LatentCache:
         """
         bsz, t, _ = kv.shape
         end = start_pos + t
-        if self.kv is not None and self.kv.shape[0] != bsz:
-            raise ValueError(f"cache holds batch size {self.kv.shape[0]}, got a batch of {bsz}")
-        if self.kv is None and start_pos > 0:
-            raise ValueError(f"start_pos {start_pos} > 0 but the cache is empty (prefill from position 0 first)")
-        if start_pos > self.length:
-            raise ValueError(f"start_pos {start_pos} is past the {self.length} cached positions (positions "
-                             f"[{self.length}, {start_pos}) were never written; continue at start_pos {self.length})")
+        _check_write("cache", None if self.kv is None else self.kv.shape[0], self.length, start_pos, bsz)
         if end > self.capacity:
-            new_cap = max(end, GROWTH * self.capacity)
-            kv_new = torch.zeros(bsz, new_cap, kv.shape[-1], dtype=FP8_DTYPE if self.fp8 else kv.dtype,
-                                 device=kv.device)
-            pe_new = pe.new_zeros(bsz, new_cap, pe.shape[-1])
-            scale_new = torch.ones(bsz, new_cap, 1, dtype=torch.float32, device=kv.device) if self.fp8 else None
-            if self.kv is not None:
-                kv_new[:, : self.capacity] = self.kv
-                pe_new[:, : self.capacity] = self.pe
-                if self.fp8:
-                    scale_new[:, : self.capacity] = self.kv_scale
-            self.kv, self.pe, self.kv_scale = kv_new, pe_new, scale_new
+            cap = max(end, GROWTH * self.capacity)
+            self.kv = _with_capacity(self.kv, bsz, cap, kv.shape[-1:], FP8_DTYPE if self.fp8 else kv.dtype, kv.device)
+            self.pe = _with_capacity(self.pe, bsz, cap, pe.shape[-1:], pe.dtype, pe.device)
+            if self.fp8:
+                self.kv_scale = _with_capacity(self.kv_scale, bsz, cap, (1,), torch.float32, kv.device, 1.0)
         self.pe[:, start_pos:end] = pe
         self.length = end  # a write below the old end rolls back what followed it
         if not self.fp8:
@@ -162,10 +250,53 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps, spec.dtype, spec.device)
         self.wkv_b = ColumnParallelLinear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), spec, ctx)
         self.wo = RowParallelLinear(heads * cfg.v_head_dim, h, spec, ctx)
+        self.indexer = Indexer(cfg, spec) if cfg.has_indexer else None  # replicated on every rank
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))  # (B, T, H*(nope+rope))
-        return q.view(*x.shape[:2], self.n_heads, self.nope + self.rope)  # (B, T, H, nope+rope)
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Queries (B, T, H, nope+rope) and the normalised query latent (B, T, q_lora_rank) (None without q LoRA)."""
+        if hasattr(self, "wq"):
+            q, latent = self.wq(x), None  # (B, T, H*(nope+rope))
+        else:
+            latent = self.q_norm(self.wq_a(x))  # (B, T, q_lora_rank)
+            q = self.wq_b(latent)  # (B, T, H*(nope+rope))
+        return q.view(*x.shape[:2], self.n_heads, self.nope + self.rope), latent  # (B, T, H, nope+rope)
+
+    def _index_keys(self, x: torch.Tensor, rotary: torch.Tensor, start_pos: int,
+                    cache: LatentCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This chunk's index keys written to the cache; the keys (B, S, D) and scales of every
+        cached position (float keys and no scales without a cache)."""
+        keys = self.indexer.keys(x, rotary)  # (B, T, D)
+        if cache is None:
+            return keys, None
+        if cache.index is None:
+            raise ValueError("this layer has a lightning indexer, but its cache holds no index keys "
+                             "(make caches with model.new_cache())")
+        if cache.index.fp8:
+            return cache.index.update(start_pos, *self.indexer.quantize(keys))  # (B, S, D) fp8, (B, S)
+        return cache.index.update(start_pos, keys, None)
+
+    def _selection(self, q_latent: torch.Tensor, x: torch.Tensor, rotary: torch.Tensor, keys: torch.Tensor,
+                   key_scale: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, T, index_topk) selected key positions per query (ascending, -1 = none), or None when
+        the context holds at most index_topk keys (then every visible key is selected: dense MLA)."""
+        if keys.shape[1] <= self.indexer.topk:
+            return None
+        q, w = self.indexer.queries(q_latent, x, rotary)  # (B, T, Hi, Di), (B, T, Hi)
+        if not self.batch_invariant:
+            return self.indexer.select(self.indexer.scores(q, w, keys, key_scale, mask))  # (B, T, K)
+        # batch-invariant: each query scores exactly its visible keys, alone
+        bsz, t = q.shape[:2]
+        out = torch.full((bsz, t, self.indexer.topk), -1, dtype=torch.int64, device=q.device)  # (B, T, K)
+        for b in range(bsz):
+            for i in range(t):
+                visible = _visible(mask, b, i, keys.shape[1], keys.device)  # (S',)
+                scale = None if key_scale is None else key_scale[b:b + 1, visible]  # (1, S')
+                sc = self.indexer.scores(q[b:b + 1, i:i + 1], w[b:b + 1, i:i + 1], keys[b:b + 1, visible], scale,
+                                         None)  # (1, 1, S')
+                chosen = self.indexer.select(sc)[0, 0]  # (K',) into `visible`
+                picked = visible[chosen[chosen >= 0]]
+                out[b, i, out.shape[-1] - picked.numel():] = picked
+        return out
 
     def forward(self, x: torch.Tensor, start_pos: int, rotary: torch.Tensor, mask: torch.Tensor | None,
                 cache: LatentCache | None = None, last_only: bool = False) -> torch.Tensor:
@@ -185,24 +316,33 @@ class MLA(nn.Module):
             (B, T, hidden), or (B, 1, hidden) with last_only.
         """
         bsz, t, _ = x.shape
+        if start_pos and cache is None:
+            raise ValueError("start_pos > 0 needs a cache")
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)  # (B, T, c), (B, T, rope)
         kv = self.kv_norm(kv)
         k_pe = _rotate(k_pe, rotary)  # one rope key shared by all heads
+        if self.indexer is not None:  # every token's index key is cached, before last_only drops rows
+            index_keys, index_scale = self._index_keys(x, rotary, start_pos, cache)
         if last_only and t > 1:
             x, rotary = x[:, -1:], rotary[..., -1:, :]  # (B, 1, hidden), (.., 1, rope/2)
             if mask is not None:
                 mask = mask[..., -1:, :]  # (1, S) or (B, 1, 1, S)
                 mask = None if mask.dim() == 2 else mask  # the last query of a plain causal chunk sees every key
             t = 1
-        q = self._queries(x)
+        q, q_latent = self._queries(x)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, T, H, nope), (B, T, H, rope)
         q_pe = _rotate(q_pe, rotary)
         if cache is not None:
             kv, k_pe = cache.update(start_pos, kv, k_pe)  # (B, S, c), (B, S, rope)
-        elif start_pos:
-            raise ValueError("start_pos > 0 needs a cache")
+        selected = None
+        if self.indexer is not None:
+            selected = self._selection(q_latent, x, rotary, index_keys, index_scale, mask)  # (B, T, K) or None
         if self.batch_invariant:
-            out = self._per_query(q_nope, q_pe, kv, k_pe, mask)
+            out = self._per_query(q_nope, q_pe, kv, k_pe, mask, selected)
+        elif selected is not None and self.mode != "naive":
+            out = self._sparse_absorbed(q_nope, q_pe, kv, k_pe, selected)
+        elif selected is not None:
+            out = self._sparse_naive(q_nope, q_pe, kv, k_pe, mask, selected)
         elif self.mode == "naive" or (self.mode == "auto" and t > 1):
             out = self._naive(q_nope, q_pe, kv, k_pe, mask)
         else:
@@ -246,12 +386,13 @@ class MLA(nn.Module):
         probs = self._softmax(scores, q_nope.dtype)
         return torch.einsum("bths,bshd->bthd", probs, v)  # (B, T, H, v)
 
-    def _per_query(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
+    def _per_query(self, q_nope, q_pe, kv, k_pe, mask, selected=None) -> torch.Tensor:
         """Batch-invariant absorbed attention: each query attends over exactly the keys its mask
         allows (gathered, so padding and future keys never enter a reduction) with fixed-shape ops,
         so its output is bit-identical alone, in a batch, in a chunk or in a one-shot prefill.
 
-        Args as for `_absorbed`; returns (B, T, H, v).
+        Args as for `_absorbed`, plus the indexer's selection (B, T, K) (None: every visible key);
+        returns (B, T, H, v).
         """
         w = self.wkv_b.dense_weight(q_nope.dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # (H, nope, c), (H, v, c)
@@ -259,11 +400,10 @@ class MLA(nn.Module):
         out = q_nope.new_empty(bsz, t, self.n_heads, self.v_dim)  # (B, T, H, v)
         for b in range(bsz):
             for i in range(t):
-                if mask is None:
-                    keys = slice(None)
+                if selected is not None:
+                    keys = selected[b, i][selected[b, i] >= 0]  # (K',) ascending, all visible
                 else:
-                    row = mask[i] if mask.dim() == 2 else mask[b, 0, i]  # (S,) additive: 0 where allowed
-                    keys = (row == 0).nonzero().squeeze(1)  # (S',) the allowed keys, in order
+                    keys = _visible(mask, b, i, kv.shape[1], kv.device)  # (S',) the allowed keys, in order
                 c, r = kv[b, keys], k_pe[b, keys]  # (S', c), (S', rope)
                 q_lat = torch.einsum("hd,hdc->hc", q_nope[b, i], w_uk)  # (H, c)
                 scores = (q_lat @ c.T + q_pe[b, i] @ r.T) * self.scale  # (H, S')
@@ -293,3 +433,61 @@ class MLA(nn.Module):
         probs = self._softmax(scores, q_nope.dtype)
         o_lat = torch.einsum("bths,bsc->bthc", probs, kv)  # (B, T, H, c)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
+
+    def _sparse_naive(self, q_nope, q_pe, kv, k_pe, mask, selected) -> torch.Tensor:
+        """Naive MLA over the selected keys: a one-token step expands only its K gathered latents;
+        a multi-token chunk masks every key it did not select. Returns (B, T, H, v)."""
+        bsz, t = q_nope.shape[:2]
+        if t == 1:
+            rows = torch.arange(bsz, device=kv.device)[:, None]  # (B, 1)
+            idx = selected[:, 0]  # (B, K)
+            kv_sel, pe_sel = kv[rows, idx.clamp_min(0)], k_pe[rows, idx.clamp_min(0)]  # (B, K, c), (B, K, rope)
+            hide = torch.zeros(idx.shape, dtype=q_nope.dtype, device=kv.device).masked_fill_(idx < 0, float("-inf"))
+            return self._naive(q_nope, q_pe, kv_sel, pe_sel, hide[:, None, None, :] if bool((idx < 0).any()) else None)
+        return self._naive(q_nope, q_pe, kv, k_pe, _selection_mask(mask, selected, kv.shape[1], q_nope.dtype))
+
+    def _sparse_absorbed(self, q_nope, q_pe, kv, k_pe, selected) -> torch.Tensor:
+        """Absorbed MLA over the selected keys only: each query gathers its K latents (work ∝ K, not
+        the context). One-token steps on the Triton backend run the sparse decode kernel.
+
+        Args:
+            q_nope (B, T, H, nope), q_pe (B, T, H, rope), kv (B, S, c), k_pe (B, S, rope);
+            selected: (B, T, K) key positions, -1 = none.
+
+        Returns:
+            (B, T, H, v).
+        """
+        w = self.wkv_b.dense_weight(q_nope.dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # (H, nope, c), (H, v, c)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, c)
+        bsz, t, heads, c = q_lat.shape
+        if t == 1 and ops.resolve_backend(self.backend, kv.device) == "triton":
+            o_lat = ops.sparse_mla_decode(q_lat[:, 0], q_pe[:, 0], kv, k_pe, selected[:, 0], self.scale,
+                                          backend="triton")  # (B, H, c)
+            return torch.einsum("bhc,hvc->bhv", o_lat.to(q_lat.dtype), w_uv).unsqueeze(1)  # (B, 1, H, v)
+        k = selected.shape[-1]
+        per_query = bsz * k * (c + self.rope) * kv.element_size()
+        step = max(1, GATHER_BYTES // max(per_query, 1))
+        rows = torch.arange(bsz, device=kv.device)[:, None, None]  # (B, 1, 1)
+        o_lat = q_lat.new_empty(bsz, t, heads, c)  # (B, T, H, c)
+        for lo in range(0, t, step):
+            idx = selected[:, lo:lo + step]  # (B, t', K)
+            c_sel, r_sel = kv[rows, idx.clamp_min(0)], k_pe[rows, idx.clamp_min(0)]  # (B, t', K, c), (B, t', K, rope)
+            scores = (torch.einsum("bthc,btkc->bthk", q_lat[:, lo:lo + step], c_sel)
+                      + torch.einsum("bthr,btkr->bthk", q_pe[:, lo:lo + step], r_sel)) * self.scale  # (B, t', H, K)
+            scores = scores.masked_fill((idx < 0)[:, :, None, :], float("-inf"))
+            probs = self._softmax(scores, q_lat.dtype)  # (B, t', H, K)
+            o_lat[:, lo:lo + step] = torch.einsum("bthk,btkc->bthc", probs, c_sel)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
+
+
+def _selection_mask(mask: torch.Tensor | None, selected: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive (B, 1, T, S) mask that also hides every key a query did not select."""
+    bsz, t, _ = selected.shape
+    keep = torch.zeros(bsz, t, s + 1, dtype=torch.bool, device=selected.device)  # column S absorbs the -1s
+    keep.scatter_(-1, torch.where(selected < 0, s, selected), True)
+    hide = torch.zeros(bsz, 1, t, s, dtype=dtype, device=selected.device).masked_fill_(~keep[:, None, :, :s],
+                                                                                       float("-inf"))  # (B, 1, T, S)
+    if mask is None:
+        return hide
+    return hide + (mask if mask.dim() == 4 else mask[None, None]).to(dtype)  # (B, 1, T, S)

@@ -25,12 +25,18 @@ SIZE_BOUNDS = {
     "qk_nope_head_dim": 1 << 12, "qk_rope_head_dim": 1 << 12, "v_head_dim": 1 << 12, "n_routed_experts": 1 << 13,
     "n_shared_experts": 1 << 6, "num_experts_per_tok": 1 << 10, "n_group": 1 << 10, "topk_group": 1 << 10,
     "first_k_dense_replace": 1 << 10, "moe_layer_freq": 1 << 10, "num_nextn_predict_layers": 1 << 4,
-    "max_position_embeddings": 1 << 24,
+    "max_position_embeddings": 1 << 24, "index_n_heads": 1 << 10, "index_head_dim": 1 << 12, "index_topk": 1 << 24,
 }
+SPARSE_MODEL_TYPE = "deepseek_v32"  # DeepSeek-V3.2: MLA plus the lightning indexer (DeepSeek Sparse Attention)
+# transformers' DeepseekV32Config defaults, used when a deepseek_v32 config.json omits a field
+V32_DEFAULTS = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048, "scoring_func": "sigmoid",
+                "topk_method": "noaux_tc", "norm_topk_prob": True}
+# what a DeepSeek-V2/V3 config.json without routing fields means (transformers' DeepseekV2Config defaults)
+V2_ROUTING_DEFAULTS = {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False}
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 SCALE_FMTS = (None, "ue8m0")
-BUILTIN_CONFIGS = ("deepseek-v3", "deepseek-v3.1", "deepseek-v2", "deepseek-v2-lite", "tiny", "tiny-v2", "small",
-                   "mini-shakespeare")
+BUILTIN_CONFIGS = ("deepseek-v3", "deepseek-v3.1", "deepseek-v3.2", "deepseek-v2", "deepseek-v2-lite", "tiny",
+                   "tiny-v2", "tiny-v32", "small", "mini-shakespeare")
 
 
 class ConfigError(ValueError):
@@ -95,6 +101,9 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     torch_dtype: str = "bfloat16"
     quantization: QuantConfig | None = None
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ----------------------------------------------------------------- derived quantities
@@ -107,6 +116,11 @@ class ModelConfig:
     def latent_dim(self) -> int:
         """Values cached per token per layer by absorbed MLA: kv_lora_rank + rope."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def has_indexer(self) -> bool:
+        """Whether every attention layer has a lightning indexer (DeepSeek-V3.2 sparse attention)."""
+        return self.index_topk is not None
 
     @property
     def mtp_layer_index(self) -> int:
@@ -200,6 +214,21 @@ class ModelConfig:
             elif kind not in ("default", None):
                 raise ConfigError(f"{source}: unsupported rope scaling type {kind!r} (DeepSeek uses 'yarn')")
 
+        sparse = d.get("model_type") == SPARSE_MODEL_TYPE
+        routing = V32_DEFAULTS if sparse else V2_ROUTING_DEFAULTS
+        index = {key: opt_int(key, V32_DEFAULTS[key]) if sparse else None
+                 for key in ("index_n_heads", "index_head_dim", "index_topk")}
+        if sparse and d.get("q_lora_rank") is None:
+            raise ConfigError(f"{source}: model_type {SPARSE_MODEL_TYPE} needs q_lora_rank (the indexer reads the "
+                              f"query latent)")
+        layer_kinds = d.get("mlp_layer_types")
+        if layer_kinds is not None:
+            n_layers, dense = req_int("num_hidden_layers"), opt_int("first_k_dense_replace", 0)
+            implied = ["dense"] * min(dense, n_layers) + ["sparse"] * max(n_layers - dense, 0)
+            if layer_kinds != implied:
+                raise ConfigError(f"{source}: mlp_layer_types {layer_kinds!r} contradicts first_k_dense_replace "
+                                  f"{dense} over {n_layers} layers (expected {dense} dense, then sparse)")
+
         quant = None
         qc = d.get("quantization_config")
         if qc:
@@ -229,9 +258,9 @@ class ModelConfig:
             num_experts_per_tok=req_int("num_experts_per_tok"),
             n_group=opt_int("n_group", 1) or 1,
             topk_group=opt_int("topk_group", 1) or 1,
-            topk_method=d.get("topk_method", "greedy"),
-            scoring_func=d.get("scoring_func", "softmax"),
-            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+            topk_method=d.get("topk_method", routing["topk_method"]),
+            scoring_func=d.get("scoring_func", routing["scoring_func"]),
+            norm_topk_prob=bool(d.get("norm_topk_prob", routing["norm_topk_prob"])),
             routed_scaling_factor=opt_float("routed_scaling_factor", 1.0),
             first_k_dense_replace=opt_int("first_k_dense_replace", 0),
             moe_layer_freq=opt_int("moe_layer_freq", 1),
@@ -245,6 +274,7 @@ class ModelConfig:
             eos_token_id=d.get("eos_token_id"),
             torch_dtype=str(d.get("torch_dtype", d.get("dtype", "bfloat16"))),
             quantization=quant,
+            **index,
             raw=dict(d),
         )
         cfg.validate(source)
@@ -300,6 +330,18 @@ class ModelConfig:
                 raise ConfigError(f"{source}: quantization_config.weight_block_size {list(q.block_size)} is invalid")
             if q.scale_fmt not in SCALE_FMTS:
                 raise ConfigError(f"{source}: quantization_config.scale_fmt {q.scale_fmt!r} unsupported")
+        index = (self.index_n_heads, self.index_head_dim, self.index_topk)
+        if any(v is not None for v in index):
+            if any(v is None for v in index):
+                raise ConfigError(f"{source}: index_n_heads, index_head_dim and index_topk come together")
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                if getattr(self, name) <= 0:
+                    raise ConfigError(f"{source}: {name} must be positive, got {getattr(self, name)}")
+            if self.q_lora_rank is None:
+                raise ConfigError(f"{source}: the indexer needs q_lora_rank (it reads the query latent)")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                raise ConfigError(f"{source}: index_head_dim ({self.index_head_dim}) is smaller than "
+                                  f"qk_rope_head_dim ({self.qk_rope_head_dim}), the indexer's rotary part")
         if self.rope_scaling is not None and self.rope_scaling.factor <= 0:
             raise ConfigError(f"{source}: rope_scaling.factor must be positive")
 
@@ -336,6 +378,9 @@ class ModelConfig:
         d = dict(self.raw)
         for f in dataclasses.fields(self):
             if f.name in ("raw", "rope_scaling", "quantization"):
+                continue
+            if f.name.startswith("index_") and getattr(self, f.name) is None:
+                d.pop(f.name, None)
                 continue
             d[f.name] = getattr(self, f.name)
         d.pop("dtype", None)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deepseek_model.attention import MLA, LatentCache
+from deepseek_model.attention import MLA, IndexKeyCache, LatentCache
 from deepseek_model.config import ModelConfig
 from deepseek_model.layers import Linear, LinearSpec, ParallelEmbedding, ParallelHead, RMSNorm
 from deepseek_model.moe import MLP, MoE, Routing
@@ -22,11 +22,19 @@ class Cache:
         num_layers: decoder layers.
         mtp: add a cache for the MTP block.
         fp8: store latents as float8 with a per-token scale (see LatentCache).
+        index: give every layer an index-key cache (DeepSeek-V3.2); "fp8" holds the keys as e4m3
+            with one scale per token, "float" exactly in the compute dtype, None: no indexer.
     """
 
-    def __init__(self, num_layers: int, mtp: bool, fp8: bool = False):
-        self.layers = [LatentCache(fp8) for _ in range(num_layers)]
-        self.mtp = LatentCache(fp8) if mtp else None
+    def __init__(self, num_layers: int, mtp: bool, fp8: bool = False, index: str | None = None):
+        if index not in (None, "float", "fp8"):
+            raise ValueError(f"index must be None, 'float' or 'fp8', got {index!r}")
+
+        def layer() -> LatentCache:
+            return LatentCache(fp8, IndexKeyCache(index == "fp8") if index else None)
+
+        self.layers = [layer() for _ in range(num_layers)]
+        self.mtp = layer() if mtp else None
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` in every layer (drop finished sequences)."""
@@ -173,7 +181,7 @@ class MTP(nn.Module):
 
 
 class Transformer(nn.Module):
-    """DeepSeek-V2/V3 causal LM: embedding, decoder blocks, final norm, head, optional MTP.
+    """DeepSeek-V2/V3/V3.2 causal LM: embedding, decoder blocks, final norm, head, optional MTP.
 
     Args:
         cfg: the checkpoint's config.
@@ -203,9 +211,18 @@ class Transformer(nn.Module):
         """Whether the MTP module is present."""
         return self.mtp is not None
 
-    def new_cache(self, fp8: bool = False) -> Cache:
-        """An empty latent cache; it grows as tokens are written (fp8: float8 latents, per-token scale)."""
-        return Cache(len(self.layers), self.has_mtp, fp8)
+    def new_cache(self, fp8: bool = False, index_fp8: bool | None = None) -> Cache:
+        """An empty latent cache; it grows as tokens are written.
+
+        Args:
+            fp8: float8 latents with a per-token scale.
+            index_fp8: (DeepSeek-V3.2) float8 index keys with a per-token scale, as DeepSeek's
+                inference kernels keep them; default: as `fp8`. False keeps them exact.
+        """
+        index = None
+        if self.cfg.has_indexer:
+            index = "fp8" if (fp8 if index_fp8 is None else index_fp8) else "float"
+        return Cache(len(self.layers), self.has_mtp, fp8, index)
 
     def _check_input(self, input_ids: torch.Tensor, start_pos: int) -> None:
         if input_ids.dim() != 2:

@@ -1,7 +1,9 @@
-"""Rotary position embedding: YaRN frequencies and the interleaved (complex-pair) rotation.
+"""Rotary position embedding: YaRN frequencies, the interleaved (complex-pair) rotation and the
+half-split one.
 
-DeepSeek rotates consecutive pairs (2i, 2i+1) of the rope slice; a half-split ("neox") rotation
-gives fluent but wrong output with the released weights. YaRN is applied whenever the checkpoint's
+DeepSeek's MLA rotates consecutive pairs (2i, 2i+1) of the rope slice; a half-split ("neox")
+rotation there gives fluent but wrong output with the released weights. DeepSeek-V3.2's indexer is
+the opposite: it rotates pairs (i, i + rope/2), with the same frequencies. YaRN is applied whenever the checkpoint's
 config says so, independent of the runtime context length.
 """
 
@@ -88,3 +90,21 @@ def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, [H,] dim/2)
     rot = table.view(1, table.shape[0], *([1] * (x.dim() - 3)), table.shape[1])  # (1, T, [1,] dim/2)
     return torch.view_as_real(pairs * rot).flatten(-2).to(dtype)
+
+
+def apply_rotary_half(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate half-split pairs (i, i + dim/2) of the last dim of x (rotate-half, not interleaved).
+
+    Args:
+        x: (B, T, H, rope_dim) or (B, T, rope_dim).
+        table: complex (T, rope_dim/2) from rotary_table (pair i turns at frequency i).
+
+    Returns:
+        Tensor like x.
+    """
+    dtype = x.dtype
+    first, second = x.float().chunk(2, dim=-1)  # (B, T, [H,] dim/2) each
+    pairs = torch.complex(first, second)  # (B, T, [H,] dim/2)
+    rot = table.view(1, table.shape[0], *([1] * (x.dim() - 3)), table.shape[1])  # (1, T, [1,] dim/2)
+    turned = pairs * rot
+    return torch.cat([turned.real, turned.imag], dim=-1).to(dtype)

@@ -33,7 +33,8 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Total, MTP and per-token active parameter counts (scales not counted).
 
     Active = every non-routed-expert parameter of the main model plus num_experts_per_tok routed
-    experts per MoE layer (the MTP module is excluded from both total and active).
+    experts per MoE layer (the MTP module is excluded from both total and active). `indexer`: the
+    main model's DeepSeek-V3.2 lightning-indexer parameters (0 without one).
     """
     tensors = schema.hf_weights(cfg, mtp=True)
     mtp_prefix = f"model.layers.{cfg.mtp_layer_index}."
@@ -42,7 +43,8 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     mtp = sum(_numel(s) for n, s, _ in tensors if n.startswith(mtp_prefix))
     routed = sum(_numel(s) for _, s, fam in main if fam.per_expert)
     active = total - routed + routed * cfg.num_experts_per_tok // cfg.n_routed_experts
-    return {"total": total, "mtp": mtp, "active": active, "routed_expert": routed}
+    indexer = sum(_numel(s) for n, s, _ in main if ".indexer." in n)
+    return {"total": total, "mtp": mtp, "active": active, "routed_expert": routed, "indexer": indexer}
 
 
 def weight_bytes(cfg: ModelConfig, fmt: str, mtp: bool = True) -> int:
@@ -101,10 +103,17 @@ def per_rank_weight_bytes(cfg: ModelConfig, world_size: int, mtp: bool = True) -
 
 
 def cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = BF16_BYTES) -> dict[str, int]:
-    """KV-cache bytes per token over all layers: the MLA latent vs a per-head K/V cache."""
-    latent = cfg.latent_dim * cfg.num_hidden_layers * bytes_per_value
-    per_head = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * bytes_per_value
-    return {"latent": latent, "per_head_kv": per_head}
+    """KV-cache bytes per token over all layers: the MLA latent vs a per-head K/V cache, and (a
+    DeepSeek-V3.2 model) the index keys, exact (`bytes_per_value` each) or FP8 (one byte each plus
+    one fp32 scale per token)."""
+    layers = cfg.num_hidden_layers
+    latent = cfg.latent_dim * layers * bytes_per_value
+    per_head = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * layers * bytes_per_value
+    out = {"latent": latent, "per_head_kv": per_head}
+    if cfg.has_indexer:
+        out["index_keys"] = cfg.index_head_dim * layers * bytes_per_value
+        out["index_keys_fp8"] = (cfg.index_head_dim * FP8_BYTES + SCALE_BYTES) * layers
+    return out
 
 
 def checkpoint_formats(reader: CheckpointReader) -> dict[str, Any]:
@@ -137,6 +146,8 @@ def model_summary(cfg: ModelConfig, reader: CheckpointReader | None = None,
             "routing": f"{cfg.scoring_func}/{cfg.topk_method}", "vocab": cfg.vocab_size,
             "mtp_layers": cfg.num_nextn_predict_layers,
             "yarn_factor": cfg.rope_scaling.factor if cfg.rope_scaling else None,
+            "sparse_attention": {"index_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim,
+                                 "index_topk": cfg.index_topk} if cfg.has_indexer else None,
         },
         "parameters": counts,
         "memory_bytes": {"bf16": weight_bytes(cfg, "bf16"), "fp8": weight_bytes(cfg, "fp8")},

@@ -74,9 +74,11 @@ def _config_dict(config: str | dict | ModelConfig, fp8: bool, mtp: bool) -> dict
 
 def _init_tensor(fam: schema.TensorFamily, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """A deterministic fp32 value for one HF tensor, scaled so logits come out O(1)."""
-    if fam.keep_fp32:  # the router's correction bias
+    if fam.keep_fp32 and len(shape) == 1:  # the router's correction bias
         return (torch.rand(shape, generator=gen) * 2 - 1) * ROUTER_BIAS_RANGE
-    if len(shape) == 1:  # RMSNorm weights: near one, varied
+    if fam.hf.endswith(".bias"):  # a LayerNorm's bias (the V3.2 indexer's k_norm): small, both signs
+        return 0.1 * torch.randn(shape, generator=gen)
+    if len(shape) == 1:  # norm weights: near one, varied
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
     if fam.internal == "embed.weight":
         return torch.randn(shape, generator=gen)

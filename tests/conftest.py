@@ -34,3 +34,16 @@ def tiny_v2(tmp_path_factory) -> str:
     """V2-Lite style: plain q_proj (no q LoRA), softmax greedy routing, 2 shared experts, no MTP."""
     with one_thread():
         return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_v2"), "tiny-v2", fp8=False, seed=3)
+
+
+TINY_V32_TOPK = 5  # far below the tests' sequence lengths, so the indexer's selection decides the output
+
+
+@pytest.fixture(scope="session")
+def tiny_v32(tmp_path_factory) -> str:
+    """DeepSeek-V3.2 (lightning indexer + sparse MLA, MTP) in the published FP8 layout, index_topk 5."""
+    from deepseek_model.config import builtin_config_dict  # noqa: PLC0415
+
+    with one_thread():
+        config = dict(builtin_config_dict("tiny-v32"), index_topk=TINY_V32_TOPK)
+        return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_v32"), config, fp8=True, seed=4)

@@ -117,6 +117,8 @@ def _families() -> tuple[TensorFamily, ...]:
     hidden = _always(lambda cfg: (cfg.hidden_size,))
     no_q_lora = lambda shape: lambda cfg, moe: shape(cfg) if cfg.q_lora_rank is None else None  # noqa: E731
     q_lora = lambda shape: lambda cfg, moe: None if cfg.q_lora_rank is None else shape(cfg)  # noqa: E731
+    indexer = lambda shape: lambda cfg, moe: shape(cfg) if cfg.has_indexer else None  # noqa: E731
+    index_dim = indexer(lambda cfg: (cfg.index_head_dim,))
     dense_w = "intermediate_size (dense MLP)"
     shared_w = "shared-expert width (n_shared x moe_intermediate)"
     F = TensorFamily
@@ -141,6 +143,16 @@ def _families() -> tuple[TensorFamily, ...]:
           _always(lambda cfg: (_kv_b_rows(cfg), cfg.kv_lora_rank)), "kv_b_proj rows (heads x (qk_nope + v))"),
         F("self_attn.o_proj.weight", "attn.wo.weight", LAYER, SPLIT_ROW, True,
           _always(lambda cfg: (h(cfg), cfg.num_attention_heads * cfg.v_head_dim)), "o_proj columns (heads x v_head_dim)"),
+        # ---- DeepSeek-V3.2 lightning indexer: small, replicated on every rank (as the official code
+        # does); its two projections are FP8 in the release, the head weights and the norm are not
+        F("self_attn.indexer.wq_b.weight", "attn.indexer.wq_b.weight", LAYER, SPLIT_REPLICATED, True,
+          indexer(lambda cfg: (cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank))),
+        F("self_attn.indexer.wk.weight", "attn.indexer.wk.weight", LAYER, SPLIT_REPLICATED, True,
+          indexer(lambda cfg: (cfg.index_head_dim, h(cfg)))),
+        F("self_attn.indexer.k_norm.weight", "attn.indexer.k_norm.weight", LAYER, SPLIT_REPLICATED, False, index_dim),
+        F("self_attn.indexer.k_norm.bias", "attn.indexer.k_norm.bias", LAYER, SPLIT_REPLICATED, False, index_dim),
+        F("self_attn.indexer.weights_proj.weight", "attn.indexer.weights_proj.weight", LAYER, SPLIT_REPLICATED, False,
+          indexer(lambda cfg: (cfg.index_n_heads, h(cfg))), keep_fp32=True),
         # ---- dense layers: SwiGLU MLP
         F("mlp.gate_proj.weight", "ffn.w1.weight", LAYER, SPLIT_COLUMN, True,
           _dense(lambda cfg: (cfg.intermediate_size, h(cfg))), dense_w),

@@ -65,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     ratio = cache["per_head_kv"] / cache["latent"]
     print(f"  KV cache per token (bf16, all layers): latent {cache['latent']} B vs per-head K/V "
           f"{cache['per_head_kv']} B ({ratio:.1f}x smaller)")
+    if a["sparse_attention"]:
+        sa = a["sparse_attention"]
+        print(f"  sparse attention (DeepSeek-V3.2): indexer {sa['index_heads']} heads x {sa['index_head_dim']}, "
+              f"top {sa['index_topk']} tokens per query; {_human(p['indexer'])} indexer parameters; index keys "
+              f"{cache['index_keys']} B per token (bf16) or {cache['index_keys_fp8']} B (fp8 + scale)")
     if "checkpoint" in s:
         c = s["checkpoint"]
         dtypes = ", ".join(f"{k} {v['tensors']} tensors / {v['bytes'] / 1e6:.1f} MB" for k, v in c["dtypes"].items())
