@@ -3,17 +3,20 @@
 Real mode (a CUDA device of compute capability >= 8.9, TRITON_INTERPRET unset) runs, in order,
 printing one progress line per section and rewriting the result files after each:
   1. correctness: every Triton kernel that kernels/ops.py dispatches to (act_quant, weight_dequant,
-     fp8_gemm with and without split-K, fused_moe, mla_decode) against its torch twin
-     (kernels/reference.py) on the same GPU at DeepSeek-V3 shapes, ragged edges included (the
-     576-row kv_a weight, M = 1, 77, 4096): bit-exact where the twin is exact (act_quant,
-     weight_dequant), else max|kernel - twin| / max|twin| within the bounds below;
+     fp8_gemm with and without split-K, fused_moe, mla_decode, and the DeepSeek-V3.2 sparse
+     attention kernels index_logits and sparse_mla_decode) against its torch twin
+     (kernels/reference.py) on the same GPU at DeepSeek-V3 / V3.2 shapes, ragged edges included
+     (the 576-row kv_a weight, M = 1, 77, 4096; 4000 index keys; -1 padded top-k rows): bit-exact
+     where the twin is exact (act_quant, weight_dequant), else max|kernel - twin| / max|twin|
+     within the bounds below;
   2. with --tune: a small, time-bounded search over tile configs per (N, K, M bucket); a config
      that is faster than the table's by TUNE_MIN_GAIN and passes the twin check is written to the
      tile table (kernels/tiles.json layout) and used by the timings that follow;
   3. fp8_gemm at the V3 projection shapes and M values: TFLOP/s, % of the FP8 peak and % of the
      roofline floor max(bytes / HBM, flops / peak), next to torch._scaled_mm with blockwise scales
      (where the installed torch runs it, else "unsupported") and bf16 torch.matmul, same run;
-  4. memory-bound kernels (act_quant, weight_dequant, fused_moe, mla_decode): GB/s vs HBM.
+  4. memory-bound kernels (act_quant, weight_dequant, fused_moe, mla_decode, index_logits,
+     sparse_mla_decode): GB/s vs HBM (fused_moe and index_logits also TFLOP/s and % of the floor).
 GPU timings are triton.testing.do_bench medians (CUDA events, L2 flushed between repetitions).
 Results: OUT/<device-name-slug>.json and .md (default OUT benchmarks/results/gpu).
 
@@ -77,7 +80,15 @@ BF16_OUT_BOUND = 2.0 ** -8  # a bf16 output adds at most half a bf16 ulp, <= 2^-
 # (one e4m3 step is 2^-3 relative) before the down projection; a wrong expert, routed weight or
 # scale gives errors of order 1.
 MOE_BOUND = 5e-2
-MLA_BOUND = 1e-4  # fp32 math with IEEE dots: only summation order and exp differ
+MLA_BOUND = 1e-4  # fp32 math with IEEE dots: only summation order and exp differ (sparse_mla_decode too)
+# index_logits: fp8 products are exact as well, but the whole D = 128 dot is one K block with no fp32
+# promotion, so its error is the fp8 MMA's own (about 2^-14 of the largest partial sum); the head
+# sum Σ_h w·ReLU(dot) with mixed-sign weights then cancels, which magnifies it relative to
+# max|twin|. A CPU model of a truncating 14-bit accumulator (per 32-deep MMA step) on the GPU plan's
+# inputs gives 2^-12.3..2^-12.9 (13 bits: 2^-10.5..2^-11.4; 12 bits: 2^-9.4..2^-10); 2^-8 leaves
+# room for that and still catches one lost head of 64 (2^-1.3 on these inputs), a lost key tile,
+# a wrong scale or a wrong edge (errors of 1e-2 and more).
+INDEX_ACC_BOUND = 2.0 ** -8
 EXACT = "bit-exact"
 
 # Triton kernel (a @triton.jit function launched from kernels/) -> the correctness op that launches it
@@ -90,6 +101,8 @@ KERNELS = (
     ("_silu_mul_quant_kernel", "fused_moe"),
     ("_mla_split_kernel", "mla_decode"),
     ("_mla_combine_kernel", "mla_decode"),
+    ("_index_logits_kernel", "index_logits"),
+    ("_sparse_mla_split_kernel", "sparse_mla_decode"),
 )
 # device-name substring -> paper peaks; names with a NOT_LISTED marker have other peaks
 DEVICE_PEAKS = (("H200", roofline.H200), ("H100", roofline.H100_SXM))
@@ -143,9 +156,41 @@ class MlaCase(NamedTuple):
     dtype: torch.dtype = torch.bfloat16
 
 
+class IndexShape(NamedTuple):
+    """Lightning indexer: index heads H and head width D (fp8 q/k, one fp32 scale per D-row)."""
+
+    heads: int
+    dim: int
+
+
+class IndexCase(NamedTuple):
+    """One index_logits check or timing: `batch` sequences of `tokens` queries against `keys` keys."""
+
+    tokens: int
+    keys: int
+    batch: int = 1
+
+
+class SparseCase(NamedTuple):
+    """One sparse_mla_decode check or timing (C and R from the plan's MlaShape).
+
+    `batch` sequences with a `seq`-row cache each select `topk` distinct rows (ascending, as the
+    indexer returns them); row 0 starts with `pad` -1 entries (a sequence shorter than top-k).
+    splits: the kernel's num_splits, None for its default.
+    """
+
+    heads: int
+    batch: int
+    seq: int
+    topk: int
+    pad: int = 0
+    splits: int | None = None
+    dtype: torch.dtype = torch.bfloat16
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Every shape one mode runs: GPU_PLAN at DeepSeek-V3 sizes, SMOKE_PLAN tiny for the interpreter."""
+    """Every shape one mode runs: GPU_PLAN at DeepSeek-V3 / V3.2 sizes, SMOKE_PLAN tiny for the interpreter."""
 
     act_quant: tuple[AqCase, ...]
     dequant: tuple[tuple[str, int, int], ...]  # (name, N, K), dequantized to fp32 and bf16
@@ -154,12 +199,17 @@ class Plan:
     moe_check_tokens: tuple[int, ...]
     mla: MlaShape
     mla_checks: tuple[MlaCase, ...]
+    index: IndexShape
+    index_checks: tuple[IndexCase, ...]
+    sparse_checks: tuple[SparseCase, ...]
     gemm_perf: tuple[tuple[str, int, int], ...]  # (name, N, K) timed at every gemm_perf_m
     gemm_perf_m: tuple[int, ...]
     act_quant_perf: tuple[tuple[int, int], ...]  # (M, K), bf16 input
     dequant_perf: tuple[tuple[int, int], ...]  # (N, K), bf16 output
     moe_perf_tokens: tuple[int, ...]
     mla_perf: tuple[tuple[int, int], ...]  # (batch, seq), bf16 cache
+    index_perf: tuple[IndexCase, ...]
+    sparse_perf: tuple[SparseCase, ...]
     tune_shapes: tuple[tuple[str, int, int], ...]
     tune_space: tuple[tuple[str, int, tuple[tuple[str, tuple[int, ...]], ...]], ...]  # (bucket, M, fields)
 
@@ -199,12 +249,20 @@ GPU_PLAN = Plan(
     moe_check_tokens=(1, 77, 4096),
     mla=MlaShape(heads=128, rank=512, rope=64),
     mla_checks=(MlaCase(4096, (4096, 1, 77, 3000)), MlaCase(32768, (32768,)), MlaCase(300, (300, 129), torch.float32)),
+    index=IndexShape(heads=64, dim=128),
+    index_checks=(IndexCase(1, 4096, batch=2), IndexCase(64, 4000)),  # 4000 = 31 key tiles + 32
+    # K = 2048 of S = 8192 (16 splits of 128 by default); 1100 leading -1: 8 empty splits, one partial;
+    # the fp32 case's row 0 keeps a single valid index
+    sparse_checks=(SparseCase(128, 2, 8192, 2048, pad=1100), SparseCase(16, 4, 8192, 2048, pad=5),
+                   SparseCase(16, 2, 3000, 2048, pad=2047, dtype=torch.float32)),
     gemm_perf=roofline.V3_GEMM_SHAPES,
     gemm_perf_m=roofline.V3_M_VALUES,
     act_quant_perf=((1, 7168), (64, 7168), (4096, 7168)),
     dequant_perf=((2112, 7168), (7168, 18432)),
     moe_perf_tokens=(1, 16, 64, 128, 4096),
     mla_perf=((1, 4096), (8, 4096), (64, 4096), (1, 32768)),
+    index_perf=(IndexCase(1, 4096), IndexCase(1, 4096, batch=64), IndexCase(64, 4096), IndexCase(4096, 4096)),
+    sparse_perf=(SparseCase(128, 1, 8192, 2048), SparseCase(128, 64, 8192, 2048), SparseCase(16, 64, 8192, 2048)),
     tune_shapes=roofline.V3_GEMM_SHAPES,
     tune_space=GPU_TUNE_SPACE,
 )
@@ -220,12 +278,19 @@ SMOKE_PLAN = Plan(
     moe_check_tokens=(1, 5),
     mla=MlaShape(heads=4, rank=64, rope=16),
     mla_checks=(MlaCase(70, (70, 23), torch.float32), MlaCase(40, (40,))),
+    index=IndexShape(heads=3, dim=24),  # H, D not powers of two: masked heads and channels
+    index_checks=(IndexCase(1, 77, batch=2), IndexCase(3, 130)),  # a partial tile; a full tile + 2
+    # K = 37 of S = 100 (two 16-slot tiles + 5), 20 leading -1 in row 0: the default single split starts
+    # with a tile of only -1; 3 splits of 16: split 0 has no key, split 1 starts with 4 -1, split 2 has 5 slots
+    sparse_checks=(SparseCase(5, 2, 100, 37, pad=20, dtype=torch.float32), SparseCase(5, 2, 100, 37, pad=20, splits=3)),
     gemm_perf=(("ragged N", 192, 256),),
     gemm_perf_m=(1, 3),
     act_quant_perf=((3, 256),),
     dequant_perf=((192, 320),),
     moe_perf_tokens=(3,),
     mla_perf=((1, 70),),
+    index_perf=(IndexCase(2, 77),),
+    sparse_perf=(SparseCase(5, 1, 100, 37),),
     tune_shapes=(("ragged N", 192, 256),),
     tune_space=(("m16", 3, (("BLOCK_M", (16,)), ("BLOCK_N", (32, 64)), ("GROUP_M", (1,)), ("SPLIT_K", (1, 2)),
                             ("num_warps", (4,)), ("num_stages", (4,)))),),
@@ -408,6 +473,53 @@ def _mla_args(shape: MlaShape, q: torch.Tensor, cache: torch.Tensor, lens: torch
     return q[..., :c], q[..., c:], cache[..., :c], cache[..., c:], lens, (c + shape.rope) ** -0.5
 
 
+def _index_inputs(shape: IndexShape, c: IndexCase, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """(q, q_scale, k, k_scale, weights) as the indexer feeds them, drawn on the generator's device.
+
+    q fp8 [B, T, H, D] and k fp8 [B, S, D] from act_quant with one fp32 scale per D-row (q_scale
+    [B, T, H], k_scale [B, S]); row magnitudes over 2^-3..2^3; the last token's first head and the
+    last key are all zero (the act_quant floor scale, logits exactly 0); weights [B, T, H] fp32 of
+    both signs, as learned head weights are.
+    """
+    h, d = shape
+
+    def rows(*lead: int) -> torch.Tensor:  # (*lead, D), per-row magnitude 2^-3..2^3
+        mag = torch.exp2(torch.rand((*lead, 1), generator=gen, device=gen.device) * 6 - 3)
+        return _randn((*lead, d), gen) * mag
+
+    q = rows(c.batch, c.tokens, h)  # (B, T, H, D)
+    k = rows(c.batch, c.keys)  # (B, S, D)
+    q[-1, -1, 0] = 0
+    k[-1, -1] = 0
+    weights = _randn((c.batch, c.tokens, h), gen)  # (B, T, H)
+    q8, q_scale = reference.act_quant(q, d)  # (B, T, H, D), (B, T, H, 1)
+    k8, k_scale = reference.act_quant(k, d)  # (B, S, D), (B, S, 1)
+    return q8, q_scale.squeeze(-1), k8, k_scale.squeeze(-1), weights
+
+
+def _index_name(shape: IndexShape, c: IndexCase) -> str:
+    return f"B{c.batch} T{c.tokens} S{c.keys} H{shape.heads} D{shape.dim} fp8"
+
+
+def _sparse_args(mla: MlaShape, c: SparseCase, gen: torch.Generator) -> tuple:
+    """(q_lat, q_rope, kv, k_rope, indices [B, K] int64, scale) of one sparse_mla_decode case.
+
+    Each sequence selects `topk` distinct cache rows, ascending; row 0 starts with `pad` -1 entries.
+    """
+    q, cache = _mla_inputs(MlaShape(c.heads, mla.rank, mla.rope), c.batch, c.seq, c.dtype, gen)
+    scores = torch.rand((c.batch, c.seq), generator=gen, device=gen.device)  # (B, S)
+    idx = scores.topk(c.topk, dim=1).indices.sort(dim=1).values  # (B, K) distinct, ascending
+    idx[0, :c.pad] = -1
+    r = mla.rank
+    return q[..., :r], q[..., r:], cache[..., :r], cache[..., r:], idx, (r + mla.rope) ** -0.5
+
+
+def _sparse_name(mla: MlaShape, c: SparseCase) -> str:
+    return (f"B{c.batch} H{c.heads} C{mla.rank}+R{mla.rope} top{c.topk} of S{c.seq}"
+            + (f" row0 {c.pad}x -1" if c.pad else "") + (f" splits={c.splits}" if c.splits else "")
+            + f" {_dtype_name(c.dtype)}")
+
+
 def _act_quant_case(kernels: ModuleType, gen: torch.Generator, c: AqCase) -> dict:
     x = _activations(c.m, c.k, gen, c.dtype)
     y, s = kernels.act_quant(x, BLOCK, c.scale_fmt, column_major_scales=c.column_major)
@@ -483,6 +595,18 @@ def _mla_case(kernels: ModuleType, gen: torch.Generator, shape: MlaShape, device
                   kernels.mla_decode(*args), reference.mla_decode(*args), MLA_BOUND)
 
 
+def _index_case(kernels: ModuleType, gen: torch.Generator, shape: IndexShape, c: IndexCase) -> dict:
+    args = _index_inputs(shape, c, gen)
+    return _close("index_logits", _index_name(shape, c), kernels.index_logits(*args),
+                  reference.index_logits(*args), INDEX_ACC_BOUND)
+
+
+def _sparse_case(kernels: ModuleType, gen: torch.Generator, mla: MlaShape, c: SparseCase) -> dict:
+    args = _sparse_args(mla, c, gen)
+    return _close("sparse_mla_decode", _sparse_name(mla, c), kernels.sparse_mla_decode(*args, num_splits=c.splits),
+                  reference.sparse_mla_decode(*args), MLA_BOUND)
+
+
 def _check_quant(run: Run, kernels: ModuleType) -> list[dict | None]:
     gen = run.gen(1)
     rows = [_guarded(run, "act_quant", _aq_name(c), functools.partial(_act_quant_case, kernels, gen, c))
@@ -506,6 +630,16 @@ def _check_moe_mla(run: Run, kernels: ModuleType) -> list[dict | None]:
     return rows + [_guarded(run, "mla_decode", _mla_name(shape, len(c.lens), c.seq, c.dtype, c.lens),
                             functools.partial(_mla_case, kernels, gen, shape, run.device, c))
                    for c in run.plan.mla_checks]
+
+
+def _check_dsa(run: Run, kernels: ModuleType) -> list[dict | None]:
+    gen = run.gen(8)
+    index, mla = run.plan.index, run.plan.mla
+    rows = [_guarded(run, "index_logits", _index_name(index, c), functools.partial(_index_case, kernels, gen, index, c))
+            for c in run.plan.index_checks]
+    return rows + [_guarded(run, "sparse_mla_decode", _sparse_name(mla, c),
+                            functools.partial(_sparse_case, kernels, gen, mla, c))
+                   for c in run.plan.sparse_checks]
 
 
 # --- section 2: tile search --------------------------------------------------------------------
@@ -742,6 +876,28 @@ def _bandwidth_perf(run: Run, kernels: ModuleType) -> list[dict]:
         _timed(run, row, "triton", lambda: kernels.mla_decode(*args),
                roofline.mla_decode_bytes(batch, seq, mla.heads, mla.rank + mla.rope, mla.rank))
         rows.append(row)
+    index = run.plan.index
+    for c in run.plan.index_perf:
+        name = _index_name(index, c)
+        if run.budget.out(f"index_logits timing {name}"):
+            continue
+        args = _index_inputs(index, c, gen)
+        row = {"op": "index_logits", "case": name}
+        _timed(run, row, "triton", lambda: kernels.index_logits(*args),
+               roofline.index_logits_bytes(c.batch, c.tokens, c.keys, index.heads, index.dim),
+               roofline.index_logits_flops(c.batch, c.tokens, c.keys, index.heads, index.dim), "fp8")
+        rows.append(row)
+    for c in run.plan.sparse_perf:
+        name = _sparse_name(mla, c)
+        if run.budget.out(f"sparse_mla_decode timing {name}"):
+            continue
+        args = _sparse_args(mla, c, gen)
+        row = {"op": "sparse_mla_decode", "case": name}
+        _timed(run, row, "triton", lambda: kernels.sparse_mla_decode(*args, num_splits=c.splits),
+               roofline.sparse_mla_decode_bytes(c.batch, c.topk, c.heads, mla.rank + mla.rope, mla.rank,
+                                                cache_bytes=c.dtype.itemsize, index_bytes=args[4].element_size(),
+                                                q_bytes=c.dtype.itemsize))
+        rows.append(row)
     return rows
 
 
@@ -813,8 +969,9 @@ def _device_info(device: torch.device) -> dict:
             "driver": _driver_version(), "cuda": torch.version.cuda}
 
 
-LEGEND = ("Figures: *_us = time per call; *_tflops = 2·M·N·K / time; *_pct_peak = % of the device's "
-          "paper tensor-core peak (fp8 or bf16, dense); *_pct_floor = % of the roofline floor, "
+LEGEND = ("Figures: *_us = time per call; *_tflops = 2·M·N·K / time (fused_moe, index_logits: 2 × their "
+          "multiply-adds / time); *_pct_peak = % of the device's paper tensor-core peak (fp8 or bf16, "
+          "dense); *_pct_floor = % of the roofline floor, "
           "floor = max(compulsory bytes / HBM bandwidth, flops / peak), 100 % = at the floor; "
           "*_gbps = compulsory HBM bytes / time; *_pct_hbm = % of the paper HBM bandwidth; speedups "
           "are peer time / Triton time in the same run. *_cpu_s = CPU wall-clock seconds of the smoke "
@@ -892,7 +1049,7 @@ def _start(args: argparse.Namespace) -> Run:
         "bounds": {"metric": "max|kernel - twin| / max|twin| (twin: kernels/reference.py, fp32, same device)",
                    "act_quant": EXACT, "weight_dequant": EXACT, "fp8_gemm fp32 out": GEMM_ACC_BOUND,
                    "fp8_gemm bf16 out": GEMM_ACC_BOUND + BF16_OUT_BOUND, "fused_moe": MOE_BOUND,
-                   "mla_decode": MLA_BOUND},
+                   "mla_decode": MLA_BOUND, "index_logits": INDEX_ACC_BOUND, "sparse_mla_decode": MLA_BOUND},
         "kernels": dict(KERNELS), "correctness": [], "gemm": [], "bandwidth": [], "tune": None,
         "legend": LEGEND,
     }
@@ -906,7 +1063,8 @@ def _sections(run: Run, kernels: ModuleType, tune_seconds: float) -> None:
     """Correctness, the optional tile search, then the timings; files rewritten after each."""
     report = run.report
     for name, check in (("act_quant + weight_dequant", _check_quant), ("fp8_gemm", _check_gemm),
-                        ("fused_moe + mla_decode", _check_moe_mla)):
+                        ("fused_moe + mla_decode", _check_moe_mla),
+                        ("index_logits + sparse_mla_decode", _check_dsa)):
         rows = [r for r in check(run, kernels) if r is not None]
         report["correctness"] += rows
         bad = [r["case"] for r in rows if not r["ok"]]

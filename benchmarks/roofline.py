@@ -1,4 +1,4 @@
-"""Roofline yardsticks for the DeepSeek-V3 kernels, on paper only (published H100/H200 peaks).
+"""Roofline yardsticks for the DeepSeek-V3 / V3.2 kernels, on paper only (published H100/H200 peaks).
 
 roofline floor = max(bytes / bandwidth, flops / peak). These numbers describe an H100 SXM; they
 are never "measured" here. bench_kernels.py divides a measured GPU time into them (% of floor).
@@ -105,3 +105,44 @@ def mla_decode_bytes(batch: int, seq: int, heads: int, kv_dim: int = 576, v_dim:
                      cache_bytes: int = BF16_BYTES) -> float:
     """The latent cache is read once per sequence (shared by all heads); q in, o_lat out."""
     return batch * (seq * kv_dim * cache_bytes + heads * (kv_dim + v_dim) * BF16_BYTES)
+
+
+def index_logits_bytes(batch: int, tokens: int, keys: int, heads: int = 64, dim: int = 128,
+                       in_bytes: int = FP8_BYTES) -> float:
+    """Compulsory traffic of the lightning-indexer logits (DeepSeek-V3.2), each operand once.
+
+    Per sequence: q [T, H, D] (fp8) with fp32 scales [T, H] and fp32 head weights [T, H]; k [S, D]
+    (fp8) with fp32 scales [S]; fp32 logits [T, S] written. The kernel rereads k once per query
+    token; those rereads are not compulsory (L2 serves them when S·D fits), so they are not counted.
+
+    Args:
+        batch: sequences B; tokens: query tokens T per sequence; keys: keys S per sequence.
+        heads: index heads H; dim: head width D.
+        in_bytes: bytes of one q or k element (fp8: 1).
+    """
+    q = tokens * heads * (dim * in_bytes + 2 * FP32_BYTES)  # q, q_scale, weights
+    k = keys * (dim * in_bytes + FP32_BYTES)  # k, k_scale
+    return batch * (q + k + FP32_BYTES * tokens * keys)
+
+
+def index_logits_flops(batch: int, tokens: int, keys: int, heads: int = 64, dim: int = 128) -> float:
+    """The q·k dots of every (token, head, key), multiply-adds counted as 2 flops (ReLU and head sum not counted)."""
+    return 2.0 * batch * tokens * keys * heads * dim
+
+
+def sparse_mla_decode_bytes(batch: int, topk: int, heads: int, kv_dim: int = 576, v_dim: int = 512,
+                            cache_bytes: int = BF16_BYTES, index_bytes: int = 8, q_bytes: int = BF16_BYTES,
+                            out_bytes: int = FP32_BYTES) -> float:
+    """Compulsory traffic of absorbed-MLA decode over the top-k selected cache rows (DeepSeek-V3.2 DSA).
+
+    Per sequence: the `topk` selected latent rows [C+R] gathered once (shared by all heads; -1
+    slots are counted as rows), the index list [K], q [H, C+R] in and o_lat [H, C] out. The
+    split-K partial outputs are an implementation choice, not compulsory, and are not counted.
+
+    Args:
+        batch: sequences B; topk: selected rows K per sequence; heads: query heads H.
+        kv_dim: C + R; v_dim: C.
+        cache_bytes, index_bytes, q_bytes, out_bytes: element sizes (bf16 cache, int64 indices, bf16 q,
+            fp32 o_lat by default).
+    """
+    return batch * (topk * (kv_dim * cache_bytes + index_bytes) + heads * (kv_dim * q_bytes + v_dim * out_bytes))

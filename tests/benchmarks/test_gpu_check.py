@@ -20,6 +20,8 @@ REPORT_KEYS = {"mode", "statement", "device", "versions", "peak", "timer", "boun
                "gemm", "bandwidth", "tune", "skipped", "complete", "all_pass", "seconds", "legend"}
 GPU_FIGURE_SUFFIXES = ("_us", "_gbps", "_tflops", "_pct_hbm", "_pct_peak", "_pct_floor")
 STAND_IN_SECONDS = 1e-3
+TRITON_OPS = ("act_quant", "weight_dequant", "fp8_gemm", "fused_moe", "mla_decode", "index_logits", "sparse_mla_decode")
+BANDWIDTH_OPS = {"act_quant", "weight_dequant", "fused_moe", "mla_decode", "index_logits", "sparse_mla_decode"}
 
 
 def _is_jit(decorator: ast.expr) -> bool:
@@ -98,11 +100,15 @@ def test_smoke_passes_and_writes_both_files(smoke):
             assert isinstance(r["bound"], float) and 0 <= r["value"] <= r["bound"]
     assert all(r["splits"] > 1 for r in rows if r["op"] == "fp8_gemm split-K")
     assert any("column-major" in r["case"] for r in rows if r["op"] == "act_quant")
-    assert report["gemm"] and {r["op"] for r in report["bandwidth"]} == {"act_quant", "weight_dequant",
-                                                                         "fused_moe", "mla_decode"}
+    assert report["gemm"] and {r["op"] for r in report["bandwidth"]} == BANDWIDTH_OPS
+    assert report["bounds"]["index_logits"] == gpu_check.INDEX_ACC_BOUND
+    assert report["bounds"]["sparse_mla_decode"] == gpu_check.MLA_BOUND
+    dsa_cases = [r["case"] for r in rows if r["op"] == "sparse_mla_decode"]
+    assert any("-1" in case for case in dsa_cases) and any("splits=" in case for case in dsa_cases)
     md = smoke["md"]
     assert "not GPU figures" in md and "all checks pass" in md and "## Correctness" in md
-    assert all(f"| {op} |" in md for op in ("act_quant", "weight_dequant", "fp8_gemm", "fused_moe", "mla_decode"))
+    assert all(f"| {op} |" in md for op in TRITON_OPS)
+    assert "index_logits: " in md and "sparse_mla_decode: " in md  # the bounds line
 
 
 def test_smoke_reports_no_gpu_figure(smoke):
@@ -123,7 +129,7 @@ def test_every_triton_kernel_is_checked(smoke):
     assert smoke["seen"] == set(launched)  # every kernel really ran during the smoke check
     ops = {r["op"] for r in smoke["report"]["correctness"]}
     assert {op for _, op in gpu_check.KERNELS} <= ops
-    assert _triton_dispatch() == {"act_quant", "weight_dequant", "fp8_gemm", "fused_moe", "mla_decode"}
+    assert _triton_dispatch() == set(TRITON_OPS)
     assert _triton_dispatch() <= ops
 
 
@@ -194,11 +200,20 @@ def test_gpu_figures_from_a_stand_in_timer(monkeypatch, tmp_path):
     assert row["triton_speedup_vs_bf16"] == pytest.approx(1.0) and row["bound"] == "memory"
     assert row["scaled_mm"].startswith("unsupported")  # CPU torch has no blockwise fp8 GEMM
     bandwidth = gpu_check._bandwidth_perf(run, triton_ops)
-    assert {r["op"] for r in bandwidth} == {"act_quant", "weight_dequant", "fused_moe", "mla_decode"}
+    assert {r["op"] for r in bandwidth} == BANDWIDTH_OPS
     for r in bandwidth:
         assert r["triton_pct_hbm"] == pytest.approx(100 * r["triton_gbps"] / (roofline.H200.hbm_tbps * 1e3))
-    moe = next(r for r in bandwidth if r["op"] == "fused_moe")
-    assert moe["triton_tflops"] > 0 and moe["triton_pct_floor"] > 0
+    for op in ("fused_moe", "index_logits"):
+        r = next(r for r in bandwidth if r["op"] == op)
+        assert r["triton_tflops"] > 0 and r["triton_pct_floor"] > 0
+    (index,), (sparse,) = plan.index_perf, plan.sparse_perf
+    idx_row = next(r for r in bandwidth if r["op"] == "index_logits")
+    assert idx_row["triton_gbps"] == pytest.approx(roofline.index_logits_bytes(
+        index.batch, index.tokens, index.keys, plan.index.heads, plan.index.dim) / STAND_IN_SECONDS / 1e9)
+    sparse_row = next(r for r in bandwidth if r["op"] == "sparse_mla_decode")
+    kv_dim = plan.mla.rank + plan.mla.rope  # bf16 cache and q, int64 indices, fp32 o_lat
+    assert sparse_row["triton_gbps"] == pytest.approx(sparse.batch * (
+        sparse.topk * (kv_dim * 2 + 8) + sparse.heads * (kv_dim * 2 + plan.mla.rank * 4)) / STAND_IN_SECONDS / 1e9)
 
 
 def test_device_peak_table():
