@@ -28,6 +28,7 @@ from deepseek_model.rope import apply_rotary
 ATTN_MODES = ("absorb", "naive", "auto")  # auto: naive for multi-token chunks (prefill), absorbed for decode
 GROWTH = 2  # the cache grows geometrically: amortised O(1) copies per token
 FP8_SCALE_MIN = 1e-12  # keeps the per-token scale of an all-zero latent finite
+SPARSE_PREFILL_CHUNK = 256  # queries per masked-attention call of a sparse prefill (causal key cut per chunk)
 GATHER_BYTES = 64 << 20  # sparse attention gathers the selected latents of this many bytes of queries at once
 
 
@@ -293,7 +294,7 @@ class MLA(nn.Module):
                 scale = None if key_scale is None else key_scale[b:b + 1, visible]  # (1, S')
                 sc = self.indexer.scores(q[b:b + 1, i:i + 1], w[b:b + 1, i:i + 1], keys[b:b + 1, visible], scale,
                                          None)  # (1, 1, S')
-                chosen = self.indexer.select(sc)[0, 0]  # (K',) into `visible`
+                chosen = self.indexer.select(sc, ordered=True)[0, 0]  # (K',) into `visible`, ascending
                 picked = visible[chosen[chosen >= 0]]
                 out[b, i, out.shape[-1] - picked.numel():] = picked
         return out
@@ -339,9 +340,9 @@ class MLA(nn.Module):
             selected = self._selection(q_latent, x, rotary, index_keys, index_scale, mask)  # (B, T, K) or None
         if self.batch_invariant:
             out = self._per_query(q_nope, q_pe, kv, k_pe, mask, selected)
-        elif selected is not None and self.mode != "naive":
+        elif selected is not None and (self.mode == "absorb" or (self.mode == "auto" and t == 1)):
             out = self._sparse_absorbed(q_nope, q_pe, kv, k_pe, selected)
-        elif selected is not None:
+        elif selected is not None:  # naive, or a multi-token chunk under auto (measured faster on CPU)
             out = self._sparse_naive(q_nope, q_pe, kv, k_pe, mask, selected)
         elif self.mode == "naive" or (self.mode == "auto" and t > 1):
             out = self._naive(q_nope, q_pe, kv, k_pe, mask)
@@ -401,7 +402,7 @@ class MLA(nn.Module):
         for b in range(bsz):
             for i in range(t):
                 if selected is not None:
-                    keys = selected[b, i][selected[b, i] >= 0]  # (K',) ascending, all visible
+                    keys = selected[b, i][selected[b, i] >= 0]  # (K',) ascending (selected per query), all visible
                 else:
                     keys = _visible(mask, b, i, kv.shape[1], kv.device)  # (S',) the allowed keys, in order
                 c, r = kv[b, keys], k_pe[b, keys]  # (S', c), (S', rope)
@@ -436,15 +437,27 @@ class MLA(nn.Module):
 
     def _sparse_naive(self, q_nope, q_pe, kv, k_pe, mask, selected) -> torch.Tensor:
         """Naive MLA over the selected keys: a one-token step expands only its K gathered latents;
-        a multi-token chunk masks every key it did not select. Returns (B, T, H, v)."""
+        a multi-token chunk masks every key it did not select, SPARSE_PREFILL_CHUNK queries at a
+        time over the keys up to the chunk's last query. Returns (B, T, H, v)."""
         bsz, t = q_nope.shape[:2]
         if t == 1:
-            rows = torch.arange(bsz, device=kv.device)[:, None]  # (B, 1)
             idx = selected[:, 0]  # (B, K)
-            kv_sel, pe_sel = kv[rows, idx.clamp_min(0)], k_pe[rows, idx.clamp_min(0)]  # (B, K, c), (B, K, rope)
+            kv_sel, pe_sel = _gather_rows(kv, idx[:, None])[:, 0], _gather_rows(k_pe, idx[:, None])[:, 0]  # (B, K, ·)
             hide = torch.zeros(idx.shape, dtype=q_nope.dtype, device=kv.device).masked_fill_(idx < 0, float("-inf"))
             return self._naive(q_nope, q_pe, kv_sel, pe_sel, hide[:, None, None, :] if bool((idx < 0).any()) else None)
-        return self._naive(q_nope, q_pe, kv, k_pe, _selection_mask(mask, selected, kv.shape[1], q_nope.dtype))
+        s = kv.shape[1]
+        kvb = self.wkv_b(kv).view(bsz, s, self.n_heads, self.nope + self.v_dim)  # (B, S, H, nope+v)
+        k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)  # (B, S, H, nope), (B, S, H, v)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(bsz, s, self.n_heads, self.rope)], -1)  # (B, S, H, nope+rope)
+        q = torch.cat([q_nope, q_pe], -1)  # (B, T, H, nope+rope)
+        mask = _selection_mask(mask, selected, s, q_nope.dtype)  # (B, 1, T, S)
+        first = s - t  # query i sits at slot first + i and never sees a later slot
+        out = q_nope.new_empty(bsz, t, self.n_heads, self.v_dim)  # (B, T, H, v)
+        for lo in range(0, t, SPARSE_PREFILL_CHUNK):  # causal chunks: keys past a chunk's last query are skipped
+            hi = min(t, lo + SPARSE_PREFILL_CHUNK)
+            end = first + hi
+            out[:, lo:hi] = self._sdpa(q[:, lo:hi], k[:, :end], v[:, :end], mask[:, :, lo:hi, :end])
+        return out
 
     def _sparse_absorbed(self, q_nope, q_pe, kv, k_pe, selected) -> torch.Tensor:
         """Absorbed MLA over the selected keys only: each query gathers its K latents (work ∝ K, not
@@ -468,17 +481,24 @@ class MLA(nn.Module):
         k = selected.shape[-1]
         per_query = bsz * k * (c + self.rope) * kv.element_size()
         step = max(1, GATHER_BYTES // max(per_query, 1))
-        rows = torch.arange(bsz, device=kv.device)[:, None, None]  # (B, 1, 1)
         o_lat = q_lat.new_empty(bsz, t, heads, c)  # (B, T, H, c)
         for lo in range(0, t, step):
             idx = selected[:, lo:lo + step]  # (B, t', K)
-            c_sel, r_sel = kv[rows, idx.clamp_min(0)], k_pe[rows, idx.clamp_min(0)]  # (B, t', K, c), (B, t', K, rope)
+            c_sel, r_sel = _gather_rows(kv, idx), _gather_rows(k_pe, idx)  # (B, t', K, c), (B, t', K, rope)
             scores = (torch.einsum("bthc,btkc->bthk", q_lat[:, lo:lo + step], c_sel)
                       + torch.einsum("bthr,btkr->bthk", q_pe[:, lo:lo + step], r_sel)) * self.scale  # (B, t', H, K)
             scores = scores.masked_fill((idx < 0)[:, :, None, :], float("-inf"))
             probs = self._softmax(scores, q_lat.dtype)  # (B, t', H, K)
             o_lat[:, lo:lo + step] = torch.einsum("bthk,btkc->bthc", probs, c_sel)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of x (B, S, W) at positions idx (B, T, K) (-1 reads row 0; callers mask it): (B, T, K, W)."""
+    bsz, t, k = idx.shape
+    flat = idx.clamp_min(0).reshape(bsz, t * k)  # (B, T*K)
+    rows = [x[b].index_select(0, flat[b]) for b in range(bsz)]  # B x (T*K, W): whole-row copies
+    return torch.stack(rows).view(bsz, t, k, x.shape[-1])  # (B, T, K, W)
 
 
 def _selection_mask(mask: torch.Tensor | None, selected: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:

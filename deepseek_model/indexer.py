@@ -125,20 +125,30 @@ class Indexer(nn.Module):
             logits = logits + (mask if mask.dim() == 2 else mask[:, 0]).float()  # (B, T, S)
         return logits
 
-    def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """The top min(index_topk, S) keys per query, ascending: (B, T, K) int64, -1 where fewer
-        keys than K are visible (a masked key is never selected).
+    def select(self, scores: torch.Tensor, ordered: bool = False) -> torch.Tensor:
+        """The top min(index_topk, S) keys per query: (B, T, K) int64, -1 where fewer keys than K
+        are visible (a masked key is never selected); ascending when `ordered`.
 
         Equal scores are common (a key whose every head's ReLU is 0 scores exactly 0), and
         torch.topk breaks ties arbitrarily — differently for a prefill row and the same query in a
-        decode step. Here a tie goes to the later token, always: the top-k runs on int64 keys
-        (the score's order-preserving integer image, then the position).
+        decode step. Here a tie at the boundary goes to the later token, always: when the K-th and
+        (K+1)-th scores of some query are equal, the top-k runs on int64 keys (the score's
+        order-preserving integer image, then the position).
         """
         s = scores.shape[-1]
         k = min(self.topk, s)
-        bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-        ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)  # monotone in the score
-        keys = ordered * (1 << 32) + torch.arange(s, device=scores.device)  # (B, T, S): ties → later position
-        idx = keys.topk(k, dim=-1).indices  # (B, T, K)
-        idx = idx.masked_fill(scores.gather(-1, idx) == float("-inf"), -1)
-        return idx.sort(dim=-1).values  # ascending (-1 entries first)
+        top, idx = scores.topk(min(k + 1, s), dim=-1)  # (B, T, K+1): one past the boundary
+        after = top[..., k] if k < s else None  # (B, T) the best score left out
+        idx, top = idx[..., :k], top[..., :k]  # (B, T, K)
+        tied = None if after is None else (top[..., -1] == after) & (after > float("-inf"))  # (B, T)
+        if tied is not None and bool(tied.any()):  # re-rank only the queries with a tie at the boundary
+            rows = tied.nonzero(as_tuple=True)  # (b, t) index tensors
+            picked = scores[rows].float()  # (N, S)
+            bits = (picked + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+            rank = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)  # monotone in the score
+            rank = rank * (1 << 32) + torch.arange(s, device=scores.device)  # ties → the later position
+            idx, top = idx.clone(), top.clone()
+            chosen = rank.topk(k, dim=-1).indices  # (N, K)
+            idx[rows], top[rows] = chosen, picked.gather(-1, chosen).to(top.dtype)
+        idx = idx.masked_fill(top == float("-inf"), -1)
+        return idx.sort(dim=-1).values if ordered else idx

@@ -228,3 +228,16 @@ def test_loader_names_a_missing_or_extra_indexer_tensor(tiny_v32, tmp_path):
     as_v3 = dict(cfg, model_type="deepseek_v3")  # a V3 config cannot hold indexer tensors
     with pytest.raises(ValueError, match=r"indexer"):
         dsm.from_pretrained(write_checkpoint(str(tmp_path / "extra"), tensors, as_v3))
+
+
+def test_selection_breaks_boundary_ties_toward_the_later_token(model):
+    ix = model.layers[0].attn.indexer  # index_topk = 5
+    inf = float("-inf")
+    scores = torch.tensor([[[3.0, 0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 0.0, inf],  # three zeros compete for 2 slots
+                            [0.5, 4.0, -1.0, 3.0, 2.0, 1.0, -2.0, inf, inf],  # no tie: plain top-5
+                            [1.0, -0.0, 0.0, inf, inf, inf, inf, inf, inf]]])  # 3 visible: the rest -1
+    got = ix.select(scores, ordered=True)[0].tolist()
+    assert got[0] == [0, 2, 4, 6, 7]  # the tied zeros at 1, 3, 5, 6, 7: the two latest win
+    assert got[1] == [0, 1, 3, 4, 5]
+    assert got[2] == [-1, -1, 0, 1, 2]
+    assert ix.select(scores[:, 1:2])[0, 0].sort().values.tolist() == [0, 1, 3, 4, 5]  # unordered: same set
