@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", choices=["absorb", "naive", "auto"], default="absorb",
                    help="attention math (auto: naive for the prompt, absorbed for decoding)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--fp8-cache", action="store_true", help="float8 latent cache (per-token scale)")
+    p.add_argument("--fp8-cache", action="store_true", help="float8 latent cache (per-token scale); a V3.2 model keeps its index keys in float8 too")
     p.add_argument("--batch-invariant", action="store_true",
                    help="a row's logits do not depend on the batch, chunking or speculation (bit-identical)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -42,6 +42,26 @@ def test_inspect_v3_published_sizes():
     assert c["latent"] == 576 * 61 * 2 and c["per_head_kv"] / c["latent"] > 71
 
 
+def test_inspect_v32_published_sizes():
+    s = json.loads(_cli("inspect", "deepseek-v3.2", "--json").stdout)
+    assert s["architecture"]["sparse_attention"] == {"index_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+    p, c = s["parameters"], s["cache_bytes_per_token"]
+    assert p["indexer"] == 61 * (64 * 128 * 1536 + 128 * 7168 + 2 * 128 + 64 * 7168)
+    assert round((p["total"] + p["mtp"]) / 1e9) == 685  # the published "685B" (MTP layer included)
+    assert c["index_keys"] == 128 * 61 * 2 and c["index_keys_fp8"] == (128 + 4) * 61
+    assert "sparse attention (DeepSeek-V3.2)" in _cli("inspect", "deepseek-v3.2").stdout
+    assert json.loads(_cli("inspect", "deepseek-v3", "--json").stdout)["architecture"]["sparse_attention"] is None
+
+
+def test_generate_v32_with_mtp_speculation(tiny_v32):
+    """make-tiny --config tiny-v32 builds the published FP8 layout; generate speculates with MTP past
+    index_topk and prints the plain greedy tokens."""
+    base = ["generate", tiny_v32, "--token-ids", "3", "17", "42", "7", "--max-new-tokens", "12"]
+    plain = _cli(*base).stdout
+    assert _cli(*base, "--speculative", "mtp").stdout == plain
+    assert _cli(*base, "--speculative", "mtp", "--fp8-cache").returncode == 0
+
+
 def test_demo_runs():
     proc = _cli("demo", "--new-tokens", "4")
     out = proc.stdout

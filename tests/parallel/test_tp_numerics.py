@@ -23,7 +23,8 @@ W8A8_TOL = 0.1  # a flipped e4m3 activation rounding; W8A8 vs dequantized weight
 W8A8_MIN_EXACT_ROWS = 0.9  # share of (batch, position) rows within TOL under W8A8
 # (checkpoint fixture, world size, attn, weights): bf16 at 2 and 4 ranks (V3 and V2-style); FP8 at 2
 # ranks (blocks allow no more) kept FP8 (W8A8, and weight-only: "auto" on a CPU) and dequantized at
-# load; and tiny FP8, whose 2-way split cuts 128-blocks, dequantized at load (covering scale blocks).
+# load; tiny FP8, whose 2-way split cuts 128-blocks, dequantized at load (covering scale blocks); and
+# tiny V3.2 (index_topk 5 of 12 positions) the same way.
 CASES = [
     ("tiny_bf16", 2, "absorb", "auto"),
     ("tiny_bf16", 2, "naive", "auto"),
@@ -37,6 +38,8 @@ CASES = [
     ("tp_fp8", 2, "naive", "bf16"),
     ("tiny_fp8", 2, "absorb", "bf16"),
     ("tiny_fp8", 2, "naive", "bf16"),
+    ("tiny_v32", 2, "absorb", "bf16"),  # DeepSeek-V3.2: the indexer is replicated, heads split
+    ("tiny_v32", 2, "auto", "bf16"),
 ]
 KEYS = ("logits", "mtp", "step_logits")
 
