@@ -352,7 +352,7 @@ class MLA(nn.Module):
 
     @staticmethod
     def _softmax(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """scores (B, T, H, S) → probabilities (fp32 softmax) in `dtype`; masked chunks go through _sdpa."""
+        """Scores over the last dim → probabilities (fp32 softmax) in `dtype`; masked chunks go through _sdpa."""
         return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -429,10 +429,12 @@ class MLA(nn.Module):
             k = torch.cat([kv, k_pe], -1).unsqueeze(2)  # (B, S, 1, c+rope); its first c columns are the values
             o_lat = self._sdpa(torch.cat([q_lat, q_pe], -1), k, k, mask)[..., : self.kv_lora_rank]  # (B, T, H, c)
             return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
-        scores = (torch.einsum("bthc,bsc->bths", q_lat, kv)
-                  + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
+        bsz, t, heads, c = q_lat.shape
+        ql = q_lat.reshape(bsz, t * heads, c)  # (B, T·H, c): every query head against the same keys
+        qr = q_pe.reshape(bsz, t * heads, self.rope)  # (B, T·H, rope)
+        scores = torch.baddbmm(torch.bmm(qr, k_pe.transpose(1, 2)), ql, kv.transpose(1, 2)) * self.scale  # (B, T·H, S)
         probs = self._softmax(scores, q_nope.dtype)
-        o_lat = torch.einsum("bths,bsc->bthc", probs, kv)  # (B, T, H, c)
+        o_lat = torch.bmm(probs, kv).view(bsz, t, heads, c)  # (B, T, H, c)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
 
     def _sparse_naive(self, q_nope, q_pe, kv, k_pe, mask, selected) -> torch.Tensor:
@@ -484,12 +486,15 @@ class MLA(nn.Module):
         o_lat = q_lat.new_empty(bsz, t, heads, c)  # (B, T, H, c)
         for lo in range(0, t, step):
             idx = selected[:, lo:lo + step]  # (B, t', K)
-            c_sel, r_sel = _gather_rows(kv, idx), _gather_rows(k_pe, idx)  # (B, t', K, c), (B, t', K, rope)
-            scores = (torch.einsum("bthc,btkc->bthk", q_lat[:, lo:lo + step], c_sel)
-                      + torch.einsum("bthr,btkr->bthk", q_pe[:, lo:lo + step], r_sel)) * self.scale  # (B, t', H, K)
-            scores = scores.masked_fill((idx < 0)[:, :, None, :], float("-inf"))
-            probs = self._softmax(scores, q_lat.dtype)  # (B, t', H, K)
-            o_lat[:, lo:lo + step] = torch.einsum("bthk,btkc->bthc", probs, c_sel)
+            n = idx.shape[0] * idx.shape[1]  # B·t' queries, each with its own K keys: one bmm batch entry each
+            c_sel = _gather_rows(kv, idx).view(n, k, c)  # (B·t', K, c)
+            r_sel = _gather_rows(k_pe, idx).view(n, k, self.rope)  # (B·t', K, rope)
+            ql = q_lat[:, lo:lo + step].reshape(n, heads, c)  # (B·t', H, c)
+            qr = q_pe[:, lo:lo + step].reshape(n, heads, self.rope)  # (B·t', H, rope)
+            scores = torch.baddbmm(torch.bmm(qr, r_sel.transpose(1, 2)), ql, c_sel.transpose(1, 2))  # (B·t', H, K)
+            scores = (scores * self.scale).masked_fill((idx < 0).reshape(n, 1, k), float("-inf"))
+            probs = self._softmax(scores, q_lat.dtype)  # (B·t', H, K)
+            o_lat[:, lo:lo + step] = torch.bmm(probs, c_sel).view(*idx.shape[:2], heads, c)  # (B, t', H, c)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
 
 

@@ -76,6 +76,8 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False, dtype=torch.float32,
                                       device=spec.device)
         self.weight_scale = (self.n_heads * self.head_dim) ** -0.5  # head-weight and dot-product scalings
+        rotation = hadamard(self.head_dim, device=spec.device) if is_pow2(self.head_dim) else None
+        self.register_buffer("rotation", rotation, persistent=False)  # FP8 mode's Hadamard matrix (D, D)
 
     def keys(self, x: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
         """Index keys (B, T, D) of the tokens x (B, T, hidden) (after the layer's input norm)."""
@@ -101,8 +103,8 @@ class Indexer(nn.Module):
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """FP8 mode: Hadamard-rotate (power-of-two head_dim) and quantize per row (…, D) with one
         fp32 scale per row → (float8 (…, D), scale (…))."""
-        if is_pow2(self.head_dim):
-            x = x.float() @ hadamard(self.head_dim, device=x.device)  # (…, D) orthogonal rotation
+        if self.rotation is not None:
+            x = x.float() @ self.rotation.float()  # (…, D) orthogonal rotation
         q8, s = ops.act_quant(x, self.head_dim, self.scale_fmt, backend=self.backend)  # (…, D), (…, 1)
         return q8, s.squeeze(-1)
 

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from deepseek_model.kernels import reference
-from deepseek_model.kernels.mla_decode import CACHE_DTYPES, MAX_SPLITS, _is_pow2, _mla_combine_kernel
+from deepseek_model.kernels.mla_decode import (CACHE_DTYPES, MAX_SPLITS, _is_pow2, _mla_combine_kernel, attend_tile,
+                                               finish_split, start_heads)
 
 # Indexer logits (published: H = 64 heads, D = 128, S up to 128k keys).
 INDEX_BLOCK_S = 128  # keys per program: the dot is [BLOCK_H, D] x [D, 128], a full wgmma N
@@ -110,13 +111,9 @@ def _sparse_mla_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, idx_ptr, o_ptr, lse
     end = tl.minimum(start + chunk, K)
     offs_c = tl.arange(0, C)
     offs_r = tl.arange(0, R)
-    q_lat = tl.load(ql_ptr + b * stride_qlb + heads[:, None] * stride_qlh + offs_c[None, :],
-                    mask=mask_h[:, None], other=0.0).to(tl.float32)  # (BH, C)
-    q_rope = tl.load(qr_ptr + b * stride_qrb + heads[:, None] * stride_qrh + offs_r[None, :],
-                     mask=mask_h[:, None], other=0.0).to(tl.float32)  # (BH, R)
-    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, C), dtype=tl.float32)
+    q_lat, q_rope, m_i, l_i, acc = start_heads(ql_ptr + b * stride_qlb + heads[:, None] * stride_qlh + offs_c[None, :],
+                                               qr_ptr + b * stride_qrb + heads[:, None] * stride_qrh + offs_r[None, :],
+                                               mask_h, BLOCK_H, C)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)  # (BN,) index slots
         pos = tl.load(idx_ptr + b * stride_ib + offs_n, mask=offs_n < end, other=-1).to(tl.int64)  # (BN,)
@@ -125,19 +122,8 @@ def _sparse_mla_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, idx_ptr, o_ptr, lse
                     mask=valid[:, None], other=0.0).to(tl.float32)  # (BN, C) gathered rows
         kr = tl.load(kr_ptr + b * stride_krb + pos[:, None] * stride_krs + offs_r[None, :],
                      mask=valid[:, None], other=0.0).to(tl.float32)  # (BN, R)
-        s = tl.dot(q_lat, tl.trans(c), input_precision="ieee")  # (BH, BN)
-        s = (s + tl.dot(q_rope, tl.trans(kr), input_precision="ieee")) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # a tile of only -1 slots keeps -inf: no NaN
-        alpha = tl.exp(m_i - m_use)  # 0 while m_i = -inf
-        p = tl.exp(s - m_use[:, None])  # (BH, BN), 0 on skipped slots
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, c, input_precision="ieee")  # (BH, C)
-        m_i = m_new
-    nonempty = l_i > 0
-    o = tl.where(nonempty[:, None], tl.math.div_rn(acc, tl.where(nonempty, l_i, 1.0)[:, None]), 0.0)
-    lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        m_i, l_i, acc = attend_tile(q_lat, q_rope, c, kr, valid, scale, m_i, l_i, acc)
+    o, lse = finish_split(acc, l_i, m_i)
     tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_c[None, :],
              o, mask=mask_h[:, None])
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)

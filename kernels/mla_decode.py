@@ -57,13 +57,9 @@ def _mla_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, start_ptr, o_ptr,
     end = tl.minimum(start + chunk, seqlen)
     offs_c = tl.arange(0, C)
     offs_r = tl.arange(0, R)
-    q_lat = tl.load(ql_ptr + b * stride_qlb + heads[:, None] * stride_qlh + offs_c[None, :],
-                    mask=mask_h[:, None], other=0.0).to(tl.float32)  # (BH, C)
-    q_rope = tl.load(qr_ptr + b * stride_qrb + heads[:, None] * stride_qrh + offs_r[None, :],
-                     mask=mask_h[:, None], other=0.0).to(tl.float32)  # (BH, R)
-    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, C), dtype=tl.float32)
+    q_lat, q_rope, m_i, l_i, acc = start_heads(ql_ptr + b * stride_qlb + heads[:, None] * stride_qlh + offs_c[None, :],
+                                               qr_ptr + b * stride_qrb + heads[:, None] * stride_qrh + offs_r[None, :],
+                                               mask_h, BLOCK_H, C)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)  # (BN,)
         mask_n = offs_n < end
@@ -71,21 +67,54 @@ def _mla_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, start_ptr, o_ptr,
                     mask=mask_n[:, None], other=0.0).to(tl.float32)  # (BN, C)
         kr = tl.load(kr_ptr + b * stride_krb + offs_n[:, None] * stride_krs + offs_r[None, :],
                      mask=mask_n[:, None], other=0.0).to(tl.float32)  # (BN, R)
-        s = tl.dot(q_lat, tl.trans(c), input_precision="ieee")  # (BH, BN)
-        s = (s + tl.dot(q_rope, tl.trans(kr), input_precision="ieee")) * scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)  # m_i = -inf on the first step: alpha = 0
-        p = tl.exp(s - m_new[:, None])  # (BH, BN)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, c, input_precision="ieee")  # (BH, C)
-        m_i = m_new
-    nonempty = l_i > 0
-    o = tl.where(nonempty[:, None], tl.math.div_rn(acc, tl.where(nonempty, l_i, 1.0)[:, None]), 0.0)
-    lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        m_i, l_i, acc = attend_tile(q_lat, q_rope, c, kr, mask_n, scale, m_i, l_i, acc)
+    o, lse = finish_split(acc, l_i, m_i)
     tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_c[None, :],
              o, mask=mask_h[:, None])
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def start_heads(ql_ptrs, qr_ptrs, mask_h, BLOCK_H: tl.constexpr, C: tl.constexpr):
+    """A program's queries and empty softmax state: q_lat (BH, C) and q_rope (BH, R) loaded at
+    ql_ptrs / qr_ptrs as fp32 (heads past H read 0), running max -inf, sum 0, output 0."""
+    q_lat = tl.load(ql_ptrs, mask=mask_h[:, None], other=0.0).to(tl.float32)  # (BH, C)
+    q_rope = tl.load(qr_ptrs, mask=mask_h[:, None], other=0.0).to(tl.float32)  # (BH, R)
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, C), dtype=tl.float32)
+    return q_lat, q_rope, m_i, l_i, acc
+
+
+@triton.jit
+def attend_tile(q_lat, q_rope, c, kr, valid, scale, m_i, l_i, acc):
+    """One online-softmax step of BLOCK_H heads over a tile of BLOCK_N keys (shared by the dense and
+    the sparse decode kernels).
+
+    q_lat (BH, C), q_rope (BH, R), c (BN, C) latents (keys and values), kr (BN, R) rope keys, all
+    fp32; valid (BN,) which tile rows are keys; running max m_i (BH,), sum l_i (BH,), output acc
+    (BH, C). Returns the updated (m_i, l_i, acc). A tile without a valid key changes nothing.
+    """
+    s = tl.dot(q_lat, tl.trans(c), input_precision="ieee")  # (BH, BN)
+    s = (s + tl.dot(q_rope, tl.trans(kr), input_precision="ieee")) * scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # still -inf after keyless tiles: no NaN
+    alpha = tl.exp(m_i - m_use)  # 0 while m_i = -inf
+    p = tl.exp(s - m_use[:, None])  # (BH, BN), 0 off the valid rows
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p, c, input_precision="ieee")  # (BH, C)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def finish_split(acc, l_i, m_i):
+    """A split's normalised output acc / l_i (BH, C) and its log-sum-exp (BH,); a split that saw no
+    key gives zeros and -inf."""
+    nonempty = l_i > 0
+    o = tl.where(nonempty[:, None], tl.math.div_rn(acc, tl.where(nonempty, l_i, 1.0)[:, None]), 0.0)
+    lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    return o, lse
 
 
 @triton.jit
