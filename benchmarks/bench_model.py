@@ -13,7 +13,12 @@ Reported as ratios against the peer measured in the same run:
 - the fp8 latent cache (logit error and bytes) and a torch.compile'd decode step (identical tokens,
   speed-up; if compile fails on this box, the error is reported instead);
 - weight-only FP8 (`weights="fp8"`, what "auto" runs on a CPU) vs the same FP8 checkpoint dequantized
-  at load: decode tokens/s as a ratio, and the weight bytes of each.
+  at load: decode tokens/s as a ratio, and the weight bytes of each;
+- DeepSeek-V3.2 sparse attention vs dense: the `small` config with a lightning indexer (index_topk
+  SPARSE_TOPK) against the same weights run as V3 (indexer dropped, every token attended), at
+  contexts of 4x (and 8x) index_topk, batch 1: prefill, a decode step of the whole model, and a
+  decode step of one layer's attention alone (indexer + selection + attention vs dense attention),
+  as ratios (goal: sparse faster).
 Writes results.json, results.md and results.png (matplotlib Agg) into --out.
 
 Usage: python -m deepseek_model.benchmarks.bench_model [--quick] [--out DIR] [--threads N]
@@ -58,6 +63,12 @@ COMPILE_TOKENS = 16
 FP8_CACHE_TOKENS = 64
 MAX_ERROR_CHARS = 300
 V3_CONFIG = "deepseek-v3"
+SPARSE_TOPK = 1024  # the V3.2 comparison's index_topk (published: 2048 of up to 163,840 positions)
+SPARSE_INDEX = {"index_n_heads": 8, "index_head_dim": 64}  # published: 64 x 128
+SPARSE_CONTEXTS = (4096, 8192)  # 4 and 8 x SPARSE_TOPK
+QUICK_SPARSE_CONTEXTS = (4096,)
+SPARSE_DECODE_STEPS = 16  # decode steps are short: more of them per trial keep the ratio steady
+SPARSE_LAYER = 1  # the layer whose attention is also timed alone
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -70,6 +81,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="both models' dtype (fp32 default: this CPU's bf16 GEMV is ~3x slower than fp32)")
     p.add_argument("--contexts", type=int, nargs="*", default=None, help="context lengths (overrides the defaults)")
     p.add_argument("--batches", type=int, nargs="*", default=None, help="batch sizes (overrides the defaults)")
+    p.add_argument("--sparse-contexts", type=int, nargs="*", default=None,
+                   help=f"contexts of the V3.2 sparse-vs-dense comparison (index_topk {SPARSE_TOPK}; default "
+                        f"{' '.join(map(str, SPARSE_CONTEXTS))}, --quick {' '.join(map(str, QUICK_SPARSE_CONTEXTS))})")
     p.add_argument("--attn", choices=["auto", "absorb", "naive"], default="auto",
                    help="our attention mode (auto: naive math for prefill chunks, absorbed decode)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile decode comparison")
@@ -78,7 +92,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         p.error("--threads: expected a positive integer")
-    for name in ("contexts", "batches"):
+    for name in ("contexts", "batches", "sparse_contexts"):
         vals = getattr(args, name)
         if vals is not None and (not vals or min(vals) < 1):
             p.error(f"--{name}: expected positive integers")
@@ -246,6 +260,79 @@ def _batch_invariant_cost(path: str, model, args: argparse.Namespace, dtype: tor
     return out
 
 
+def _decode_step_seconds(model, cache, ctx: int, tok: torch.Tensor, steps: int) -> float:
+    """Mean seconds of `steps` one-token steps at position ctx (each rewrites that slot: equal work)."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model(tok, ctx, cache)
+    return (time.perf_counter() - t0) / steps
+
+
+def _attention_seconds(model, cache, ctx: int, gen: torch.Generator, steps: int) -> float:
+    """Mean seconds of one decode step of layer SPARSE_LAYER's attention alone (the indexer, its
+    selection and the attention itself; dense: the attention), over a cache of ctx positions."""
+    from deepseek_model.rope import rotary_table  # noqa: PLC0415
+
+    attn = model.layers[SPARSE_LAYER].attn
+    x = torch.randn(1, 1, model.cfg.hidden_size, generator=gen).to(model.spec.dtype)  # (1, 1, hidden)
+    rotary = rotary_table(model.inv_freq, ctx, 1, model.rope_magnitude)  # (1, rope/2)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        attn(x, ctx, rotary, None, cache.layers[SPARSE_LAYER])
+    return (time.perf_counter() - t0) / steps
+
+
+def _sparse_vs_dense(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen: torch.Generator,
+                     trials: int) -> list[dict]:
+    """V3.2 (indexer + top-SPARSE_TOPK sparse MLA) vs the same weights as V3 (dense MLA), batch 1, per
+    context (all >= 4 x index_topk): prefill once per model (the long prefills make repeats costly),
+    then alternating trials of decode steps from that cache, of the whole model and of one layer's
+    attention alone; medians of the trials, ratios dense time / sparse time."""
+    from deepseek_model.checkpoint.reader import CheckpointReader  # noqa: PLC0415
+    from deepseek_model.checkpoint.writer import write_checkpoint  # noqa: PLC0415
+    from deepseek_model.config import builtin_config_dict  # noqa: PLC0415
+
+    v32 = dict(builtin_config_dict("small"), model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"],
+               index_topk=SPARSE_TOPK, **SPARSE_INDEX)
+    sparse_path = make_tiny_checkpoint(os.path.join(tmp, "v32"), v32, fp8=False, seed=args.seed, mtp=False)
+    reader = CheckpointReader(sparse_path)
+    dense_cfg = {k: v for k, v in reader.config().items() if not k.startswith("index_")}
+    dense_cfg.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
+    dense_path = write_checkpoint(os.path.join(tmp, "v3"), {n: reader.get(n) for n in reader.names()
+                                                           if ".indexer." not in n}, dense_cfg)
+    models = {"sparse": from_pretrained(sparse_path, dtype=dtype, mtp=False, attn=args.attn),
+              "dense": from_pretrained(dense_path, dtype=dtype, mtp=False, attn=args.attn)}
+    rows = []
+    for ctx in args.sparse_contexts or (QUICK_SPARSE_CONTEXTS if args.quick else SPARSE_CONTEXTS):
+        ids = torch.randint(0, v32["vocab_size"], (1, ctx), generator=gen)
+        tok = ids[:, :1]
+        caches, prefill = {}, {}
+        for name, model in models.items():
+            caches[name] = model.new_cache()
+            t0 = time.perf_counter()
+            model.head(model.hidden(ids, 0, caches[name])[:, -1])  # as generation prefills: last logits only
+            prefill[name] = time.perf_counter() - t0
+            _decode_step_seconds(model, caches[name], ctx, tok, 1)  # warm-up
+        step = {name: [] for name in models}
+        attn = {name: [] for name in models}
+        for _ in range(trials):
+            for name, model in models.items():
+                step[name].append(_decode_step_seconds(model, caches[name], ctx, tok, SPARSE_DECODE_STEPS))
+                attn[name].append(_attention_seconds(model, caches[name], ctx, gen, SPARSE_DECODE_STEPS))
+        med = {name: (statistics.median(step[name]), statistics.median(attn[name])) for name in models}
+        row = {"context": ctx, "batch": 1, "index_topk": SPARSE_TOPK, "prefill_s": prefill,
+               "decode_step_s": {n: m[0] for n, m in med.items()}, "attention_step_s": {n: m[1] for n, m in med.items()},
+               "prefill_ratio": prefill["dense"] / prefill["sparse"],
+               "decode_ratio": med["dense"][0] / med["sparse"][0], "attention_ratio": med["dense"][1] / med["sparse"][1]}
+        rows.append(row)
+        print(f"V3.2 sparse vs V3 dense (ctx {ctx}, top {SPARSE_TOPK}, B 1): prefill {prefill['sparse']:.1f} vs "
+              f"{prefill['dense']:.1f} s ({row['prefill_ratio']:.2f}x), decode step {med['sparse'][0] * 1e3:.1f} vs "
+              f"{med['dense'][0] * 1e3:.1f} ms ({row['decode_ratio']:.2f}x), one layer's attention "
+              f"{med['sparse'][1] * 1e3:.2f} vs {med['dense'][1] * 1e3:.2f} ms ({row['attention_ratio']:.2f}x)",
+              flush=True)
+    return rows
+
+
 def _load_hf(path: str, dtype: torch.dtype):
     import transformers  # noqa: PLC0415 (optional peer)
 
@@ -324,6 +411,13 @@ def _table(report: dict) -> str:
               f"- weight-only FP8 (weights=\"fp8\", dequantized per GEMM) vs dequantized at load, decode: "
               f"{report['weight_only_fp8']}",
               f"- batch-invariant mode vs default, decode: {report['batch_invariant']}",
+              *[f"- DeepSeek-V3.2 sparse attention (index_topk {r['index_topk']}) vs the same weights as V3, context "
+                f"{r['context']}, batch 1 (ratios: dense time / sparse time): prefill {r['prefill_s']['sparse']:.1f} vs "
+                f"{r['prefill_s']['dense']:.1f} s ({r['prefill_ratio']:.2f}x), decode step "
+                f"{r['decode_step_s']['sparse'] * 1e3:.1f} vs {r['decode_step_s']['dense'] * 1e3:.1f} ms "
+                f"({r['decode_ratio']:.2f}x), one layer's attention {r['attention_step_s']['sparse'] * 1e3:.2f} vs "
+                f"{r['attention_step_s']['dense'] * 1e3:.2f} ms ({r['attention_ratio']:.2f}x)"
+                for r in report["sparse_attention"]],
               f"- same weights check (logits max diff vs transformers): {report.get('hf_logit_max_diff')}"]
     return "\n".join(lines) + "\n"
 
@@ -448,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             report["fp8_cache"] = _fp8_cache_error(ours_model, gen)
             report["weight_only_fp8"] = _weight_only_fp8(tmp, args, dtype, gen, steps, trials)
             report["batch_invariant"] = _batch_invariant_cost(path, ours_model, args, dtype, gen, steps, trials)
+            report["sparse_attention"] = _sparse_vs_dense(tmp, args, dtype, gen, trials)
         report["compile"] = {"skipped": True} if args.no_compile else _compile_check(ours_model, list(range(1, 65)))
     for k, v in report["goals"].items():
         print(f"goal: {k}: {v}")
