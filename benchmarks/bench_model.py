@@ -292,8 +292,10 @@ def _sparse_vs_dense(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen
     from deepseek_model.checkpoint.writer import write_checkpoint  # noqa: PLC0415
     from deepseek_model.config import builtin_config_dict  # noqa: PLC0415
 
-    v32 = dict(builtin_config_dict("small"), model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"],
-               index_topk=SPARSE_TOPK, **SPARSE_INDEX)
+    contexts = args.sparse_contexts or (QUICK_SPARSE_CONTEXTS if args.quick else SPARSE_CONTEXTS)
+    small = builtin_config_dict("small")
+    v32 = dict(small, model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"], index_topk=SPARSE_TOPK,
+               max_position_embeddings=max(small["max_position_embeddings"], max(contexts) + 1), **SPARSE_INDEX)
     sparse_path = make_tiny_checkpoint(os.path.join(tmp, "v32"), v32, fp8=False, seed=args.seed, mtp=False)
     reader = CheckpointReader(sparse_path)
     dense_cfg = {k: v for k, v in reader.config().items() if not k.startswith("index_")}
@@ -303,7 +305,7 @@ def _sparse_vs_dense(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen
     models = {"sparse": from_pretrained(sparse_path, dtype=dtype, mtp=False, attn=args.attn),
               "dense": from_pretrained(dense_path, dtype=dtype, mtp=False, attn=args.attn)}
     rows = []
-    for ctx in args.sparse_contexts or (QUICK_SPARSE_CONTEXTS if args.quick else SPARSE_CONTEXTS):
+    for ctx in contexts:
         ids = torch.randint(0, v32["vocab_size"], (1, ctx), generator=gen)
         tok = ids[:, :1]
         caches, prefill = {}, {}
