@@ -63,10 +63,10 @@ COMPILE_TOKENS = 16
 FP8_CACHE_TOKENS = 64
 MAX_ERROR_CHARS = 300
 V3_CONFIG = "deepseek-v3"
-SPARSE_TOPK = 1024  # the V3.2 comparison's index_topk (published: 2048 of up to 163,840 positions)
+SPARSE_TOPK = 2048  # the V3.2 comparison's index_topk: the published value (of up to 163,840 positions)
 SPARSE_INDEX = {"index_n_heads": 8, "index_head_dim": 64}  # published: 64 x 128
-SPARSE_CONTEXTS = (4096, 8192)  # 4 and 8 x SPARSE_TOPK
-QUICK_SPARSE_CONTEXTS = (4096,)
+SPARSE_CONTEXTS = (8192, 16384)  # 4 and 8 x SPARSE_TOPK
+QUICK_SPARSE_CONTEXTS = (8192,)
 SPARSE_DECODE_STEPS = 16  # decode steps are short: more of them per trial keep the ratio steady
 SPARSE_LAYER = 1  # the layer whose attention is also timed alone
 

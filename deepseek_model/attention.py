@@ -29,7 +29,8 @@ ATTN_MODES = ("absorb", "naive", "auto")  # auto: naive for multi-token chunks (
 GROWTH = 2  # the cache grows geometrically: amortised O(1) copies per token
 FP8_SCALE_MIN = 1e-12  # keeps the per-token scale of an all-zero latent finite
 SPARSE_PREFILL_CHUNK = 256  # queries per masked-attention call of a sparse prefill (causal key cut per chunk)
-GATHER_BYTES = 64 << 20  # sparse attention gathers the selected latents of this many bytes of queries at once
+GATHER_BYTES = 64 << 20
+INDEX_SCORE_BYTES = 64 << 20  # a long prefill scores this many bytes of (query, key) index logits at once  # sparse attention gathers the selected latents of this many bytes of queries at once
 
 
 def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -276,6 +277,28 @@ class MLA(nn.Module):
             return cache.index.update(start_pos, *self.indexer.quantize(keys))  # (B, S, D) fp8, (B, S)
         return cache.index.update(start_pos, keys, None)
 
+    def _select_chunked(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor | None,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+        """Top-k selection of a chunk's queries q (B, T, Hi, Di) against keys (B, S, Di), in query
+        blocks of INDEX_SCORE_BYTES of scores, each over the keys up to its last query only (the
+        causal rest cannot be selected): bounded memory and half the work of a long prefill.
+        Returns (B, T, index_topk), -1 = none."""
+        bsz, t = q.shape[:2]
+        s, topk = keys.shape[1], self.indexer.topk
+        first = s - t  # query i sits at slot first + i
+        step = max(1, INDEX_SCORE_BYTES // (4 * bsz * s))
+        if step >= t:
+            return self.indexer.select(self.indexer.scores(q, w, keys, key_scale, mask))  # (B, T, K)
+        out = torch.full((bsz, t, topk), -1, dtype=torch.int64, device=q.device)  # (B, T, K)
+        for lo in range(0, t, step):
+            hi = min(t, lo + step)
+            end = first + hi  # keys a later slot holds are hidden from every query of this block
+            part = None if mask is None else (mask[lo:hi, :end] if mask.dim() == 2 else mask[:, :, lo:hi, :end])
+            scale = None if key_scale is None else key_scale[:, :end]
+            chosen = self.indexer.select(self.indexer.scores(q[:, lo:hi], w[:, lo:hi], keys[:, :end], scale, part))
+            out[:, lo:hi, topk - chosen.shape[-1]:] = chosen  # (B, t', K'): K' = min(K, end)
+        return out
+
     def _selection(self, q_latent: torch.Tensor, x: torch.Tensor, rotary: torch.Tensor, keys: torch.Tensor,
                    key_scale: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
         """(B, T, index_topk) selected key positions per query (ascending, -1 = none), or None when
@@ -284,7 +307,7 @@ class MLA(nn.Module):
             return None
         q, w = self.indexer.queries(q_latent, x, rotary)  # (B, T, Hi, Di), (B, T, Hi)
         if not self.batch_invariant:
-            return self.indexer.select(self.indexer.scores(q, w, keys, key_scale, mask))  # (B, T, K)
+            return self._select_chunked(q, w, keys, key_scale, mask)  # (B, T, K)
         # batch-invariant: each query scores exactly its visible keys, alone
         bsz, t = q.shape[:2]
         out = torch.full((bsz, t, self.indexer.topk), -1, dtype=torch.int64, device=q.device)  # (B, T, K)

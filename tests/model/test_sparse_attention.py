@@ -241,3 +241,15 @@ def test_selection_breaks_boundary_ties_toward_the_later_token(model):
     assert got[1] == [0, 1, 3, 4, 5]
     assert got[2] == [-1, -1, 0, 1, 2]
     assert ix.select(scores[:, 1:2])[0, 0].sort().values.tolist() == [0, 1, 3, 4, 5]  # unordered: same set
+
+
+def test_long_prefill_scores_in_causal_query_blocks(model, ids, monkeypatch):
+    """Index scores of a long prefill go in query blocks over the keys up to each block's end:
+    the same selection, so the same logits as one block."""
+    from deepseek_model import attention  # noqa: PLC0415
+
+    with torch.no_grad():
+        whole = model(ids)
+        monkeypatch.setattr(attention, "INDEX_SCORE_BYTES", 4 * ids.shape[0] * ids.shape[1] * 3)  # 3 queries a block
+        blocks = model(ids)
+    assert (blocks - whole).abs().max() <= 1e-6 * whole.abs().max()
