@@ -253,3 +253,32 @@ def test_long_prefill_scores_in_causal_query_blocks(model, ids, monkeypatch):
         monkeypatch.setattr(attention, "INDEX_SCORE_BYTES", 4 * ids.shape[0] * ids.shape[1] * 3)  # 3 queries a block
         blocks = model(ids)
     assert (blocks - whole).abs().max() <= 1e-6 * whole.abs().max()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter on CPU")
+@pytest.mark.parametrize("index_fp8", [False, True])
+def test_triton_backend_runs_the_dsa_kernels_and_matches_torch(tiny_v32, monkeypatch, index_fp8):
+    """backend="triton": the indexer scores with ops.index_logits and decode steps attend with
+    ops.sparse_mla_decode (both Triton); cached greedy decoding past index_topk matches torch."""
+    pytest.importorskip("triton")
+    from deepseek_model.kernels import ops  # noqa: PLC0415
+
+    calls = []
+    for name in ("index_logits", "sparse_mla_decode"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: calls.append(
+            (_name, ops.resolve_backend(k["backend"]))) or _real(*a, **k))
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for backend in ("torch", "triton"):
+        model = dsm.from_pretrained(tiny_v32, dtype=torch.float32, weights="bf16", backend=backend, mtp=False)
+        cache, steps = model.new_cache(index_fp8=index_fp8), []
+        with torch.no_grad():
+            logits = model(ids, 0, cache)  # 7 > index_topk 5: the prefill selects too
+            steps.append(logits)
+            for pos in range(7, 10):
+                logits = model(logits[:, -1:].argmax(-1), pos, cache)
+                steps.append(logits)
+        out[backend] = torch.cat(steps, 1)
+    assert (out["torch"] - out["triton"]).abs().max() <= 1e-4 * out["torch"].abs().max()
+    assert {("index_logits", "triton"), ("sparse_mla_decode", "triton")} <= set(calls)
