@@ -168,15 +168,22 @@ class _HF:
     name = "transformers"
 
     def __init__(self, model):
+        import inspect  # noqa: PLC0415
+
         self.model = model
+        # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def _cache_of(self, out):
+        return out.cache if self.cache_arg == "cache" else out.past_key_values
 
     def prefill(self, ids: torch.Tensor):
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # as transformers' generate does
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), self._cache_of(out)
 
     def decode(self, tok: torch.Tensor, pos: int, cache):
-        out = self.model(input_ids=tok, past_key_values=cache, use_cache=True)
-        return out.logits[:, -1].float(), out.past_key_values
+        out = self.model(input_ids=tok, use_cache=True, **{self.cache_arg: cache})
+        return out.logits[:, -1].float(), self._cache_of(out)
 
     @staticmethod
     def cache_bytes(cache, bsz: int, tokens: int) -> float:
