@@ -19,6 +19,11 @@ def test_bench_model_smallest(tmp_path, capsys):
     assert (tmp_path / "results.md").read_text().startswith("# bench_model")
     assert (tmp_path / "results.png").stat().st_size > 0
     row = report["rows"][0]
+    assert report["gemm_GFLOPs"] > 0 and row["prefill_floor_s"] > 0
+    cfg16 = ModelConfig.builtin("small")
+    want = 16 * bench_model.prefill_flops_per_token(cfg16, 16) / (report["gemm_GFLOPs"] * 1e9)
+    assert abs(row["prefill_floor_s"] - want) <= 1e-9 * want  # the chunk's FLOPs at the measured GEMM rate
+    assert abs(row["prefill_floor_ratio"] - 16 / row["ours"]["prefill_tok_s"] / want) <= 1e-6 * row["prefill_floor_ratio"]
     assert row["ours"]["decode_tok_s"] > 0 and row["hf"]["decode_tok_s"] > 0 and row["decode_ratio"] > 0
     cfg = ModelConfig.builtin("small")
     latent = cfg.latent_dim * 4 * cfg.num_hidden_layers  # fp32
