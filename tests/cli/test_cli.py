@@ -133,12 +133,24 @@ def _cli_limited(*args, limit_as: int | None = None):
                           text=True, timeout=300, preexec_fn=limit)
 
 
-def test_a_build_beyond_memory_is_refused_before_allocating(tmp_path):
-    proc = _cli_limited("make-tiny", tmp_path / "v3", "--config", "deepseek-v3", limit_as=8_000_000_000)
+@pytest.mark.parametrize("config, fp8, gib", [("deepseek-v3", False, "2804.9"), ("deepseek-v3.2", True, "1412.8")])
+def test_a_build_beyond_memory_is_refused_before_allocating(tmp_path, config, fp8, gib):
+    out = tmp_path / config
+    proc = _cli_limited("make-tiny", out, "--config", config, *(["--fp8"] if fp8 else []), limit_as=8_000_000_000)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith(f"error: building the checkpoint in {tmp_path / 'v3'} needs about 2804.9 GiB, but only")
-    assert not (tmp_path / "v3").exists()
+    assert line.startswith(f"error: building the checkpoint in {out} needs about {gib} GiB, but only")
+    assert not out.exists()
+
+
+def test_v32_runs_under_an_address_space_limit(tiny_v32, tmp_path):
+    """generate, inspect and fp8-to-bf16 on a V3.2 checkpoint with the address space capped at 8 GB."""
+    limit = 8_000_000_000
+    gen = _cli_limited("generate", tiny_v32, "--token-ids", "1", "2", "3", "--max-new-tokens", "4", limit_as=limit)
+    assert gen.returncode == 0 and len(gen.stdout.split()) == 4, gen.stderr
+    assert _cli_limited("inspect", tiny_v32, limit_as=limit).returncode == 0
+    conv = _cli_limited("convert", "fp8-to-bf16", tiny_v32, tmp_path / "bf16", "-q", limit_as=limit)
+    assert conv.returncode == 0, conv.stderr
 
 
 def test_loading_under_an_address_space_limit_is_refused_with_the_estimate(tmp_path, monkeypatch):
