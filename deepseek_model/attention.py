@@ -398,13 +398,25 @@ class MLA(nn.Module):
                                                  scale=self.scale)  # (B, H, T, D)
         return out.transpose(1, 2)[..., :dv]  # (B, T, H, Dv)
 
-    def _naive(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
+    def _naive(self, q_nope, q_pe, kv, k_pe, mask, causal_chunk: int | None = None) -> torch.Tensor:
+        """Per-head keys/values expanded from the latents; a masked multi-token chunk runs fused
+        attention, in query blocks of `causal_chunk` over the keys up to each block's last query
+        when given (the chunk's queries are the last T slots). Returns (B, T, H, v)."""
         bsz, s, _ = kv.shape
         kvb = self.wkv_b(kv).view(bsz, s, self.n_heads, self.nope + self.v_dim)  # (B, S, H, nope+v)
         k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)  # (B, S, H, nope), (B, S, H, v)
         if mask is not None:  # multi-token chunk: fused attention
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(bsz, s, self.n_heads, self.rope)], -1)  # (B, S, H, nope+rope)
-            return self._sdpa(torch.cat([q_nope, q_pe], -1), k, v, mask)  # (B, T, H, v)
+            q = torch.cat([q_nope, q_pe], -1)  # (B, T, H, nope+rope)
+            if causal_chunk is None:
+                return self._sdpa(q, k, v, mask)  # (B, T, H, v)
+            t = q.shape[1]
+            out = q_nope.new_empty(bsz, t, self.n_heads, self.v_dim)  # (B, T, H, v)
+            for lo in range(0, t, causal_chunk):  # keys past a block's last query (slot s - t + hi - 1) are skipped
+                hi = min(t, lo + causal_chunk)
+                end = s - t + hi
+                out[:, lo:hi] = self._sdpa(q[:, lo:hi], k[:, :end], v[:, :end], mask[..., lo:hi, :end])
+            return out
         scores = (torch.einsum("bthd,bshd->bths", q_nope, k_nope)
                   + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
         probs = self._softmax(scores, q_nope.dtype)
@@ -464,25 +476,13 @@ class MLA(nn.Module):
         """Naive MLA over the selected keys: a one-token step expands only its K gathered latents;
         a multi-token chunk masks every key it did not select, SPARSE_PREFILL_CHUNK queries at a
         time over the keys up to the chunk's last query. Returns (B, T, H, v)."""
-        bsz, t = q_nope.shape[:2]
-        if t == 1:
+        if q_nope.shape[1] == 1:
             idx = selected[:, 0]  # (B, K)
             kv_sel, pe_sel = _gather_rows(kv, idx[:, None])[:, 0], _gather_rows(k_pe, idx[:, None])[:, 0]  # (B, K, ·)
             hide = torch.zeros(idx.shape, dtype=q_nope.dtype, device=kv.device).masked_fill_(idx < 0, float("-inf"))
             return self._naive(q_nope, q_pe, kv_sel, pe_sel, hide[:, None, None, :] if bool((idx < 0).any()) else None)
-        s = kv.shape[1]
-        kvb = self.wkv_b(kv).view(bsz, s, self.n_heads, self.nope + self.v_dim)  # (B, S, H, nope+v)
-        k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)  # (B, S, H, nope), (B, S, H, v)
-        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(bsz, s, self.n_heads, self.rope)], -1)  # (B, S, H, nope+rope)
-        q = torch.cat([q_nope, q_pe], -1)  # (B, T, H, nope+rope)
-        mask = _selection_mask(mask, selected, s, q_nope.dtype)  # (B, 1, T, S)
-        first = s - t  # query i sits at slot first + i and never sees a later slot
-        out = q_nope.new_empty(bsz, t, self.n_heads, self.v_dim)  # (B, T, H, v)
-        for lo in range(0, t, SPARSE_PREFILL_CHUNK):  # causal chunks: keys past a chunk's last query are skipped
-            hi = min(t, lo + SPARSE_PREFILL_CHUNK)
-            end = first + hi
-            out[:, lo:hi] = self._sdpa(q[:, lo:hi], k[:, :end], v[:, :end], mask[:, :, lo:hi, :end])
-        return out
+        mask = _selection_mask(mask, selected, kv.shape[1], q_nope.dtype)  # (B, 1, T, S)
+        return self._naive(q_nope, q_pe, kv, k_pe, mask, causal_chunk=SPARSE_PREFILL_CHUNK)
 
     def _sparse_absorbed(self, q_nope, q_pe, kv, k_pe, selected) -> torch.Tensor:
         """Absorbed MLA over the selected keys only: each query gathers its K latents (work ∝ K, not

@@ -1,7 +1,6 @@
 """DeepSeek-V3.2 sparse attention inside the model: indexer math, index-key cache, both attention
 paths against a float64 masked reference, FP8 index keys, speculation, batch invariance, errors."""
 
-import json
 import os
 
 import pytest
