@@ -44,7 +44,7 @@ from deepseek_model import plotting
 from deepseek_model.config import ModelConfig
 from deepseek_model.generate import generate
 from deepseek_model.loading import from_pretrained
-from deepseek_model.testing import make_tiny_checkpoint
+from deepseek_model.testing import make_tiny_checkpoint, write_dense_twin
 
 DEFAULT_OUT = "bench_out/model"
 CONTEXTS = (128, 512, 1024, 2048)
@@ -326,8 +326,6 @@ def _sparse_vs_dense(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen
     context (all >= 4 x index_topk): prefill once per model (the long prefills make repeats costly),
     then alternating trials of decode steps from that cache, of the whole model and of one layer's
     attention alone; medians of the trials, ratios dense time / sparse time."""
-    from deepseek_model.checkpoint.reader import CheckpointReader  # noqa: PLC0415
-    from deepseek_model.checkpoint.writer import write_checkpoint  # noqa: PLC0415
     from deepseek_model.config import builtin_config_dict  # noqa: PLC0415
 
     contexts = args.sparse_contexts or (QUICK_SPARSE_CONTEXTS if args.quick else SPARSE_CONTEXTS)
@@ -335,11 +333,7 @@ def _sparse_vs_dense(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen
     v32 = dict(small, model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"], index_topk=SPARSE_TOPK,
                max_position_embeddings=max(small["max_position_embeddings"], max(contexts) + 1), **SPARSE_INDEX)
     sparse_path = make_tiny_checkpoint(os.path.join(tmp, "v32"), v32, fp8=False, seed=args.seed, mtp=False)
-    reader = CheckpointReader(sparse_path)
-    dense_cfg = {k: v for k, v in reader.config().items() if not k.startswith("index_")}
-    dense_cfg.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
-    dense_path = write_checkpoint(os.path.join(tmp, "v3"), {n: reader.get(n) for n in reader.names()
-                                                           if ".indexer." not in n}, dense_cfg)
+    dense_path = write_dense_twin(sparse_path, os.path.join(tmp, "v3"))
     models = {"sparse": from_pretrained(sparse_path, dtype=dtype, mtp=False, attn=args.attn),
               "dense": from_pretrained(dense_path, dtype=dtype, mtp=False, attn=args.attn)}
     rows = []

@@ -28,6 +28,7 @@ from deepseek_model.tokenizer import (ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USE
                                       write_tokenizer_config)
 
 TINY_TOKENIZER_VOCAB = 512  # the tiny tokenizer never exceeds this, even for larger-vocab configs
+INDEXER_PREFIX = "self_attn.indexer."  # the DeepSeek-V3.2 indexer's tensor families (see checkpoint/schema.py)
 ROUTER_BIAS_RANGE = 0.25  # biases drawn from U(-r, r): both signs, large enough to change routing
 # The tiny tokenizer: DeepSeek's special tokens at the config's bos (0) / eos (1) ids, then the 256
 # byte-level symbols, then BPE merges learned from TOKENIZER_CORPUS up to the vocabulary size.
@@ -222,3 +223,21 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, config: str | dict | ModelC
         write_tiny_tokenizer(path, min(cfg.vocab_size, TINY_TOKENIZER_VOCAB), cfg.bos_token_id, cfg.eos_token_id,
                              cfg.max_position_embeddings)
     return path
+
+
+def write_dense_twin(src: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+    """The weights of DeepSeek-V3.2 checkpoint `src` as a DeepSeek-V3 checkpoint in `out_dir`: the
+    indexer tensors dropped, the config without its index fields, model_type deepseek_v3 and the
+    routing spelled out (V3.2 configs may leave it implicit). Returns out_dir."""
+    from deepseek_model.checkpoint.reader import CheckpointReader  # noqa: PLC0415
+
+    reader = CheckpointReader(src)
+    cfg = ModelConfig.from_dict(reader.config(), source=str(src))
+    d = {k: v for k, v in reader.config().items() if not k.startswith("index_") and k != "layer_types"}
+    d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], scoring_func=cfg.scoring_func,
+             topk_method=cfg.topk_method, norm_topk_prob=cfg.norm_topk_prob)
+    def indexer(name: str) -> bool:
+        found = schema.match(name, cfg.num_hidden_layers)
+        return found is not None and found.family.hf.startswith(INDEXER_PREFIX)
+
+    return write_checkpoint(out_dir, {n: reader.get(n) for n in reader.names() if not indexer(n)}, d)

@@ -14,7 +14,7 @@ import torch
 
 import deepseek_model as dsm
 from deepseek_model.checkpoint.reader import CheckpointReader
-from deepseek_model.checkpoint.writer import write_checkpoint
+from deepseek_model.testing import write_dense_twin
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "DeepseekV32ForCausalLM"):
@@ -110,15 +110,7 @@ def test_topk_decides_the_logits_and_covering_topk_is_v3(v32_bf16, ids, referenc
     assert _logit_diff(dense, theirs_wide) <= TOL
 
     # the same weights as a DeepSeek-V3 checkpoint: no indexer tensors, model_type deepseek_v3
-    reader = CheckpointReader(v32_bf16)
-    tensors = {n: reader.get(n) for n in reader.names() if ".indexer." not in n}
-    with open(os.path.join(v32_bf16, "config.json")) as f:
-        d = json.load(f)
-    for key in ("index_topk", "index_n_heads", "index_head_dim", "layer_types"):
-        d.pop(key, None)
-    d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], scoring_func="sigmoid",
-             topk_method="noaux_tc", norm_topk_prob=True)
-    v3 = write_checkpoint(str(tmp_path / "v3"), tensors, d)
+    v3 = write_dense_twin(v32_bf16, str(tmp_path / "v3"))
     with torch.no_grad():
         as_v3 = dsm.from_pretrained(v3, dtype=torch.float32)(ids)
     assert torch.equal(dense, as_v3)
