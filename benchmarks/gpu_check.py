@@ -91,7 +91,7 @@ MLA_BOUND = 1e-4  # fp32 math with IEEE dots: only summation order and exp diffe
 INDEX_ACC_BOUND = 2.0 ** -8
 EXACT = "bit-exact"
 
-# Triton kernel (a @triton.jit function launched from kernels/) -> the correctness op that launches it
+# Triton kernel (a @triton.jit function launched from kernels/) -> the correctness ops that launch it
 KERNELS = (
     ("_act_quant_kernel", "act_quant"),
     ("_weight_dequant_kernel", "weight_dequant"),
@@ -102,7 +102,7 @@ KERNELS = (
     ("_mla_split_kernel", "mla_decode"),
     ("_mla_combine_kernel", "mla_decode"),
     ("_index_logits_kernel", "index_logits"),
-    ("_sparse_mla_split_kernel", "sparse_mla_decode"),
+    ("_mla_split_kernel", "sparse_mla_decode"),  # its SPARSE form
 )
 # device-name substring -> paper peaks; names with a NOT_LISTED marker have other peaks
 DEVICE_PEAKS = (("H200", roofline.H200), ("H100", roofline.H100_SXM))
@@ -838,66 +838,67 @@ def _dequant_bytes(n: int, k: int, out_bytes: int) -> float:
 
 
 def _bandwidth_perf(run: Run, kernels: ModuleType) -> list[dict]:
+    """Timings of the memory-bound kernels (and the fused MoE), one row per planned case."""
     gen = run.gen(7)
-    rows = []
-    for m, k in run.plan.act_quant_perf:
-        if run.budget.out(f"act_quant timing M={m} K={k}"):
-            continue
+    rows: list[dict] = []
+
+    def case(op: str, name: str, make: Callable[[], tuple]) -> None:
+        # make() builds the inputs and returns (call, bytes moved[, flops, peak]); skipped once the budget is out
+        if run.budget.out(f"{op} timing {name}"):
+            return
+        fn, *figures = make()
+        row = {"op": op, "case": name}
+        _timed(run, row, "triton", fn, *figures)
+        rows.append(row)
+
+    def act_quant(m: int, k: int) -> tuple:
         x = _activations(m, k, gen, torch.bfloat16)
-        row = {"op": "act_quant", "case": f"bf16 [{m}, {k}]"}
-        _timed(run, row, "triton", lambda: kernels.act_quant(x, BLOCK, None), roofline.act_quant_bytes(m, k))
-        rows.append(row)
-    for n, k in run.plan.dequant_perf:
-        if run.budget.out(f"weight_dequant timing {n}x{k}"):
-            continue
+        return lambda: kernels.act_quant(x, BLOCK, None), roofline.act_quant_bytes(m, k)
+
+    def dequant(n: int, k: int) -> tuple:
         q, s = reference.weight_quant(_randn((n, k), gen) * 0.02)
-        row = {"op": "weight_dequant", "case": f"[{n}, {k}] -> bf16"}
-        _timed(run, row, "triton", lambda: kernels.weight_dequant(q, s, BLOCK, torch.bfloat16),
-               _dequant_bytes(n, k, roofline.BF16_BYTES))
-        rows.append(row)
-    shape = run.plan.moe
-    for tokens in run.plan.moe_perf_tokens:
-        if run.budget.out(f"fused_moe timing T={tokens}"):
-            continue
+        return lambda: kernels.weight_dequant(q, s, BLOCK, torch.bfloat16), _dequant_bytes(n, k, roofline.BF16_BYTES)
+
+    shape, mla, index = run.plan.moe, run.plan.mla, run.plan.index
+
+    def moe(tokens: int) -> tuple:
         weights = _moe_weights(run)
         x, tw, ids = _moe_tokens(shape, tokens, gen)
-        row = {"op": "fused_moe", "case": _moe_name(shape, tokens)}
-        _timed(run, row, "triton", lambda: kernels.fused_moe(x, tw, ids, *weights, BLOCK),
-               roofline.moe_bytes(tokens, shape.topk, shape.experts, shape.hidden, shape.inter),
-               roofline.moe_flops(tokens, shape.topk, shape.hidden, shape.inter), "fp8")
-        rows.append(row)
-    mla = run.plan.mla
-    for batch, seq in run.plan.mla_perf:
-        if run.budget.out(f"mla_decode timing B={batch} S={seq}"):
-            continue
+        return (lambda: kernels.fused_moe(x, tw, ids, *weights, BLOCK),
+                roofline.moe_bytes(tokens, shape.topk, shape.experts, shape.hidden, shape.inter),
+                roofline.moe_flops(tokens, shape.topk, shape.hidden, shape.inter), "fp8")
+
+    def mla_decode(batch: int, seq: int) -> tuple:
         q, cache = _mla_inputs(mla, batch, seq, torch.bfloat16, gen)
         args = _mla_args(mla, q, cache, torch.full((batch,), seq, dtype=torch.int32, device=run.device))
-        row = {"op": "mla_decode", "case": _mla_name(mla, batch, seq, torch.bfloat16)}
-        _timed(run, row, "triton", lambda: kernels.mla_decode(*args),
-               roofline.mla_decode_bytes(batch, seq, mla.heads, mla.rank + mla.rope, mla.rank))
-        rows.append(row)
-    index = run.plan.index
-    for c in run.plan.index_perf:
-        name = _index_name(index, c)
-        if run.budget.out(f"index_logits timing {name}"):
-            continue
+        return (lambda: kernels.mla_decode(*args),
+                roofline.mla_decode_bytes(batch, seq, mla.heads, mla.rank + mla.rope, mla.rank))
+
+    def index_logits(c) -> tuple:
         args = _index_inputs(index, c, gen)
-        row = {"op": "index_logits", "case": name}
-        _timed(run, row, "triton", lambda: kernels.index_logits(*args),
-               roofline.index_logits_bytes(c.batch, c.tokens, c.keys, index.heads, index.dim),
-               roofline.index_logits_flops(c.batch, c.tokens, c.keys, index.heads, index.dim), "fp8")
-        rows.append(row)
-    for c in run.plan.sparse_perf:
-        name = _sparse_name(mla, c)
-        if run.budget.out(f"sparse_mla_decode timing {name}"):
-            continue
+        return (lambda: kernels.index_logits(*args),
+                roofline.index_logits_bytes(c.batch, c.tokens, c.keys, index.heads, index.dim),
+                roofline.index_logits_flops(c.batch, c.tokens, c.keys, index.heads, index.dim), "fp8")
+
+    def sparse_decode(c) -> tuple:
         args = _sparse_args(mla, c, gen)
-        row = {"op": "sparse_mla_decode", "case": name}
-        _timed(run, row, "triton", lambda: kernels.sparse_mla_decode(*args, num_splits=c.splits),
-               roofline.sparse_mla_decode_bytes(c.batch, c.topk, c.heads, mla.rank + mla.rope, mla.rank,
-                                                cache_bytes=c.dtype.itemsize, index_bytes=args[4].element_size(),
-                                                q_bytes=c.dtype.itemsize))
-        rows.append(row)
+        return (lambda: kernels.sparse_mla_decode(*args, num_splits=c.splits),
+                roofline.sparse_mla_decode_bytes(c.batch, c.topk, c.heads, mla.rank + mla.rope, mla.rank,
+                                                 cache_bytes=c.dtype.itemsize, index_bytes=args[4].element_size(),
+                                                 q_bytes=c.dtype.itemsize))
+
+    for m, k in run.plan.act_quant_perf:
+        case("act_quant", f"bf16 [{m}, {k}]", lambda m=m, k=k: act_quant(m, k))
+    for n, k in run.plan.dequant_perf:
+        case("weight_dequant", f"[{n}, {k}] -> bf16", lambda n=n, k=k: dequant(n, k))
+    for tokens in run.plan.moe_perf_tokens:
+        case("fused_moe", _moe_name(shape, tokens), lambda t=tokens: moe(t))
+    for batch, seq in run.plan.mla_perf:
+        case("mla_decode", _mla_name(mla, batch, seq, torch.bfloat16), lambda b=batch, s=seq: mla_decode(b, s))
+    for c in run.plan.index_perf:
+        case("index_logits", _index_name(index, c), lambda c=c: index_logits(c))
+    for c in run.plan.sparse_perf:
+        case("sparse_mla_decode", _sparse_name(mla, c), lambda c=c: sparse_decode(c))
     return rows
 
 
@@ -1050,7 +1051,8 @@ def _start(args: argparse.Namespace) -> Run:
                    "act_quant": EXACT, "weight_dequant": EXACT, "fp8_gemm fp32 out": GEMM_ACC_BOUND,
                    "fp8_gemm bf16 out": GEMM_ACC_BOUND + BF16_OUT_BOUND, "fused_moe": MOE_BOUND,
                    "mla_decode": MLA_BOUND, "index_logits": INDEX_ACC_BOUND, "sparse_mla_decode": MLA_BOUND},
-        "kernels": dict(KERNELS), "correctness": [], "gemm": [], "bandwidth": [], "tune": None,
+        "kernels": {k: ", ".join(op for name, op in KERNELS if name == k) for k, _ in KERNELS},
+        "correctness": [], "gemm": [], "bandwidth": [], "tune": None,
         "legend": LEGEND,
     }
     return Run(plan=SMOKE_PLAN if args.smoke else GPU_PLAN, device=device, timer=timer, peak=peak,

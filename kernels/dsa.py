@@ -6,12 +6,11 @@ or fp16 × fp16 as loaded, accumulated in fp32; any other mix is upcast to fp32 
 dot), applies ReLU, weights the heads and sums them. Every product of two fp8 (or two fp16) values
 is exact in fp32, so the result equals reference.index_logits to fp32 summation round-off.
 
-`_sparse_mla_split_kernel` is absorbed-MLA decode (see mla_decode.py) over the cache rows a query
-selected: each program gathers BLOCK_N rows at a time by index, runs an online softmax over its
-share of the K indices (-1 entries are skipped), and writes a normalised partial output and its
-log-sum-exp; mla_decode's `_mla_combine_kernel` merges the splits. Math is fp32 throughout, as in
-mla_decode (cache loads upcast, IEEE fp32 dots), so it matches reference.sparse_mla_decode to fp32
-round-off.
+`sparse_mla_decode` is absorbed-MLA decode over the cache rows a query selected: mla_decode's
+split kernel in its SPARSE form, where each program gathers BLOCK_N rows at a time by index, runs
+an online softmax over its share of the K indices (-1 entries are skipped) and writes a normalised
+partial output and its log-sum-exp, which `_mla_combine_kernel` merges. Math is fp32 throughout
+(cache loads upcast, IEEE fp32 dots), so it matches reference.sparse_mla_decode to fp32 round-off.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ import triton
 import triton.language as tl
 
 from deepseek_model.kernels import reference
-from deepseek_model.kernels.mla_decode import (CACHE_DTYPES, MAX_SPLITS, _is_pow2, _mla_combine_kernel, attend_tile,
-                                               finish_split, start_heads)
+from deepseek_model.kernels.mla_decode import MAX_SPLITS, check_operands, run_splits
 
 # Indexer logits (published: H = 64 heads, D = 128, S up to 128k keys).
 INDEX_BLOCK_S = 128  # keys per program: the dot is [BLOCK_H, D] x [D, 128], a full wgmma N
@@ -35,9 +33,6 @@ MIN_BLOCK_D = 32  # fp8 tensor-core dots need a reduction of at least 32; extra 
 NATIVE_DOT_DTYPES = (reference.FP8_DTYPE, torch.float16)
 
 # Sparse MLA decode (published: C = 512, R = 64, H = 128 or 128 / TP, K = 2048 selected keys).
-SPARSE_BLOCK_H = 16  # heads per program (tl.dot rows; H / TP = 16 at TP 8 is one block)
-SPARSE_BLOCK_N = 16  # gathered cache rows per step: fp32 [16, 576] tiles, as mla_decode (sm_89 smem)
-SPARSE_NUM_STAGES = 2  # pipelined index + row loads
 KEYS_PER_SPLIT = 128  # default split: K = 2048 → 16 splits, enough programs for one sequence
 
 
@@ -82,51 +77,6 @@ def _index_logits_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, w_ptr, out_ptr, T, H, S, 
     if K_SCALED:
         logits = logits * tl.load(ks_ptr + b * stride_ksb + offs_s, mask=mask_s, other=0.0)
     tl.store(out_ptr + b * stride_ob + t * stride_ot + offs_s, logits, mask=mask_s)
-
-
-@triton.jit
-def _sparse_mla_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, idx_ptr, o_ptr, lse_ptr, H, K, scale,
-                             stride_qlb, stride_qlh, stride_qrb, stride_qrh,
-                             stride_kvb, stride_kvs, stride_krb, stride_krs, stride_ib,
-                             stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                             C: tl.constexpr, R: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online softmax of BLOCK_H heads over one split of one sequence's selected cache rows.
-
-    Pointers (unit stride on the last dimension everywhere):
-        ql_ptr: [B, H, C] q_lat; qr_ptr: [B, H, R] q_rope (any float dtype).
-        kv_ptr: [B, S, C] latent cache; kr_ptr: [B, S, R] rope keys (views of one cache are fine).
-        idx_ptr: [B, K] int row positions in [0, S), -1 = no key.
-        o_ptr: [B, H, NUM_SPLITS, C] fp32 partial outputs (softmax-normalised within the split).
-        lse_ptr: [B, H, NUM_SPLITS] fp32 log-sum-exp of the split's scaled scores (-inf if no key).
-    Grid: (B, cdiv(H, BLOCK_H), NUM_SPLITS); split j covers index slots
-    [j·chunk, (j+1)·chunk) ∩ [0, K), chunk = cdiv(cdiv(K, NUM_SPLITS), BLOCK_N)·BLOCK_N.
-    """
-    b = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,)
-    split = tl.program_id(2)
-    mask_h = heads < H
-    chunk = tl.cdiv(tl.cdiv(K, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, K)
-    offs_c = tl.arange(0, C)
-    offs_r = tl.arange(0, R)
-    q_lat, q_rope, m_i, l_i, acc = start_heads(ql_ptr + b * stride_qlb + heads[:, None] * stride_qlh + offs_c[None, :],
-                                               qr_ptr + b * stride_qrb + heads[:, None] * stride_qrh + offs_r[None, :],
-                                               mask_h, BLOCK_H, C)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)  # (BN,) index slots
-        pos = tl.load(idx_ptr + b * stride_ib + offs_n, mask=offs_n < end, other=-1).to(tl.int64)  # (BN,)
-        valid = pos >= 0
-        c = tl.load(kv_ptr + b * stride_kvb + pos[:, None] * stride_kvs + offs_c[None, :],
-                    mask=valid[:, None], other=0.0).to(tl.float32)  # (BN, C) gathered rows
-        kr = tl.load(kr_ptr + b * stride_krb + pos[:, None] * stride_krs + offs_r[None, :],
-                     mask=valid[:, None], other=0.0).to(tl.float32)  # (BN, R)
-        m_i, l_i, acc = attend_tile(q_lat, q_rope, c, kr, valid, scale, m_i, l_i, acc)
-    o, lse = finish_split(acc, l_i, m_i)
-    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_c[None, :],
-             o, mask=mask_h[:, None])
-    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
 def index_block_sizes(heads: int, dim: int) -> tuple[int, int]:
@@ -193,34 +143,6 @@ def sparse_mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tenso
         o_lat [B, H, C] fp32.
     """
     reference.check_sparse_mla_inputs(q_lat, q_rope, kv, k_rope, indices)
-    b, h, c = q_lat.shape
-    r = q_rope.shape[2]
-    k = indices.shape[1]
-    if not (_is_pow2(c) and _is_pow2(r)):
-        raise ValueError(f"q_lat/q_rope: C={c} and R={r} must be powers of two")
-    for name, t in (("q_lat", q_lat), ("q_rope", q_rope), ("kv", kv), ("k_rope", k_rope)):
-        if t.dtype not in CACHE_DTYPES:
-            raise ValueError(f"{name}: expected one of {CACHE_DTYPES}, got {t.dtype}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name}: the last dimension must be contiguous")
-    splits = num_splits if num_splits is not None else default_sparse_splits(k)
-    if splits < 1:
-        raise ValueError(f"num_splits: expected >= 1, got {splits}")
-    out = torch.empty((b, h, c), dtype=torch.float32, device=q_lat.device)  # (B, H, C)
-    if b == 0 or h == 0:
-        return out
-    idx = indices.to(device=q_lat.device).contiguous()  # (B, K), int32 or int64 as given
-    o_part = torch.empty((b, h, splits, c), dtype=torch.float32, device=q_lat.device)  # (B, H, S, C)
-    lse = torch.empty((b, h, splits), dtype=torch.float32, device=q_lat.device)  # (B, H, S)
-    _sparse_mla_split_kernel[(b, triton.cdiv(h, SPARSE_BLOCK_H), splits)](
-        q_lat, q_rope, kv, k_rope, idx, o_part, lse, h, k, float(scale),
-        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
-        kv.stride(0), kv.stride(1), k_rope.stride(0), k_rope.stride(1), idx.stride(0),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        C=c, R=r, NUM_SPLITS=splits, BLOCK_H=SPARSE_BLOCK_H, BLOCK_N=SPARSE_BLOCK_N,
-        num_stages=SPARSE_NUM_STAGES)
-    _mla_combine_kernel[(b, h)](
-        o_part, lse, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        C=c, NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits))
-    return out
+    check_operands(q_lat, q_rope, kv, k_rope)
+    splits = num_splits if num_splits is not None else default_sparse_splits(indices.shape[1])
+    return run_splits(q_lat, q_rope, kv, k_rope, scale, splits, indices=indices)

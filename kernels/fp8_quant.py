@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepseek_model.constants import is_pow2
 from deepseek_model.kernels import reference
 from deepseek_model.kernels.rounding import ACT_AMAX_FLOOR, E4M3_MAX, bf16_bits, e4m3_code, ue8m0
 
@@ -23,8 +24,12 @@ FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 DEQUANT_OUTPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and (v & (v - 1)) == 0
+@triton.jit
+def program_tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [M, K] tile of program (pid 0, pid 1): its row and column indices and the in-bounds mask."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    return rows, cols, (rows[:, None] < M) & (cols[None, :] < K)
 
 
 @triton.jit
@@ -41,11 +46,8 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, M, K,
     Grid: (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); program (pm, pk) owns rows pm·BLOCK_M.. and the
     K block pk. s = max(amax, 1e-4) / 448 (optionally rounded up to a power of two), y = x / s.
     """
-    pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    rows, cols, mask = program_tile(M, K, BLOCK_M, BLOCK_K)  # (BLOCK_M,), (BLOCK_K,), (BLOCK_M, BLOCK_K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)  # upcast right after the load (interpreter bf16 math is unreliable)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), ACT_AMAX_FLOOR)  # (BLOCK_M,)
@@ -77,7 +79,7 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = 
         raise ValueError(f"x: expected one of {FLOAT_INPUTS}, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}")
-    if not _is_pow2(block_size) or block_size < 32:
+    if not is_pow2(block_size) or block_size < 32:
         raise ValueError(f"block_size: expected a power of two >= 32, got {block_size}")
     if column_major_scales and x.dim() != 2:
         raise ValueError(f"x: column_major_scales needs a 2-D x, got shape {tuple(x.shape)}")
@@ -117,9 +119,7 @@ def _weight_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, st
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # (B,)
-    cols = pid_k * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # (B,)
-    mask = (rows[:, None] < N) & (cols[None, :] < K)
+    rows, cols, mask = program_tile(N, K, BLOCK_SIZE, BLOCK_SIZE)  # (B,), (B,), (B, B)
     w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0)
     w = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     scale = tl.load(s_ptr + pid_n * stride_sn + pid_k)
@@ -152,7 +152,7 @@ def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK,
         raise ValueError(f"s: expected torch.float32 scales, got {s.dtype}")
     if dtype not in DEQUANT_OUTPUTS:
         raise ValueError(f"dtype: expected one of {DEQUANT_OUTPUTS}, got {dtype}")
-    if not _is_pow2(block_size):
+    if not is_pow2(block_size):
         raise ValueError(f"block_size: expected a power of two, got {block_size}")
     reference.check_weight_scale(w, s, block_size, name="w")
     w = w if w.stride(-1) == 1 else w.contiguous()

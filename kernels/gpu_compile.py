@@ -20,6 +20,7 @@ SM90 = 90
 WARP_SIZE = 32
 SMEM_LIMIT = {89: 99 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
 DIVISIBILITY = 16
+SPARSE_SPLIT = "_mla_split_kernel[SPARSE]"  # the split kernel's DSA form (gathered rows)
 # Integer arguments that are multiples of 16 at every DeepSeek-V3 shape (K, N, 2I, 576-wide cache
 # rows, ...). A real launch gets the same `tt.divisibility=16` specialisation from Triton's JIT for
 # such values and for 16-byte-aligned pointers; without it the build would not vectorise or
@@ -46,12 +47,20 @@ def _i32(*names: str) -> dict[str, str]:
     return {n: "i32" for n in names}
 
 
-def _specs(tile) -> list[tuple[object, dict, dict, dict]]:
-    """(kernel, signature, constexprs, options) at production sizes; unit strides as constexpr 1."""
+def _specs(tile) -> list[tuple]:
+    """(kernel, signature, constexprs, options[, name]) at production sizes; unit strides as constexpr 1.
+    The name defaults to the kernel's; a second build of one kernel (another constexpr form) names itself."""
     from deepseek_model.kernels import dsa, fp8_gemm, fp8_moe, fp8_quant, mla_decode  # noqa: PLC0415
 
     warps = {"num_warps": tile.num_warps, "num_stages": tile.num_stages, "enable_fp_fusion": False}
     gemm_tiles = {"BLOCK_M": tile.BLOCK_M, "BLOCK_N": tile.BLOCK_N, "BLOCK_K": 128, "GROUP_M": tile.GROUP_M}
+    mla_sig = {"ql_ptr": "*bf16", "qr_ptr": "*bf16", "kv_ptr": "*bf16", "kr_ptr": "*bf16", "len_ptr": "*i32",
+               "start_ptr": "*i32", "idx_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "H": "i32", "K": "i32",
+               "scale": "fp32", **_i32("stride_qlb", "stride_qlh", "stride_qrb", "stride_qrh", "stride_kvb",
+                                       "stride_kvs", "stride_krb", "stride_krs", "stride_ib", "stride_ob", "stride_oh",
+                                       "stride_os", "stride_lb", "stride_lh"),
+               "C": "constexpr", "R": "constexpr", "NUM_SPLITS": "constexpr", "SPARSE": "constexpr",
+               "BLOCK_H": "constexpr", "BLOCK_N": "constexpr"}  # dense and sparse (DSA) decode splits
     return [
         (fp8_quant._act_quant_kernel,
          {"x_ptr": "*bf16", "y_ptr": "*u8", "s_ptr": "*fp32", **_i32("M", "K", "stride_xm", "stride_ym",
@@ -88,14 +97,9 @@ def _specs(tile) -> list[tuple[object, dict, dict, dict]]:
                                                                          "stride_s"),
           "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "UE8M0": "constexpr"},
          {"BLOCK_M": fp8_moe.SWIGLU_ROWS, "BLOCK_K": 128, "UE8M0": False}, {}),
-        (mla_decode._mla_split_kernel,
-         {"ql_ptr": "*bf16", "qr_ptr": "*bf16", "kv_ptr": "*bf16", "kr_ptr": "*bf16", "len_ptr": "*i32", "start_ptr": "*i32",
-          "o_ptr": "*fp32", "lse_ptr": "*fp32", "H": "i32", "scale": "fp32",
-          **_i32("stride_qlb", "stride_qlh", "stride_qrb", "stride_qrh", "stride_kvb", "stride_kvs", "stride_krb",
-                 "stride_krs", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh"),
-          "C": "constexpr", "R": "constexpr", "NUM_SPLITS": "constexpr", "BLOCK_H": "constexpr",
-          "BLOCK_N": "constexpr"},
-         {"C": 512, "R": 64, "NUM_SPLITS": 8, "BLOCK_H": mla_decode.BLOCK_H, "BLOCK_N": mla_decode.BLOCK_N},
+        (mla_decode._mla_split_kernel, mla_sig,
+         {"C": 512, "R": 64, "NUM_SPLITS": 8, "SPARSE": False, "BLOCK_H": mla_decode.BLOCK_H,
+          "BLOCK_N": mla_decode.BLOCK_N},
          {"num_stages": mla_decode.NUM_STAGES}),
         (mla_decode._mla_combine_kernel,
          {"o_part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp32",
@@ -112,15 +116,10 @@ def _specs(tile) -> list[tuple[object, dict, dict, dict]]:
          {"Q_SCALED": True, "K_SCALED": True, "NATIVE_DOT": True, "BLOCK_H": 64, "BLOCK_D": 128,
           "BLOCK_S": dsa.INDEX_BLOCK_S},
          {"num_warps": dsa.INDEX_NUM_WARPS}),
-        (dsa._sparse_mla_split_kernel,
-         {"ql_ptr": "*bf16", "qr_ptr": "*bf16", "kv_ptr": "*bf16", "kr_ptr": "*bf16", "idx_ptr": "*i32",
-          "o_ptr": "*fp32", "lse_ptr": "*fp32", "H": "i32", "K": "i32", "scale": "fp32",
-          **_i32("stride_qlb", "stride_qlh", "stride_qrb", "stride_qrh", "stride_kvb", "stride_kvs", "stride_krb",
-                 "stride_krs", "stride_ib", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh"),
-          "C": "constexpr", "R": "constexpr", "NUM_SPLITS": "constexpr", "BLOCK_H": "constexpr",
-          "BLOCK_N": "constexpr"},
-         {"C": 512, "R": 64, "NUM_SPLITS": 16, "BLOCK_H": dsa.SPARSE_BLOCK_H, "BLOCK_N": dsa.SPARSE_BLOCK_N},
-         {"num_stages": dsa.SPARSE_NUM_STAGES}),
+        (mla_decode._mla_split_kernel, mla_sig | {"idx_ptr": "*i32"},
+         {"C": 512, "R": 64, "NUM_SPLITS": 16, "SPARSE": True, "BLOCK_H": mla_decode.BLOCK_H,
+          "BLOCK_N": mla_decode.BLOCK_N},
+         {"num_stages": mla_decode.NUM_STAGES}, SPARSE_SPLIT),
     ]
 
 
@@ -130,7 +129,7 @@ def compile_all(arch: int = SM90, tile=None, names: tuple[str, ...] | None = Non
     Args:
         arch: compute capability × 10 (89 = Ada, 90 = Hopper).
         tile: GEMM TileConfig to build with (default: tiles.json's V3 q_a‖kv_a, M ≤ 16 entry).
-        names: only the kernels with these function names (default: all).
+        names: only the kernels with these names (function names, or SPARSE_SPLIT; default: all).
 
     Returns:
         One CompiledKernel per kernel built.
@@ -147,8 +146,9 @@ def compile_all(arch: int = SM90, tile=None, names: tuple[str, ...] | None = Non
 
     tile = tile if tile is not None else get_tile(2112, 7168, 16)
     out = []
-    for fn, sig, consts, opts in _specs(tile):
-        if names is not None and fn.__name__ not in names:
+    for fn, sig, consts, opts, *label in _specs(tile):
+        name = label[0] if label else fn.__name__
+        if names is not None and name not in names:
             continue
         attrs = {(i,): [["tt.divisibility", DIVISIBILITY]] for i, (arg, ty) in enumerate(sig.items())
                  if ty.startswith("*") or (ty == "i32" and arg in ALIGNED_INTS)}
@@ -156,8 +156,8 @@ def compile_all(arch: int = SM90, tile=None, names: tuple[str, ...] | None = Non
                                 target=GPUTarget("cuda", arch, WARP_SIZE), options=opts)
         shared = int(kernel.metadata.shared)
         if shared > SMEM_LIMIT[arch]:
-            raise ValueError(f"{fn.__name__}: needs {shared} B of shared memory > {SMEM_LIMIT[arch]} on sm_{arch}")
-        out.append(CompiledKernel(fn.__name__, shared, kernel.asm["ptx"]))
+            raise ValueError(f"{name}: needs {shared} B of shared memory > {SMEM_LIMIT[arch]} on sm_{arch}")
+        out.append(CompiledKernel(name, shared, kernel.asm["ptx"]))
     return out
 
 

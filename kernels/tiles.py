@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from deepseek_model.constants import is_pow2
+
 TILES_FILE = Path(__file__).with_name("tiles.json")
 M_BUCKETS = ((16, "m16"), (32, "m32"), (64, "m64"), (128, "m128"))
 LARGE_BUCKET = "large"
@@ -26,14 +28,10 @@ class TileConfig:
 
     BLOCK_M: int
     BLOCK_N: int
-    GROUP_M: int = 1
-    SPLIT_K: int = 1
+    GROUP_M: int = 1  # M tiles per launch-order super-block (L2 reuse of the weight tiles)
+    SPLIT_K: int = 1  # K slices summed by a second kernel (more programs for small M)
     num_warps: int = 4
     num_stages: int = 3
-
-
-def _is_pow2(v: int) -> bool:
-    return v > 0 and (v & (v - 1)) == 0
 
 
 def m_bucket(m: int) -> str:
@@ -116,13 +114,13 @@ def check_tile(cfg: TileConfig, block_k: int) -> None:
     """
     for name in ("BLOCK_M", "BLOCK_N"):
         v = getattr(cfg, name)
-        if not _is_pow2(v) or v < MIN_DOT_DIM:
+        if not is_pow2(v) or v < MIN_DOT_DIM:
             raise ValueError(f"{name}: expected a power of two >= {MIN_DOT_DIM}, got {v}")
-    if not _is_pow2(block_k) or block_k < MIN_FP8_DOT_K:
+    if not is_pow2(block_k) or block_k < MIN_FP8_DOT_K:
         raise ValueError(f"block_k: fp8 tl.dot needs a power-of-two K tile >= {MIN_FP8_DOT_K}, got {block_k}")
     if cfg.GROUP_M < 1 or cfg.SPLIT_K < 1 or cfg.num_stages < 1:
         raise ValueError(f"GROUP_M/SPLIT_K/num_stages: expected >= 1, got {cfg}")
-    if not _is_pow2(cfg.num_warps):
+    if not is_pow2(cfg.num_warps):
         raise ValueError(f"num_warps: expected a power of two, got {cfg.num_warps}")
     smem = cfg.num_stages * (cfg.BLOCK_M + cfg.BLOCK_N) * block_k * FP8_BYTES
     if smem > SMEM_BYTES:

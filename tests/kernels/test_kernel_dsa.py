@@ -238,7 +238,7 @@ import json
 from deepseek_model.kernels.gpu_compile import compile_all
 out = {}
 for arch in (89, 90):
-    for k in compile_all(arch, names=("_index_logits_kernel", "_sparse_mla_split_kernel")):
+    for k in compile_all(arch, names=("_index_logits_kernel", "_mla_split_kernel[SPARSE]")):
         mma = sorted({l.split()[0] for l in k.ptx.splitlines() if "mma" in l and not l.strip().startswith("//")})
         out[f"{arch}/{k.name}"] = {"shared": k.shared_bytes, "mma": mma, "cp_async": k.ptx.count("cp.async")}
 print("JSON" + json.dumps(out))
@@ -257,4 +257,4 @@ def test_dsa_kernels_build_for_ada_and_hopper():
     assert any("e4m3.e4m3" in m for m in builds["89/_index_logits_kernel"]["mma"])  # mma.sync e4m3
     assert any("wgmma.mma_async" in m and "e4m3.e4m3" in m for m in builds["90/_index_logits_kernel"]["mma"])
     for arch in (89, 90):
-        assert builds[f"{arch}/_sparse_mla_split_kernel"]["cp_async"] > 0  # gathered rows are prefetched
+        assert builds[f"{arch}/_mla_split_kernel[SPARSE]"]["cp_async"] > 0  # gathered rows are prefetched
