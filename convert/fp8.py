@@ -43,20 +43,6 @@ def dequant_band(q: torch.Tensor, s: torch.Tensor, block: int = BLOCK, dtype: to
     return weight_dequant(q, s, block, dtype)
 
 
-def quant_band(w: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a band of rows whose first row starts a block (the published per-block formula).
-
-    Args:
-        w: [R, K] float rows.
-        block: b.
-        scale_fmt: None or "ue8m0".
-
-    Returns:
-        (q, s): q float8_e4m3fn [R, K]; s fp32 [ceil(R/b), ceil(K/b)].
-    """
-    return weight_quant(w, block, scale_fmt)
-
-
 def block_size_of(config: dict[str, Any], source: str) -> int:
     """The square FP8 block size of a config's quantization_config (128 without one)."""
     qc = config.get("quantization_config") or {}
@@ -176,7 +162,7 @@ def quant_job(source: SourceReader, name: str, block: int, scale_fmt: str | None
             w = source.read_rows(name, start, stop)  # (stop-start, K)
             if not bool(torch.isfinite(w).all()):
                 raise ConvertError(f"{name}: NaN or infinite values in rows {start}..{stop - 1} (a corrupt checkpoint)")
-            q, s = quant_band(w, block, scale_fmt)
+            q, s = weight_quant(w, block, scale_fmt)  # a band starts a block row: its blocks are the tensor's
             writer.write_rows(name, start, q)
             writer.write_rows(scale, start // block, s)
             advance(w.numel() * w.element_size())

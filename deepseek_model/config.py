@@ -52,7 +52,7 @@ class RopeScaling:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     mscale: float = 1.0
-    mscale_all_dim: float = 0.0
+    mscale_all_dim: float = 0.0  # 0: no attention-temperature correction of the softmax scale
 
 
 @dataclass(frozen=True)
@@ -85,18 +85,18 @@ class ModelConfig:
     num_experts_per_tok: int
     n_group: int = 1
     topk_group: int = 1
-    topk_method: str = "noaux_tc"
+    topk_method: str = "noaux_tc"  # V3 (bias-corrected groups); V2: "greedy" / "group_limited_greedy"
     scoring_func: str = "sigmoid"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
-    first_k_dense_replace: int = 0
+    first_k_dense_replace: int = 0  # leading layers with a dense MLP instead of MoE
     moe_layer_freq: int = 1
-    num_nextn_predict_layers: int = 0
+    num_nextn_predict_layers: int = 0  # MTP layers stored after the main stack
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
     rope_scaling: RopeScaling | None = None
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool = False  # must stay False: DeepSeek heads are separate tensors
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     torch_dtype: str = "bfloat16"

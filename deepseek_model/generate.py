@@ -33,29 +33,18 @@ class NonFiniteLogits(ValueError):
 
 @dataclass
 class GenerationStats:
-    """Counters of one generate() call.
+    """Counters of one generate() call."""
 
-    Attributes:
-        new_tokens: tokens generated over all sequences.
-        main_forwards: forwards of the main model (prefill included), summed over sequences for
-            speculative decoding (which runs one sequence at a time) and counted once per batched
-            step otherwise.
-        token_forwards: sum over sequences of the main forwards each took part in.
-        drafted: MTP draft tokens proposed to the verifier.
-        accepted: drafts the verifier accepted.
-        prefill_seconds: wall time of the prefill forwards.
-        decode_seconds: wall time of everything after the prefill.
-        peak_cache_bytes: largest latent-cache size reached.
-    """
-
-    new_tokens: int = 0
+    new_tokens: int = 0  # tokens generated over all sequences
+    # forwards of the main model (prefill included), summed over sequences for speculative decoding (which
+    # runs one sequence at a time) and counted once per batched step otherwise
     main_forwards: int = 0
-    token_forwards: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    peak_cache_bytes: int = 0
+    token_forwards: int = 0  # sum over sequences of the main forwards each took part in
+    drafted: int = 0  # MTP draft tokens proposed to the verifier
+    accepted: int = 0  # drafts the verifier accepted
+    prefill_seconds: float = 0.0  # wall time of the prefill forwards
+    decode_seconds: float = 0.0  # wall time of everything after the prefill
+    peak_cache_bytes: int = 0  # largest latent-cache size reached
 
     @property
     def acceptance_rate(self) -> float:

@@ -333,41 +333,23 @@ class Corpus(Protocol):
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of `train`.
+    """Hyper-parameters of `train`."""
 
-    Attributes:
-        steps: optimizer steps.
-        batch_size: sequences per micro-batch.
-        seq_len: tokens per sequence.
-        micro_batches: micro-batches accumulated per step.
-        lr: peak learning rate (linear warm-up, cosine decay to lr·MIN_LR_RATIO).
-        warmup: warm-up steps.
-        weight_decay: AdamW decoupled weight decay (matrices only).
-        grad_clip: max global gradient norm.
-        gamma: bias update speed.
-        recenter: zero-mean bias updates.
-        alpha: sequence-wise balance loss weight.
-        mtp_lambda: MTP loss weight.
-        seed: data seed.
-        log_every: steps between log records.
-        eval_batches: held-out batches for the final evaluation.
-    """
-
-    steps: int = 200
-    batch_size: int = 8
-    seq_len: int = 64
-    micro_batches: int = 1
-    lr: float = LR
-    warmup: int = WARMUP_STEPS
-    weight_decay: float = WEIGHT_DECAY
-    grad_clip: float = GRAD_CLIP
-    gamma: float = GAMMA
-    recenter: bool = False
-    alpha: float = ALPHA
-    mtp_lambda: float = MTP_LAMBDA
-    seed: int = 0
-    log_every: int = 10
-    eval_batches: int = 4
+    steps: int = 200  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch
+    seq_len: int = 64  # tokens per sequence
+    micro_batches: int = 1  # micro-batches accumulated per step
+    lr: float = LR  # peak learning rate (linear warm-up, cosine decay to lr·MIN_LR_RATIO)
+    warmup: int = WARMUP_STEPS  # warm-up steps
+    weight_decay: float = WEIGHT_DECAY  # AdamW decoupled weight decay (matrices only)
+    grad_clip: float = GRAD_CLIP  # max global gradient norm
+    gamma: float = GAMMA  # bias update speed
+    recenter: bool = False  # zero-mean bias updates
+    alpha: float = ALPHA  # sequence-wise balance loss weight
+    mtp_lambda: float = MTP_LAMBDA  # MTP loss weight
+    seed: int = 0  # data seed
+    log_every: int = 10  # steps between log records
+    eval_batches: int = 4  # held-out batches for the final evaluation
 
 
 @dataclass

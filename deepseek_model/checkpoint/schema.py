@@ -94,17 +94,25 @@ def _kv_b_rows(cfg) -> int:
     return cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
 
 
-def _dense(shape: Callable[[Any], tuple[int, ...]]) -> ShapeFn:
-    return lambda cfg, moe: None if moe else shape(cfg)
-
-
 def _moe(shape: Callable[[Any], tuple[int, ...]]) -> ShapeFn:
     return lambda cfg, moe: shape(cfg) if moe else None
 
 
-def _shared(shape: Callable[[Any, int], tuple[int, ...]]) -> ShapeFn:
-    return lambda cfg, moe: shape(cfg, cfg.n_shared_experts * cfg.moe_intermediate_size) if (
-        moe and cfg.n_shared_experts) else None
+def _swiglu(hf: str, internal: str, split_in: str, split_out: str, width: Callable[[Any, bool], int | None],
+            label: str) -> tuple[TensorFamily, ...]:
+    """The three FP8 projections of one SwiGLU MLP: gate and up [width, hidden] split `split_in`, down
+    [hidden, width] split `split_out` (HF's gate/up/down_proj are w1/w3/w2 inside); none in a layer
+    where width(cfg, moe) is None."""
+    def shape(down: bool) -> ShapeFn:
+        def fn(cfg, moe):
+            w = width(cfg, moe)
+            return None if w is None else (cfg.hidden_size, w) if down else (w, cfg.hidden_size)
+        return fn
+
+    projections = (("gate_proj", "w1", split_in, False), ("up_proj", "w3", split_in, False),
+                   ("down_proj", "w2", split_out, True))
+    return tuple(TensorFamily(f"{hf}.{proj}.weight", f"{internal}.{ours}.weight", LAYER, split, True, shape(down), label)
+                 for proj, ours, split, down in projections)
 
 
 def _always(shape: Callable[[Any], tuple[int, ...]]) -> ShapeFn:
@@ -119,8 +127,6 @@ def _families() -> tuple[TensorFamily, ...]:
     q_lora = lambda shape: lambda cfg, moe: None if cfg.q_lora_rank is None else shape(cfg)  # noqa: E731
     indexer = lambda shape: lambda cfg, moe: shape(cfg) if cfg.has_indexer else None  # noqa: E731
     index_dim = indexer(lambda cfg: (cfg.index_head_dim,))
-    dense_w = "intermediate_size (dense MLP)"
-    shared_w = "shared-expert width (n_shared x moe_intermediate)"
     F = TensorFamily
     return (
         F("model.embed_tokens.weight", "embed.weight", PRE, SPLIT_COLUMN, False, vocab_rows, "vocab_size"),
@@ -154,30 +160,19 @@ def _families() -> tuple[TensorFamily, ...]:
         F("self_attn.indexer.weights_proj.weight", "attn.indexer.weights_proj.weight", LAYER, SPLIT_REPLICATED, False,
           indexer(lambda cfg: (cfg.index_n_heads, h(cfg))), keep_fp32=True),
         # ---- dense layers: SwiGLU MLP
-        F("mlp.gate_proj.weight", "ffn.w1.weight", LAYER, SPLIT_COLUMN, True,
-          _dense(lambda cfg: (cfg.intermediate_size, h(cfg))), dense_w),
-        F("mlp.up_proj.weight", "ffn.w3.weight", LAYER, SPLIT_COLUMN, True,
-          _dense(lambda cfg: (cfg.intermediate_size, h(cfg))), dense_w),
-        F("mlp.down_proj.weight", "ffn.w2.weight", LAYER, SPLIT_ROW, True,
-          _dense(lambda cfg: (h(cfg), cfg.intermediate_size)), dense_w),
+        *_swiglu("mlp", "ffn", SPLIT_COLUMN, SPLIT_ROW, lambda cfg, moe: None if moe else cfg.intermediate_size,
+                 "intermediate_size (dense MLP)"),
         # ---- MoE layers: router, routed experts, shared experts
         F("mlp.gate.weight", "ffn.gate.weight", LAYER, SPLIT_REPLICATED, False,
           _moe(lambda cfg: (cfg.n_routed_experts, h(cfg)))),
         F("mlp.gate.e_score_correction_bias", "ffn.gate.bias", LAYER, SPLIT_REPLICATED, False,
           lambda cfg, moe: (cfg.n_routed_experts,) if moe and cfg.topk_method == "noaux_tc" else None,
           keep_fp32=True),
-        F("mlp.experts.{e}.gate_proj.weight", "ffn.experts.{e}.w1.weight", LAYER, SPLIT_EXPERT, True,
-          _moe(lambda cfg: (cfg.moe_intermediate_size, h(cfg))), EXPERTS_LABEL),
-        F("mlp.experts.{e}.up_proj.weight", "ffn.experts.{e}.w3.weight", LAYER, SPLIT_EXPERT, True,
-          _moe(lambda cfg: (cfg.moe_intermediate_size, h(cfg))), EXPERTS_LABEL),
-        F("mlp.experts.{e}.down_proj.weight", "ffn.experts.{e}.w2.weight", LAYER, SPLIT_EXPERT, True,
-          _moe(lambda cfg: (h(cfg), cfg.moe_intermediate_size)), EXPERTS_LABEL),
-        F("mlp.shared_experts.gate_proj.weight", "ffn.shared_experts.w1.weight", LAYER, SPLIT_COLUMN, True,
-          _shared(lambda cfg, w: (w, h(cfg))), shared_w),
-        F("mlp.shared_experts.up_proj.weight", "ffn.shared_experts.w3.weight", LAYER, SPLIT_COLUMN, True,
-          _shared(lambda cfg, w: (w, h(cfg))), shared_w),
-        F("mlp.shared_experts.down_proj.weight", "ffn.shared_experts.w2.weight", LAYER, SPLIT_ROW, True,
-          _shared(lambda cfg, w: (h(cfg), w)), shared_w),
+        *_swiglu(f"mlp.experts.{EXPERT_FIELD}", f"ffn.experts.{EXPERT_FIELD}", SPLIT_EXPERT, SPLIT_EXPERT,
+                 lambda cfg, moe: cfg.moe_intermediate_size if moe else None, EXPERTS_LABEL),
+        *_swiglu("mlp.shared_experts", "ffn.shared_experts", SPLIT_COLUMN, SPLIT_ROW,
+                 lambda cfg, moe: cfg.n_shared_experts * cfg.moe_intermediate_size if moe and cfg.n_shared_experts
+                 else None, "shared-expert width (n_shared x moe_intermediate)"),
         # ---- after the stack
         F("model.norm.weight", "norm.weight", POST, SPLIT_REPLICATED, False, hidden),
         F("lm_head.weight", "head.weight", POST, SPLIT_COLUMN, False, vocab_rows, "vocab_size"),

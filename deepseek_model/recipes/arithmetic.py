@@ -192,54 +192,31 @@ class ArithmeticCorpus:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Hyper-parameters of the recipe (the defaults are the recorded run).
+    """Hyper-parameters of the recipe (the defaults are the recorded run)."""
 
-    Attributes:
-        digits: digits per operand.
-        held_out: held-out problems (never trained on) for pass@1.
-        pretrain_steps: supervised steps (chosen so held-out pass@1 starts between 10 % and 60 %).
-        pretrain_batch: sequences per supervised step.
-        pretrain_lr: peak supervised learning rate.
-        reasoning_fraction: share of supervised examples that show their column sums; the others
-            answer directly after an empty `<think></think>`.
-        grpo_steps: GRPO batches.
-        prompts_per_step: prompts per GRPO batch.
-        group_size: G.
-        inner_steps: μ, updates per batch.
-        temperature: sampling temperature.
-        lr: GRPO learning rate.
-        warmup: GRPO learning-rate warm-up steps.
-        clip_eps: ε.
-        kl_coef: β.
-        gamma: router bias update speed γ (pretraining and GRPO).
-        format_weight: weight of the format reward.
-        control: None, or "shuffled" (rewards permuted within each batch).
-        seed: everything's seed.
-        eval_every: GRPO steps between held-out evaluations.
-        save_every: steps between saved states.
-    """
-
-    digits: int = 2
-    held_out: int = 500
-    pretrain_steps: int = 1000
-    pretrain_batch: int = 32
-    pretrain_lr: float = 3e-3
+    digits: int = 2  # digits per operand
+    held_out: int = 500  # held-out problems (never trained on) for pass@1
+    pretrain_steps: int = 1000  # supervised steps (chosen so held-out pass@1 starts between 10 % and 60 %)
+    pretrain_batch: int = 32  # sequences per supervised step
+    pretrain_lr: float = 3e-3  # peak supervised learning rate
+    # share of supervised examples that show their column sums; the others answer directly after an empty
+    # `<think></think>`
     reasoning_fraction: float = 0.35
-    grpo_steps: int = 60
-    prompts_per_step: int = 16
-    group_size: int = 8
-    inner_steps: int = 2
-    temperature: float = 1.0
-    lr: float = 5e-5
-    warmup: int = 10
-    clip_eps: float = 0.2
-    kl_coef: float = 0.04
-    gamma: float = 1e-3
-    format_weight: float = 0.1
-    control: str | None = None
-    seed: int = 0
-    eval_every: int = 5
-    save_every: int = 20
+    grpo_steps: int = 60  # GRPO batches
+    prompts_per_step: int = 16  # prompts per GRPO batch
+    group_size: int = 8  # G
+    inner_steps: int = 2  # μ, updates per batch
+    temperature: float = 1.0  # sampling temperature
+    lr: float = 5e-5  # GRPO learning rate
+    warmup: int = 10  # GRPO learning-rate warm-up steps
+    clip_eps: float = 0.2  # ε
+    kl_coef: float = 0.04  # β
+    gamma: float = 1e-3  # router bias update speed γ (pretraining and GRPO)
+    format_weight: float = 0.1  # weight of the format reward
+    control: str | None = None  # None, or "shuffled" (rewards permuted within each batch)
+    seed: int = 0  # everything's seed
+    eval_every: int = 5  # GRPO steps between held-out evaluations
+    save_every: int = 20  # steps between saved states
 
     def validate(self) -> None:
         """Raise a RecipeError naming the first bad field."""

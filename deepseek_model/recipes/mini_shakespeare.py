@@ -54,37 +54,21 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class Recipe:
-    """Hyper-parameters of the recipe (the defaults are the shipped run).
+    """Hyper-parameters of the recipe (the defaults are the shipped run)."""
 
-    Attributes:
-        config: built-in architecture name.
-        steps: optimizer steps.
-        batch_size: sequences per step (each the config's full context).
-        lr: peak learning rate.
-        warmup: warm-up steps.
-        gamma: bias update speed γ.
-        alpha: sequence-wise balance loss weight α.
-        mtp_lambda: MTP loss weight λ.
-        seed: initialisation and batch seed.
-        eval_every: steps between held-out evaluations on `eval_windows` windows.
-        eval_windows: windows of the periodic held-out evaluation (the final one uses all).
-        save_every: steps between resumable states.
-        fp8: emulate FP8 GEMMs in training.
-    """
-
-    config: str = RECIPE_NAME
-    steps: int = 1800
-    batch_size: int = 8
-    lr: float = 2e-3
-    warmup: int = 100
-    gamma: float = GAMMA
-    alpha: float = ALPHA
-    mtp_lambda: float = MTP_LAMBDA
-    seed: int = 0
-    eval_every: int = 100
-    eval_windows: int = 32
-    save_every: int = 50
-    fp8: bool = False
+    config: str = RECIPE_NAME  # built-in architecture name
+    steps: int = 1800  # optimizer steps
+    batch_size: int = 8  # sequences per step (each the config's full context)
+    lr: float = 2e-3  # peak learning rate
+    warmup: int = 100  # warm-up steps
+    gamma: float = GAMMA  # bias update speed γ
+    alpha: float = ALPHA  # sequence-wise balance loss weight α
+    mtp_lambda: float = MTP_LAMBDA  # MTP loss weight λ
+    seed: int = 0  # initialisation and batch seed
+    eval_every: int = 100  # steps between held-out evaluations on `eval_windows` windows
+    eval_windows: int = 32  # windows of the periodic held-out evaluation (the final one uses all)
+    save_every: int = 50  # steps between resumable states
+    fp8: bool = False  # emulate FP8 GEMMs in training
 
     def train_config(self, seq_len: int) -> TrainConfig:
         """The TrainConfig of one step."""

@@ -40,35 +40,20 @@ SAMPLE_STRIDE = 1_000_003  # output k of step s samples with seed · SAMPLE_STRI
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """Hyper-parameters of the GRPO loop.
+    """Hyper-parameters of the GRPO loop."""
 
-    Attributes:
-        group_size: G, outputs sampled per prompt (>= 2).
-        max_new_tokens: longest output.
-        temperature: sampling temperature τ (> 0).
-        inner_steps: μ, optimizer steps on each sampled batch (the ratio moves away from 1 after the first).
-        clip_eps: ε of the ratio clip.
-        kl_coef: β of the KL penalty.
-        lr: AdamW learning rate (constant after the warm-up).
-        warmup: steps of linear learning-rate warm-up (fresh Adam moments are noisy).
-        weight_decay: AdamW weight decay on matrices.
-        grad_clip: max global gradient norm.
-        gamma: router bias update speed γ (0: statistics only).
-        control: None, or "shuffled" (rewards permuted within each batch: the control run).
-    """
-
-    group_size: int = 8
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    inner_steps: int = 2
-    clip_eps: float = CLIP_EPS
-    kl_coef: float = KL_COEF
-    lr: float = 1e-3
-    warmup: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    gamma: float = GAMMA
-    control: str | None = None
+    group_size: int = 8  # G, outputs sampled per prompt (>= 2)
+    max_new_tokens: int = 32  # longest output
+    temperature: float = 1.0  # sampling temperature τ (> 0)
+    inner_steps: int = 2  # μ, optimizer steps on each sampled batch (the ratio moves away from 1 after the first)
+    clip_eps: float = CLIP_EPS  # ε of the ratio clip
+    kl_coef: float = KL_COEF  # β of the KL penalty
+    lr: float = 1e-3  # AdamW learning rate (constant after the warm-up)
+    warmup: int = 0  # steps of linear learning-rate warm-up (fresh Adam moments are noisy)
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    grad_clip: float = 1.0  # max global gradient norm
+    gamma: float = GAMMA  # router bias update speed γ (0: statistics only)
+    control: str | None = None  # None, or "shuffled" (rewards permuted within each batch: the control run)
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first bad field."""

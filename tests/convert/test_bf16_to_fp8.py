@@ -103,18 +103,20 @@ def test_roundtrip_fp8_bf16_fp8_within_block_bound(tiny_fp8, tmp_path):
     assert 0 < s["max_rel_err"] < 1e-2
 
 
-def test_quant_band_equals_reference_on_edge_blocks():
-    """All-zero blocks (also of -0.0), tiny and huge magnitudes, aligned and ragged bands."""
-    from deepseek_model.convert.fp8 import quant_band
+def test_banded_quantization_equals_the_whole_tensors_on_edge_blocks():
+    """The converter quantizes bands of rows that start a block row: each band's codes and scales
+    are the whole tensor's rows, with all-zero blocks (also of -0.0), tiny and huge magnitudes,
+    aligned and ragged shapes."""
     from deepseek_model.kernels.reference import weight_quant
 
     g = torch.Generator().manual_seed(0)
     for rows, k in ((256, 384), (130, 300)):
-        w = torch.randn(rows, k, generator=g) * torch.logspace(-8, 4, k)
+        w = (torch.randn(rows, k, generator=g) * torch.logspace(-8, 4, k)).to(torch.bfloat16)
         w[:128, :128] = -0.0
         w[128:, 128:256] = 0.0
         for fmt in (None, "ue8m0"):
-            q, s = quant_band(w.to(torch.bfloat16), scale_fmt=fmt)
-            rq, rs = weight_quant(w.to(torch.bfloat16), scale_fmt=fmt)
-            assert torch.equal(s, rs)
-            assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+            whole_q, whole_s = weight_quant(w, scale_fmt=fmt)
+            for start, stop in ((0, 128), (128, rows)):
+                q, s = weight_quant(w[start:stop], scale_fmt=fmt)
+                assert torch.equal(q.view(torch.uint8), whole_q[start:stop].view(torch.uint8))
+                assert torch.equal(s, whole_s[start // 128:-(-stop // 128)])

@@ -25,19 +25,13 @@ W8A8_MIN_EXACT_ROWS = 0.9  # share of (batch, position) rows within TOL under W8
 # ranks (blocks allow no more) kept FP8 (W8A8, and weight-only: "auto" on a CPU) and dequantized at
 # load; tiny FP8, whose 2-way split cuts 128-blocks, dequantized at load (covering scale blocks); and
 # tiny V3.2 (index_topk 5 of 12 positions) the same way.
+BOTH = ("absorb", "naive")
 CASES = [
-    ("tiny_bf16", 2, "absorb", "auto"),
-    ("tiny_bf16", 2, "naive", "auto"),
-    ("tiny_bf16", 4, "absorb", "auto"),
-    ("tiny_bf16", 4, "naive", "auto"),
+    *[("tiny_bf16", world, attn, "auto") for world in (2, 4) for attn in BOTH],
     ("tiny_v2", 4, "absorb", "auto"),
-    ("tp_fp8", 2, "absorb", "w8a8"),
-    ("tp_fp8", 2, "naive", "w8a8"),
+    *[("tp_fp8", 2, attn, "w8a8") for attn in BOTH],
     ("tp_fp8", 2, "absorb", "auto"),
-    ("tp_fp8", 2, "absorb", "bf16"),
-    ("tp_fp8", 2, "naive", "bf16"),
-    ("tiny_fp8", 2, "absorb", "bf16"),
-    ("tiny_fp8", 2, "naive", "bf16"),
+    *[(ckpt, 2, attn, "bf16") for ckpt in ("tp_fp8", "tiny_fp8") for attn in BOTH],
     ("tiny_v32", 2, "absorb", "bf16"),  # DeepSeek-V3.2: the indexer is replicated, heads split
     ("tiny_v32", 2, "auto", "bf16"),
 ]
