@@ -13,7 +13,6 @@ tensor + 300 MB and not growing with model size.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.reader import INDEX_FILE, CheckpointReader
 from deepseek_model.convert.io import write_json
 from deepseek_model.checkpoint.stream import ShardWriter, TensorSpec, row_bands
+from deepseek_model.commands.parser import Parser
 from deepseek_model.constants import FP8_DTYPE, SCALE_DTYPE, block_grid
 
 GB = 1e9
@@ -205,7 +205,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the converter benchmark; prints a markdown table, writes JSON if asked."""
-    p = argparse.ArgumentParser(prog="deepseek-model bench convert", description=__doc__.splitlines()[0])
+    p = Parser(prog="deepseek-model bench convert", description=__doc__.splitlines()[0])
     p.add_argument("--size-gb", type=float, default=2.0, help="synthetic FP8 checkpoint size (a half-size one is "
                                                                "also run to compare peak RSS)")
     p.add_argument("--path", default=None, help="benchmark this FP8 checkpoint instead (single size)")

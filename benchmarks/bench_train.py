@@ -24,13 +24,13 @@ mean of the last 20 steps; max/mean averaged over the 3 MoE layers incl. the MTP
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Any
 
 import torch
 
+from deepseek_model.commands.parser import Parser
 from deepseek_model.config import ModelConfig
 from deepseek_model.training import GAMMA, TrainConfig, build_model, train
 from deepseek_model.training_data import SyntheticCorpus
@@ -66,7 +66,7 @@ def run_one(cfg: ModelConfig, tc: TrainConfig, fp8: bool, model_seed: int, windo
 
 def main(argv: list[str] | None = None) -> int:
     """Run the three trainings, print a table, optionally write JSON."""
-    p = argparse.ArgumentParser(prog="bench_train", description=__doc__.splitlines()[0])
+    p = Parser(prog="deepseek-model bench train", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny", choices=("tiny", "small"))
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--gamma", type=float, default=GAMMA)

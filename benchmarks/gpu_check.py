@@ -53,6 +53,7 @@ import torch
 
 from deepseek_model.benchmarks import roofline
 from deepseek_model.benchmarks.bench_kernels import rel_err, table, time_cpu, time_gpu, versions
+from deepseek_model.commands.parser import Parser
 from deepseek_model.kernels import reference, tiles
 
 BLOCK = reference.BLOCK
@@ -980,7 +981,7 @@ LEGEND = ("Figures: *_us = time per call; *_tflops = 2·M·N·K / time (fused_mo
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m deepseek_model.benchmarks.gpu_check",
+    p = Parser(prog="python -m deepseek_model.benchmarks.gpu_check",
                                 description=__doc__.splitlines()[0],
                                 epilog="Exit status: 0 pass, 1 a check failed, 2 refused, 3 pass but incomplete.")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"result folder (default {DEFAULT_OUT})")

@@ -18,6 +18,7 @@ import json
 import sys
 
 from deepseek_model.checkpoint.errors import CheckpointError
+from deepseek_model.commands.parser import Parser
 from deepseek_model.convert.io import ConvertError
 
 EXAMPLES = (
@@ -142,7 +143,7 @@ def one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point: parse, run, report bad input as one `error:` line (exit 2)."""
-    parser = argparse.ArgumentParser(prog="deepseek-model convert", description=__doc__.splitlines()[0])
+    parser = Parser(prog="deepseek-model convert", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 
+from deepseek_model.commands.parser import Parser
 from deepseek_model.pretrained import resolve_checkpoint
 
 # (command, module): the module provides HELP, add_arguments(parser), run(args).
@@ -39,7 +40,7 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
     `inspect CONFIG` does not pay for torch); the top-level help imports them all for their help
     lines.
     """
-    parser = argparse.ArgumentParser(prog="deepseek-model",
+    parser = Parser(prog="deepseek-model",
                                      description="DeepSeek-V3-style MoE models: run, inspect, convert, benchmark.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     named = next((a for a in (argv or []) if not a.startswith("-")), None)

@@ -28,6 +28,7 @@ SIZE_BOUNDS = {
     "max_position_embeddings": 1 << 24, "index_n_heads": 1 << 10, "index_head_dim": 1 << 12, "index_topk": 1 << 24,
 }
 SPARSE_MODEL_TYPE = "deepseek_v32"  # DeepSeek-V3.2: MLA plus the lightning indexer (DeepSeek Sparse Attention)
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", SPARSE_MODEL_TYPE)  # config.json model_type values this package runs
 # transformers' DeepseekV32Config defaults, used when a deepseek_v32 config.json omits a field
 V32_DEFAULTS = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048, "scoring_func": "sigmoid",
                 "topk_method": "noaux_tc", "norm_topk_prob": True}
@@ -192,7 +193,32 @@ class ModelConfig:
             value = d.get(key)
             return default if value is None else as_float(key, value)
 
+        def opt_bool(key: str, default: bool) -> bool:
+            value = d.get(key)
+            if value is None:
+                return default
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+            return value
+
+        def token_ids(key: str, many: bool) -> int | list[int] | None:
+            """A token id (or, if `many`, a list of them) or null."""
+            value = d.get(key)
+            is_id = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+            if value is None or is_id(value):
+                return value
+            if many and isinstance(value, list) and all(map(is_id, value)):
+                return list(value)
+            kind = "a token id, a list of them or null" if many else "a token id or null"
+            raise ConfigError(f"{source}: '{key}' must be {kind}, got {value!r}")
+
+        model_type = d.get("model_type")
+        if model_type is not None and model_type not in MODEL_TYPES:
+            raise ConfigError(f"{source}: model_type {model_type!r} is not a DeepSeek V2/V3-style model "
+                              f"(expected one of {', '.join(MODEL_TYPES)})")
         rope = d.get("rope_scaling") if d.get("rope_scaling") is not None else d.get("rope_parameters")
+        if rope is not None and not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope_scaling must be an object or null, got {rope!r}")
         rope_theta = d.get("rope_theta")
         rope_scaling = None
         if isinstance(rope, dict):
@@ -260,7 +286,7 @@ class ModelConfig:
             topk_group=opt_int("topk_group", 1) or 1,
             topk_method=d.get("topk_method", routing["topk_method"]),
             scoring_func=d.get("scoring_func", routing["scoring_func"]),
-            norm_topk_prob=bool(d.get("norm_topk_prob", routing["norm_topk_prob"])),
+            norm_topk_prob=opt_bool("norm_topk_prob", routing["norm_topk_prob"]),
             routed_scaling_factor=opt_float("routed_scaling_factor", 1.0),
             first_k_dense_replace=opt_int("first_k_dense_replace", 0),
             moe_layer_freq=opt_int("moe_layer_freq", 1),
@@ -269,9 +295,9 @@ class ModelConfig:
             rope_theta=as_float("rope_theta", rope_theta) if rope_theta is not None else 10000.0,
             max_position_embeddings=opt_int("max_position_embeddings", 4096),
             rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
+            tie_word_embeddings=opt_bool("tie_word_embeddings", False),
+            bos_token_id=token_ids("bos_token_id", many=False),
+            eos_token_id=token_ids("eos_token_id", many=True),
             torch_dtype=str(d.get("torch_dtype", d.get("dtype", "bfloat16"))),
             quantization=quant,
             **index,

@@ -1,6 +1,9 @@
 """Test-wide setup and the shared tiny checkpoints.
 
-Triton runs in its CPU interpreter (set before triton is imported). The tiny checkpoints below are
+Triton runs in its CPU interpreter (set before triton is imported). The whole session, and every
+process it starts (the CLI cases, torchrun ranks, converters killed mid-run), runs with its address
+space capped at ADDRESS_SPACE_CAP, what `ulimit -v 8000000` sets: a case that tries to allocate
+before estimating fails here instead of taking a machine down. The tiny checkpoints below are
 the one set every test package uses (built once per session, deterministic, never modified; a
 package that needs something more — the converters' repository files, a block-aligned config —
 derives its own from these or documents why it differs).
@@ -10,9 +13,32 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+try:
+    import resource
+except ImportError:  # not a POSIX system: no cap
+    resource = None
+
+ADDRESS_SPACE_CAP = 8_000_000 * 1024  # bytes: `ulimit -v 8000000` (KiB)
+
 import pytest  # noqa: E402
 
 from deepseek_model.testing import make_tiny_checkpoint, one_thread  # noqa: E402
+
+
+def pytest_configure(config):
+    """Cap the address space (soft limit; never raised above what the shell already allows)."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = ADDRESS_SPACE_CAP if hard == resource.RLIM_INFINITY else min(hard, ADDRESS_SPACE_CAP)
+    if soft == resource.RLIM_INFINITY or soft > cap:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+
+
+@pytest.fixture(scope="session")
+def address_space_cap() -> int:
+    """The cap in bytes (test packages have conftest modules of their own: ask for it, do not import it)."""
+    return ADDRESS_SPACE_CAP
 
 
 @pytest.fixture(scope="session")

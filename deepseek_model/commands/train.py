@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from deepseek_model.commands.options import check_threads
+from deepseek_model.commands.parser import Parser
 from deepseek_model.config import ModelConfig
 from deepseek_model.training import (ALPHA, GAMMA, LR, MTP_LAMBDA, TrainConfig, build_model, save_checkpoint,
                                      train)
@@ -77,7 +78,7 @@ def run_recipe_command(args: argparse.Namespace) -> int:
     """`train --recipe NAME`: run the recipe (progress bar, periodic state, FP8 export, plots)."""
     from deepseek_model.recipes.mini_shakespeare import Recipe, run_recipe  # noqa: PLC0415
 
-    parser = argparse.ArgumentParser()
+    parser = Parser()
     add_arguments(parser)
     defaults = vars(parser.parse_args([]))
     given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}

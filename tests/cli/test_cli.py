@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import deepseek_model as dsm
 from deepseek_model.testing import make_tiny_checkpoint
@@ -83,6 +84,26 @@ def test_bad_input_one_line(args, needle):
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
 
 
+@pytest.mark.parametrize("args, prog, needle", [
+    (["generate", "x", "--token-ids", "1", "--top-k", "abc"], "deepseek-model generate", "invalid int value: 'abc'"),
+    (["convert", "shard"], "deepseek-model convert shard", "the following arguments are required: SRC, DST"),
+    (["bench", "model", "--threads", "x"], "deepseek-model bench model", "invalid int value: 'x'"),
+    (["bench", "rl", "--bogus"], "deepseek-model bench rl", "unrecognized arguments: --bogus"),
+    (["train", "--steps", "x"], "deepseek-model train", "invalid int value: 'x'"),
+    (["nope"], "deepseek-model", "invalid choice: 'nope'"),
+])
+def test_usage_errors_are_one_line(capsys, args, prog, needle):
+    """A bad command line names the command and the argument in one line, not the whole usage block."""
+    from deepseek_model.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"{prog}: error: ") and needle in line and line.endswith(f"(see {prog} --help)")
+
+
 def test_make_tiny_refuses_non_empty(tmp_path):
     (tmp_path / "x").write_text("keep me")
     proc = _cli("make-tiny", str(tmp_path), check=False)
@@ -120,6 +141,19 @@ def test_package_names_resolve_lazily():
     assert set(dsm.__all__) >= {"from_pretrained", "generate", "pretrained_path", "CheckpointError", "ModelConfig"}
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         dsm.nope  # noqa: B018
+
+
+def test_the_suite_and_its_processes_run_under_the_address_space_cap(address_space_cap):
+    """Every case in the suite (in-process and in the processes it starts) meets `ulimit -v 8000000`:
+    the cap is in force, inherited, and an allocation beyond it fails as an error, not a kill."""
+    import resource
+
+    assert 0 < resource.getrlimit(resource.RLIMIT_AS)[0] <= address_space_cap
+    child = subprocess.run([sys.executable, "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0])"],
+                           capture_output=True, text=True, timeout=60)
+    assert 0 < int(child.stdout) <= address_space_cap
+    with pytest.raises(RuntimeError):
+        torch.empty(address_space_cap, dtype=torch.uint8)
 
 
 def _cli_limited(*args, limit_as: int | None = None):

@@ -63,6 +63,14 @@ def test_transformers_5_spellings():
     ({"rope_theta": -1.0}, "rope_theta must be positive"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2}}, "unsupported rope scaling type"),
     ({"tie_word_embeddings": True}, "tie_word_embeddings is true, but DeepSeek models keep a separate lm_head"),
+    ({"tie_word_embeddings": "no"}, "'tie_word_embeddings' must be true or false, got 'no'"),
+    ({"norm_topk_prob": "false"}, "'norm_topk_prob' must be true or false, got 'false'"),  # bool("false") is True
+    ({"model_type": "llama"}, "model_type 'llama' is not a DeepSeek V2/V3-style model (expected one of deepseek_v2"),
+    ({"rope_scaling": "yarn"}, "rope_scaling must be an object or null, got 'yarn'"),
+    ({"rope_scaling": None, "rope_parameters": [4.0]}, "rope_scaling must be an object or null, got [4.0]"),
+    ({"eos_token_id": -1}, "'eos_token_id' must be a token id, a list of them or null, got -1"),
+    ({"eos_token_id": [1, "2"]}, "'eos_token_id' must be a token id, a list of them or null, got [1, '2']"),
+    ({"bos_token_id": [0]}, "'bos_token_id' must be a token id or null, got [0]"),
 ])
 def test_validation_errors(change, message):
     d = builtin_config_dict("deepseek-v3")
@@ -71,6 +79,12 @@ def test_validation_errors(change, message):
         ModelConfig.from_dict(d, source="x/config.json")
     assert message in str(e.value) and str(e.value).startswith("x/config.json:")
     assert "\n" not in str(e.value)
+
+
+def test_token_ids_and_flags_are_read_as_written():
+    d = dict(builtin_config_dict("deepseek-v3"), eos_token_id=[1, 7], bos_token_id=0, norm_topk_prob=False)
+    cfg = ModelConfig.from_dict(d)
+    assert (cfg.eos_token_id, cfg.bos_token_id, cfg.norm_topk_prob) == ([1, 7], 0, False)
 
 
 def test_from_json_errors(tmp_path):
