@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from deepseek_model import plotting
+from deepseek_model.commands.parser import Parser
 from deepseek_model.config import ModelConfig
 from deepseek_model.generate import generate
 from deepseek_model.loading import from_pretrained
@@ -55,7 +56,7 @@ DECODE_STEPS = 8
 QUICK_DECODE_STEPS = 4
 TRIALS = 3
 QUICK_TRIALS = 3
-WEIGHT_ONLY_CONTEXT = 128  # the weight-only FP8 vs dequantized-at-load decode comparison
+WEIGHT_ONLY_CONTEXT = 128  # the weight-only FP8 and batch-invariant decode comparisons (or the shortest --contexts)
 WARMUP_CONTEXT = 64
 GOAL_CONTEXT = 1024
 GOAL_DECODE = 2.0
@@ -79,7 +80,7 @@ SPARSE_LAYER = 1  # the layer whose attention is also timed alone
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="deepseek-model bench model", description=__doc__.splitlines()[0])
+    p = Parser(prog="deepseek-model bench model", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory for results.{json,md,png}")
     p.add_argument("--json", default=None, help="also write the JSON report to this file")
     p.add_argument("--quick", action="store_true", help="contexts 128/1024, fewer steps and trials")
@@ -258,43 +259,60 @@ def _measure(runners: list, ids: torch.Tensor, steps: int, trials: int) -> list[
     return out
 
 
+def _decode_rates(models: list, ids: torch.Tensor, steps: int, trials: int) -> list[float]:
+    """Decode tokens/s of each model after one untimed prefill of `ids` [B, ctx]: alternating trials of
+    `steps` one-token steps at position ctx (each rewrites that slot, so every trial does equal work)."""
+    bsz, ctx = ids.shape
+    tok = ids[:, :1]  # (B, 1)
+    caches = []
+    for model in models:
+        caches.append(model.new_cache())
+        model.hidden(ids, 0, caches[-1])  # prefill, no logits
+        _decode_step_seconds(model, caches[-1], ctx, tok, 1)  # warm-up
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(trials):
+        for model, cache, ts in zip(models, caches, times):
+            ts.append(_decode_step_seconds(model, cache, ctx, tok, steps))
+    return [bsz / statistics.median(ts) for ts in times]
+
+
+def _extras_context(args: argparse.Namespace) -> int:
+    """Context of the weight-only FP8 and batch-invariant comparisons: WEIGHT_ONLY_CONTEXT, or the
+    shortest context asked for with --contexts when that is shorter."""
+    return min([WEIGHT_ONLY_CONTEXT, *(args.contexts or [])])
+
+
 def _weight_only_fp8(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen: torch.Generator, steps: int,
                      trials: int) -> dict:
     """Decode speed of FP8 weights dequantized per GEMM (weights="fp8", what "auto" runs on a CPU)
-    vs the same checkpoint dequantized at load (weights="bf16"), same run, context 128, batch 1."""
+    vs the same checkpoint dequantized at load (weights="bf16"), same run, batch 1."""
     path = make_tiny_checkpoint(os.path.join(tmp, "fp8"), "small", fp8=True, seed=args.seed)
     fp8 = from_pretrained(path, dtype=dtype, mtp=False, attn=args.attn, weights="fp8")
     dense = from_pretrained(path, dtype=dtype, mtp=False, attn=args.attn, weights="bf16")
-    ids = torch.randint(0, fp8.cfg.vocab_size, (1, WEIGHT_ONLY_CONTEXT), generator=gen)
-    runners = [_Ours(fp8), _Ours(dense)]
-    for runner in runners:
-        _one_trial(runner, ids, 2)
-    a, b = _measure(runners, ids, steps, trials)
+    ctx = _extras_context(args)
+    ids = torch.randint(0, fp8.cfg.vocab_size, (1, ctx), generator=gen)
+    a, b = _decode_rates([fp8, dense], ids, steps, trials)
     param_bytes = [sum(p.numel() * p.element_size() for p in m.parameters()) for m in (fp8, dense)]
-    out = {"context": WEIGHT_ONLY_CONTEXT, "batch": 1, "fp8_decode_tok_s": a["decode_tok_s"],
-           "dense_decode_tok_s": b["decode_tok_s"], "ratio": a["decode_tok_s"] / b["decode_tok_s"],
-           "fp8_weight_bytes": param_bytes[0], "dense_weight_bytes": param_bytes[1]}
-    print(f"weight-only FP8 decode (ctx {WEIGHT_ONLY_CONTEXT}, B 1): {a['decode_tok_s']:.1f} tok/s vs dequantized "
-          f"at load {b['decode_tok_s']:.1f} ({out['ratio']:.2f}x), weights {param_bytes[0] / 2**20:.0f} vs "
+    out = {"context": ctx, "batch": 1, "fp8_decode_tok_s": a, "dense_decode_tok_s": b,
+           "ratio": a / b, "fp8_weight_bytes": param_bytes[0], "dense_weight_bytes": param_bytes[1]}
+    print(f"weight-only FP8 decode (ctx {ctx}, B 1): {a:.1f} tok/s vs dequantized "
+          f"at load {b:.1f} ({out['ratio']:.2f}x), weights {param_bytes[0] / 2**20:.0f} vs "
           f"{param_bytes[1] / 2**20:.0f} MiB", flush=True)
     return out
 
 
 def _batch_invariant_cost(path: str, model, args: argparse.Namespace, dtype: torch.dtype, gen: torch.Generator,
                           steps: int, trials: int) -> dict:
-    """Decode speed of the batch-invariant mode vs the default one, same weights, same run (ctx 128)."""
+    """Decode speed of the batch-invariant mode vs the default one, same weights, same run."""
     inv = from_pretrained(path, dtype=dtype, mtp=False, attn=args.attn, batch_invariant=True)
-    out = {"context": WEIGHT_ONLY_CONTEXT}
+    ctx = _extras_context(args)
+    out = {"context": ctx}
     for bsz in (1, 4):
-        ids = torch.randint(0, model.cfg.vocab_size, (bsz, WEIGHT_ONLY_CONTEXT), generator=gen)
-        runners = [_Ours(inv), _Ours(model)]
-        for runner in runners:
-            _one_trial(runner, ids, 2)
-        a, b = _measure(runners, ids, steps, trials)
-        out[f"batch{bsz}"] = {"invariant_decode_tok_s": a["decode_tok_s"], "default_decode_tok_s": b["decode_tok_s"],
-                              "slowdown": b["decode_tok_s"] / a["decode_tok_s"]}
-        print(f"batch-invariant decode (ctx {WEIGHT_ONLY_CONTEXT}, B {bsz}): {a['decode_tok_s']:.1f} vs default "
-              f"{b['decode_tok_s']:.1f} tok/s ({b['decode_tok_s'] / a['decode_tok_s']:.2f}x slower)", flush=True)
+        ids = torch.randint(0, model.cfg.vocab_size, (bsz, ctx), generator=gen)
+        a, b = _decode_rates([inv, model], ids, steps, trials)
+        out[f"batch{bsz}"] = {"invariant_decode_tok_s": a, "default_decode_tok_s": b, "slowdown": b / a}
+        print(f"batch-invariant decode (ctx {ctx}, B {bsz}): {a:.1f} vs default "
+              f"{b:.1f} tok/s ({b / a:.2f}x slower)", flush=True)
     return out
 
 

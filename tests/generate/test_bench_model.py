@@ -34,6 +34,10 @@ def test_bench_model_smallest(tmp_path, capsys):
     assert row["hf"]["cache_bytes_per_token"] in (latent, report["cache"]["small"]["per_head_kv"])
     assert report["hf_logit_max_diff"] < 1e-3
     assert 0 <= report["fp8_cache"]["argmax_agreement"] <= 1
+    # the decode comparisons run at the shortest context asked for, after one prefill each
+    assert report["weight_only_fp8"]["context"] == report["batch_invariant"]["context"] == 16
+    assert report["weight_only_fp8"]["fp8_weight_bytes"] < report["weight_only_fp8"]["dense_weight_bytes"]
+    assert all(report["batch_invariant"][f"batch{b}"]["slowdown"] > 0 for b in (1, 4))
     (sparse,) = report["sparse_attention"]  # V3.2 vs the same weights as V3 (the mechanics: a short context)
     assert sparse["context"] == 64 and sparse["index_topk"] == bench_model.SPARSE_TOPK
     assert sparse["prefill_ratio"] > 0 and sparse["decode_ratio"] > 0 and sparse["attention_ratio"] > 0
