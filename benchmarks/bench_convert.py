@@ -38,6 +38,7 @@ MB = 1e6
 RSS_GOAL_SLACK_MB = 300
 RSS_GOAL_TENSORS = 3
 THROUGHPUT_GOAL = 0.5
+DISK_FACTOR = 5  # peak disk use / FP8 source bytes: the source, its bf16 output and a cp of that output
 SHARD_BYTES = 1 << 30  # synthetic shard size (the real repo uses ~4.3 GB)
 E4M3_NAN_MASK = 0x7F  # |byte| == 0x7F is NaN in e4m3fn; such bytes are replaced
 SYNTH_SEED = 0
@@ -213,7 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--md", default=None, metavar="FILE", help="write the markdown table")
     args = p.parse_args(argv)
-    workdir = tempfile.mkdtemp(prefix="bench_convert_", dir=args.tmpdir)
+    if args.path is None and not (math.isfinite(args.size_gb) and args.size_gb > 0):
+        p.error(f"--size-gb: expected a positive size, got {args.size_gb}")
+    tmpdir = args.tmpdir or tempfile.gettempdir()
+    if not os.path.isdir(tmpdir):
+        p.error(f"--tmpdir {tmpdir}: not a directory")
+    if args.path is not None and not os.path.isfile(os.path.join(args.path, INDEX_FILE)):
+        p.error(f"--path {args.path}: not a checkpoint directory (no {INDEX_FILE})")
+    need = DISK_FACTOR * (_dir_bytes(args.path) if args.path else args.size_gb * GB)
+    free = shutil.disk_usage(tmpdir).free
+    if need > free:
+        p.error(f"needs about {need / GB:.1f} GB of disk in {tmpdir} ({DISK_FACTOR}x the FP8 checkpoint), "
+                f"{free / GB:.1f} GB free")
+    workdir = tempfile.mkdtemp(prefix="bench_convert_", dir=tmpdir)
     try:
         baseline = run_child([sys.executable, "-c", "import deepseek_model.convert.cli, deepseek_model.convert.fp8"])
         if args.path:

@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("real", "control"), help="run one of the two (the report needs both)")
     p.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the saved .json")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads: expected a positive integer, got {args.threads}")
     base = os.path.join(args.results, NAME)
     if args.render:
         with open(base + ".json", encoding="utf-8") as f:

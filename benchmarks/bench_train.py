@@ -25,6 +25,7 @@ mean of the last 20 steps; max/mean averaged over the 3 MoE layers incl. the MTP
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -78,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fp8", action="store_true", help="skip the FP8-emulation run")
     p.add_argument("--json", help="write results here")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.window < 1:
-        raise ValueError(f"--steps and --window must be >= 1, got {args.steps} and {args.window}")
+    for name in ("steps", "window", "batch_size", "seq_len", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if not (math.isfinite(args.gamma) and args.gamma >= 0):
+        p.error(f"--gamma: expected a finite number >= 0, got {args.gamma}")
     torch.set_num_threads(args.threads)
     cfg = ModelConfig.builtin(args.config)
     window = min(args.window, args.steps)

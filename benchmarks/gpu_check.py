@@ -997,7 +997,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help=f"time budget of --tune inside --max-seconds (default {DEFAULT_TUNE_SECONDS:g})")
     p.add_argument("--seed", type=int, default=0, help="seed of every random operand (default 0)")
     args = p.parse_args(argv)
-    if args.max_seconds < 0 or args.tune_seconds < 0:
+    if not (args.max_seconds >= 0 and args.tune_seconds >= 0):  # also refuses nan
         p.error("--max-seconds/--tune-seconds: expected a non-negative number")
     if args.tiles_out is None:
         args.tiles_out = Path(args.out) / "tiles.json" if args.smoke else args.tiles

@@ -29,8 +29,8 @@ ATTN_MODES = ("absorb", "naive", "auto")  # auto: naive for multi-token chunks (
 GROWTH = 2  # the cache grows geometrically: amortised O(1) copies per token
 FP8_SCALE_MIN = 1e-12  # keeps the per-token scale of an all-zero latent finite
 SPARSE_PREFILL_CHUNK = 256  # queries per masked-attention call of a sparse prefill (causal key cut per chunk)
-GATHER_BYTES = 64 << 20
-INDEX_SCORE_BYTES = 64 << 20  # a long prefill scores this many bytes of (query, key) index logits at once  # sparse attention gathers the selected latents of this many bytes of queries at once
+GATHER_BYTES = 64 << 20  # sparse absorbed attention gathers the selected latents of this many bytes of queries at once
+INDEX_SCORE_BYTES = 64 << 20  # a long prefill scores this many bytes of (query, key) index logits at once
 
 
 def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from deepseek_model.benchmarks.bench_convert import _fp8_bytes, synthetic_config, write_synthetic_fp8
@@ -24,3 +25,22 @@ def test_synthetic_checkpoint_converts(tmp_path):
     fp8_to_bf16(tmp_path / "synth", tmp_path / "bf16", quiet=True)
     out = CheckpointReader(tmp_path / "bf16")
     assert all(torch.isfinite(out.get(n).float()).all() for n in out.names())
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--size-gb", "-1"], "--size-gb: expected a positive size, got -1.0"),
+    (["--size-gb", "nan"], "--size-gb: expected a positive size, got nan"),
+    (["--size-gb", "1e9"], "GB of disk in"),  # refused before writing anything
+    (["--path", "/no/such/ckpt"], "--path /no/such/ckpt: not a checkpoint directory"),
+    (["--tmpdir", "/no/such/dir"], "--tmpdir /no/such/dir: not a directory"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, args, needle):
+    from deepseek_model.benchmarks import bench_convert
+
+    before = set(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as e:
+        bench_convert.main([*args, *([] if "--tmpdir" in args else ["--tmpdir", str(tmp_path)])])
+    assert e.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("deepseek-model bench convert: error: ") and needle in line
+    assert set(tmp_path.iterdir()) == before  # no work directory was made

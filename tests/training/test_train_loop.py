@@ -80,6 +80,20 @@ def test_train_command(tmp_path, capsys):
     assert cli_main(["train", "--steps", "0"]) == 2  # one-line error, non-zero exit
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "1", "--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--steps", "1", "--lr", "-1"], "--lr must be a positive number, got -1"),
+    (["--steps", "1", "--gamma", "nan"], "--gamma must be a non-negative number, got nan"),
+    (["--steps", "1", "--mtp-lambda", "-0.5"], "--mtp-lambda must be a non-negative number, got -0.5"),
+    (["--recipe", "mini-shakespeare", "--lr", "nan"], "--lr must be a positive number, got nan"),
+])
+def test_bad_rates_are_one_line_errors_before_training(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert cli_main(["train", *args, "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"error: {message}" and not out.exists()
+
+
 def test_bias_update_lowers_the_expert_load_imbalance(micro_cfg):
     # Same seed, same batches: the Zipf-skewed corpus drives the router to imbalance without γ.
     def final_load(gamma):
