@@ -1,6 +1,7 @@
 """Model benchmark: prefill and decode tokens/s and cache bytes per token, side by side with transformers.
 
-Both models run the same `small` checkpoint (configs/small.json, built with make_tiny_checkpoint),
+Both models run the same `small` checkpoint (configs/small.json, built with make_tiny_checkpoint;
+`--config tiny` runs the same measurements on the tiny one, a quick check of the mechanics),
 in the same dtype and with the same thread count, in one process, with alternating trials. Prefill
 is timed as generation runs it (logits of the last position only; transformers: logits_to_keep=1).
 Reported as ratios against the peer measured in the same run:
@@ -71,6 +72,7 @@ COMPILE_TOKENS = 16
 FP8_CACHE_TOKENS = 64
 MAX_ERROR_CHARS = 300
 V3_CONFIG = "deepseek-v3"
+BENCH_CONFIGS = ("small", "tiny")  # --config: the recorded runs use small
 SPARSE_TOPK = 2048  # the V3.2 comparison's index_topk: the published value (of up to 163,840 positions)
 SPARSE_INDEX = {"index_n_heads": 8, "index_head_dim": 64}  # published: 64 x 128
 SPARSE_CONTEXTS = (8192, 16384)  # 4 and 8 x SPARSE_TOPK
@@ -85,6 +87,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the JSON report to this file")
     p.add_argument("--quick", action="store_true", help="contexts 128/1024, fewer steps and trials")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both models (default: torch's)")
+    p.add_argument("--config", choices=BENCH_CONFIGS, default=BENCH_CONFIGS[0],
+                   help="the benchmarked architecture (random weights; tiny: a quick check of the mechanics)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="both models' dtype (fp32 default: this CPU's bf16 GEMV is ~3x slower than fp32)")
     p.add_argument("--contexts", type=int, nargs="*", default=None, help="context lengths (overrides the defaults)")
@@ -286,7 +290,7 @@ def _weight_only_fp8(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen
                      trials: int) -> dict:
     """Decode speed of FP8 weights dequantized per GEMM (weights="fp8", what "auto" runs on a CPU)
     vs the same checkpoint dequantized at load (weights="bf16"), same run, batch 1."""
-    path = make_tiny_checkpoint(os.path.join(tmp, "fp8"), "small", fp8=True, seed=args.seed)
+    path = make_tiny_checkpoint(os.path.join(tmp, "fp8"), args.config, fp8=True, seed=args.seed)
     fp8 = from_pretrained(path, dtype=dtype, mtp=False, attn=args.attn, weights="fp8")
     dense = from_pretrained(path, dtype=dtype, mtp=False, attn=args.attn, weights="bf16")
     ctx = _extras_context(args)
@@ -347,9 +351,9 @@ def _sparse_vs_dense(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen
     from deepseek_model.config import builtin_config_dict  # noqa: PLC0415
 
     contexts = args.sparse_contexts or (QUICK_SPARSE_CONTEXTS if args.quick else SPARSE_CONTEXTS)
-    small = builtin_config_dict("small")
-    v32 = dict(small, model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"], index_topk=SPARSE_TOPK,
-               max_position_embeddings=max(small["max_position_embeddings"], max(contexts) + 1), **SPARSE_INDEX)
+    base = builtin_config_dict(args.config)
+    v32 = dict(base, model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"], index_topk=SPARSE_TOPK,
+               max_position_embeddings=max(base["max_position_embeddings"], max(contexts) + 1), **SPARSE_INDEX)
     sparse_path = make_tiny_checkpoint(os.path.join(tmp, "v32"), v32, fp8=False, seed=args.seed, mtp=False)
     dense_path = write_dense_twin(sparse_path, os.path.join(tmp, "v3"))
     models = {"sparse": from_pretrained(sparse_path, dtype=dtype, mtp=False, attn=args.attn),
@@ -460,7 +464,8 @@ def _table(report: dict) -> str:
     lines += ["", "## Extras", "", f"- copy bandwidth {report['copy_bandwidth_GBps']:.1f} GB/s (read + write); "
               f"GEMM rate {report.get('gemm_GFLOPs', 0):.0f} GFLOP/s ({GEMM_SIZE}³ matmul, {report['dtype']}; "
               f"the prefill floor is a chunk's FLOPs at this rate)",
-              f"- cache bytes/token (latent vs a per-head K/V cache): small {report['cache']['small']}, "
+              f"- cache bytes/token (latent vs a per-head K/V cache): "
+              f"{report['config']} {report['cache'][report['config']]}, "
               f"V3 {report['cache']['v3']}; the measured transformers column shows what that version caches "
               f"(5.x caches the compressed latent as well and re-expands it with kv_b at every step)",
               f"- fp8 latent cache: {report['fp8_cache']}", f"- torch.compile decode: {report['compile']}",
@@ -496,7 +501,7 @@ def _plot(report: dict, path: Path) -> bool:
         ax.set_xlabel("context length")
         ax.set_title(title)
         ax.legend(fontsize=7)
-    fig.suptitle(f"small config, {report['dtype']}, {report['threads']} threads (CPU)")
+    fig.suptitle(f"{report['config']} config, {report['dtype']}, {report['threads']} threads (CPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -546,10 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         t0 = time.perf_counter()
-        path = make_tiny_checkpoint(tmp, "small", fp8=False, seed=args.seed)
+        path = make_tiny_checkpoint(tmp, args.config, fp8=False, seed=args.seed)
         ours_model = from_pretrained(path, dtype=dtype, mtp=False, attn=args.attn)
         cfg = ours_model.cfg
-        print(f"built and loaded the small checkpoint in {time.perf_counter() - t0:.1f} s; {threads} threads, {args.dtype}")
+        print(f"built and loaded the {args.config} checkpoint in {time.perf_counter() - t0:.1f} s; {threads} threads, "
+              f"{args.dtype}")
         hf_model, hf_error = None, None
         if not args.no_hf:
             try:
@@ -557,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001
                 hf_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:MAX_ERROR_CHARS]
                 print(f"transformers unavailable: {hf_error}")
-        report: dict = {"config": "small", "dtype": args.dtype, "threads": threads, "quick": args.quick,
+        report: dict = {"config": args.config, "dtype": args.dtype, "threads": threads, "quick": args.quick,
                         "attn": args.attn,
                         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                                      "platform": platform.platform()},
@@ -609,8 +615,8 @@ def main(argv: list[str] | None = None) -> int:
             report["rows"] = rows
             report["goals"] = _goals(rows)
             v3 = ModelConfig.builtin(V3_CONFIG)
-            small_c, v3_c = cache_bytes_per_token(cfg, esize), cache_bytes_per_token(v3, 2)
-            report["cache"] = {"small": {k: round(v, 2) for k, v in small_c.items()},
+            model_c, v3_c = cache_bytes_per_token(cfg, esize), cache_bytes_per_token(v3, 2)
+            report["cache"] = {args.config: {k: round(v, 2) for k, v in model_c.items()},
                                "v3": {k: round(v, 2) for k, v in v3_c.items()}}
             report["fp8_cache"] = _fp8_cache_error(ours_model, gen)
             report["weight_only_fp8"] = _weight_only_fp8(tmp, args, dtype, gen, steps, trials)
@@ -619,8 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         report["compile"] = {"skipped": True} if args.no_compile else _compile_check(ours_model, list(range(1, 65)))
     for k, v in report["goals"].items():
         print(f"goal: {k}: {v}")
-    print(f"cache bytes/token: small latent {small_c['latent']} vs per-head {small_c['per_head_kv']} "
-          f"({small_c['ratio']:.1f}x); V3 {v3_c['latent']} vs {v3_c['per_head_kv']} ({v3_c['ratio']:.1f}x)")
+    print(f"cache bytes/token: {args.config} latent {model_c['latent']} vs per-head {model_c['per_head_kv']} "
+          f"({model_c['ratio']:.1f}x); V3 {v3_c['latent']} vs {v3_c['per_head_kv']} ({v3_c['ratio']:.1f}x)")
     print(f"fp8 latent cache: {report['fp8_cache']}")
     print(f"torch.compile decode: {report['compile']}")
     text = json.dumps(report, indent=2)

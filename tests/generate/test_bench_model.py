@@ -1,5 +1,5 @@
-"""bench_model end to end on the smallest setting: both models timed, JSON + markdown + PNG written,
-cache bytes per token as the formula says, V3 cache ratio above 71x."""
+"""bench_model end to end on the smallest setting (the tiny config): both models timed, JSON +
+markdown + PNG written, cache bytes per token as the formula says, V3 cache ratio above 71x."""
 
 import json
 
@@ -12,7 +12,7 @@ from deepseek_model.config import ModelConfig
 def test_bench_model_smallest(tmp_path, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
-    code = bench_model.main(["--contexts", "16", "--batches", "1", "--no-compile", "--threads", "1",
+    code = bench_model.main(["--config", "tiny", "--contexts", "16", "--batches", "1", "--no-compile", "--threads", "1",
                              "--sparse-contexts", "64", "--out", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "results.json").read_text())
@@ -20,18 +20,19 @@ def test_bench_model_smallest(tmp_path, capsys):
     assert (tmp_path / "results.png").stat().st_size > 0
     row = report["rows"][0]
     assert report["gemm_GFLOPs"] > 0 and row["prefill_floor_s"] > 0
-    cfg16 = ModelConfig.builtin("small")
+    assert report["config"] == "tiny"
+    cfg16 = ModelConfig.builtin("tiny")
     want = 16 * bench_model.prefill_flops_per_token(cfg16, 16) / (report["gemm_GFLOPs"] * 1e9)
     assert abs(row["prefill_floor_s"] - want) <= 1e-9 * want  # the chunk's FLOPs at the measured GEMM rate
     assert abs(row["prefill_floor_ratio"] - 16 / row["ours"]["prefill_tok_s"] / want) <= 1e-6 * row["prefill_floor_ratio"]
     assert row["ours"]["decode_tok_s"] > 0 and row["hf"]["decode_tok_s"] > 0 and row["decode_ratio"] > 0
-    cfg = ModelConfig.builtin("small")
+    cfg = ModelConfig.builtin("tiny")
     latent = cfg.latent_dim * 4 * cfg.num_hidden_layers  # fp32
     assert row["ours"]["cache_bytes_per_token"] == latent
-    assert report["cache"]["small"]["latent"] == latent
+    assert report["cache"]["tiny"]["latent"] == latent
     assert report["cache"]["v3"]["ratio"] > 71
     # transformers 5.x caches MLA's compressed latent too (and re-expands it every step): same bytes
-    assert row["hf"]["cache_bytes_per_token"] in (latent, report["cache"]["small"]["per_head_kv"])
+    assert row["hf"]["cache_bytes_per_token"] in (latent, report["cache"]["tiny"]["per_head_kv"])
     assert report["hf_logit_max_diff"] < 1e-3
     assert 0 <= report["fp8_cache"]["argmax_agreement"] <= 1
     # the decode comparisons run at the shortest context asked for, after one prefill each
