@@ -367,6 +367,15 @@ class TrainResult:
     eval_mtp_loss: float | None = None
 
 
+def check_rates(lr: float, gamma: float, alpha: float, mtp_lambda: float, error: type[ValueError] = ValueError) -> None:
+    """Raise `error` naming the command-line flag of the first bad rate: lr must be > 0, the bias
+    speed γ and the loss weights α and λ >= 0, all finite (nan included)."""
+    for name, value in (("gamma", gamma), ("alpha", alpha), ("mtp_lambda", mtp_lambda), ("lr", lr)):
+        if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
+            raise error(f"--{name.replace('_', '-')} must be a {'positive' if name == 'lr' else 'non-negative'} "
+                        f"number, got {value:g}")
+
+
 def lr_at(step: int, tc: TrainConfig) -> float:
     """Linear warm-up to tc.lr, then cosine decay to tc.lr·MIN_LR_RATIO at the last step.
 

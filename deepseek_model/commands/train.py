@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from typing import Any
@@ -14,8 +13,8 @@ import torch
 from deepseek_model.commands.options import check_threads
 from deepseek_model.commands.parser import Parser
 from deepseek_model.config import ModelConfig
-from deepseek_model.training import (ALPHA, GAMMA, LR, MTP_LAMBDA, TrainConfig, build_model, save_checkpoint,
-                                     train)
+from deepseek_model.training import (ALPHA, GAMMA, LR, MTP_LAMBDA, TrainConfig, build_model, check_rates,
+                                     save_checkpoint, train)
 from deepseek_model.training_data import ByteCorpus, SyntheticCorpus
 
 HELP = ("train a model: the mini-shakespeare recipe (--recipe), or a tiny/small model on a synthetic corpus or a "
@@ -75,17 +74,6 @@ def _format(rec: dict[str, Any], steps: int) -> str:
     return line
 
 
-def _check_rates(args: argparse.Namespace) -> None:
-    """--lr > 0 and --gamma / --alpha / --mtp-lambda >= 0, all finite (nan is refused too; a recipe run
-    checks its own settings the same way)."""
-    for name in ("gamma", "alpha", "mtp_lambda"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be a non-negative number, got {value:g}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a positive number, got {args.lr:g}")
-
-
 def run_recipe_command(args: argparse.Namespace) -> int:
     """`train --recipe NAME`: run the recipe (progress bar, periodic state, FP8 export, plots)."""
     from deepseek_model.recipes.mini_shakespeare import Recipe, run_recipe  # noqa: PLC0415
@@ -123,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    _check_rates(args)
+    check_rates(args.lr, args.gamma, args.alpha, args.mtp_lambda)
     if args.seq_len < 3:
         raise ValueError(f"--seq-len must be >= 3 (MTP targets are two ahead), got {args.seq_len}")
     if args.out and os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):

@@ -33,7 +33,7 @@ from deepseek_model.evaluation import BitsPerByte, bits_per_byte, token_byte_len
 from deepseek_model.recipes.bpe import train_bpe
 from deepseek_model.recipes.shakespeare import Corpus, load_corpus
 from deepseek_model.tokenizer import Tokenizer
-from deepseek_model.training import (ALPHA, GAMMA, MTP_LAMBDA, BiasUpdater, TrainConfig, build_model,
+from deepseek_model.training import (ALPHA, GAMMA, MTP_LAMBDA, BiasUpdater, TrainConfig, build_model, check_rates,
                                      make_optimizer, save_checkpoint, train_step)
 from deepseek_model.training_data import Batch
 
@@ -278,11 +278,7 @@ def run_recipe(out: str, recipe: Recipe = Recipe(), corpus: str | None = None, c
         raise RecipeError(f"--threads must be >= 1, got {threads}")
     if recipe.steps < 1 or recipe.batch_size < 1:
         raise RecipeError(f"steps and batch size must be >= 1, got {recipe.steps} and {recipe.batch_size}")
-    for name in ("gamma", "alpha", "mtp_lambda", "lr"):
-        value = getattr(recipe, name)
-        if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
-            raise RecipeError(f"--{name.replace('_', '-')} must be a {'positive' if name == 'lr' else 'non-negative'} "
-                              f"number, got {value:g}")
+    check_rates(recipe.lr, recipe.gamma, recipe.alpha, recipe.mtp_lambda, error=RecipeError)
     check_out_dir(out, resume)
     if threads:
         torch.set_num_threads(threads)
