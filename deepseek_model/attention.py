@@ -7,8 +7,9 @@ heads; a V3.2 layer also caches one index key per token (IndexKeyCache). The nai
 latents to per-head keys/values with kv_b; the absorbed path folds kv_b into the query and the
 output instead (equal to fp32 round-off). With an indexer, a query whose context holds more than
 index_topk tokens attends to the selected ones only: the absorbed path gathers their latents (work
-∝ index_topk, not context), the naive path masks the others; up to index_topk tokens of context,
-every visible token is selected and the layer runs exactly the dense computation.
+∝ index_topk, not context), the naive path masks the others, and "auto" splits a long chunk where
+gathering gets cheaper than masking (GATHER_PENALTY); up to index_topk tokens of context, every
+visible token is selected and the layer runs exactly the dense computation, unscored.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ GROWTH = 2  # the cache grows geometrically: amortised O(1) copies per token
 FP8_SCALE_MIN = 1e-12  # keeps the per-token scale of an all-zero latent finite
 SPARSE_PREFILL_CHUNK = 256  # queries per masked-attention call of a sparse prefill (causal key cut per chunk)
 GATHER_BYTES = 64 << 20  # sparse absorbed attention gathers the selected latents of this many bytes of queries at once
+# A gathered (absorbed) query-key pair costs this many times its FLOPs relative to a pair of the fused
+# masked kernel: on one AVX-512 core (fp32, 16 heads, 1024 of 8192 keys selected) the gathered GEMMs
+# ran at ~23 GFLOP/s, the masked kernel at ~48. Sets where "auto" starts gathering (~4.7 x index_topk
+# keys at the `small` benchmark config's dims).
+GATHER_PENALTY = 2.1
 INDEX_SCORE_BYTES = 64 << 20  # a long prefill scores this many bytes of (query, key) index logits at once
 
 
@@ -130,6 +136,16 @@ class IndexKeyCache:
             self.scale[:, start_pos:end] = scale
         self.length = end
         return self.keys[:, :end], None if scale is None else self.scale[:, :end]
+
+
+def _visible_positions(mask: torch.Tensor | None, bsz: int, t: int, s: int, device: torch.device) -> torch.Tensor:
+    """(B, T, S) key positions 0…S-1 where an additive (T, S) or (B, 1, T, S) mask allows them (None:
+    all), -1 elsewhere: the selection of queries that see at most index_topk keys."""
+    pos = torch.arange(s, device=device).expand(bsz, t, s)  # (B, T, S)
+    if mask is None:
+        return pos
+    allowed = (mask if mask.dim() == 2 else mask[:, 0]) == 0  # (T, S) or (B, T, S)
+    return torch.where(allowed, pos, -1)  # (B, T, S)
 
 
 def _visible(mask: torch.Tensor | None, b: int, i: int, s: int, device: torch.device) -> torch.Tensor:
@@ -280,13 +296,14 @@ class MLA(nn.Module):
     def _select_chunked(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor | None,
                         mask: torch.Tensor | None) -> torch.Tensor:
         """Top-k selection of a chunk's queries q (B, T, Hi, Di) against keys (B, S, Di), in query
-        blocks of INDEX_SCORE_BYTES of scores, each over the keys up to its last query only (the
-        causal rest cannot be selected): bounded memory and half the work of a long prefill.
-        Returns (B, T, index_topk), -1 = none."""
+        blocks of at most SPARSE_PREFILL_CHUNK queries and INDEX_SCORE_BYTES of scores, each over the
+        keys up to its last query only (the causal rest cannot be selected): bounded memory and half
+        the work of a long prefill. A block whose keys number at most index_topk selects every
+        visible key without being scored. Returns (B, T, index_topk), -1 = none."""
         bsz, t = q.shape[:2]
         s, topk = keys.shape[1], self.indexer.topk
         first = s - t  # query i sits at slot first + i
-        step = max(1, INDEX_SCORE_BYTES // (4 * bsz * s))
+        step = max(1, min(SPARSE_PREFILL_CHUNK, INDEX_SCORE_BYTES // (4 * bsz * s)))
         if step >= t:
             return self.indexer.select(self.indexer.scores(q, w, keys, key_scale, mask))  # (B, T, K)
         out = torch.full((bsz, t, topk), -1, dtype=torch.int64, device=q.device)  # (B, T, K)
@@ -294,8 +311,11 @@ class MLA(nn.Module):
             hi = min(t, lo + step)
             end = first + hi  # keys a later slot holds are hidden from every query of this block
             part = None if mask is None else (mask[lo:hi, :end] if mask.dim() == 2 else mask[:, :, lo:hi, :end])
-            scale = None if key_scale is None else key_scale[:, :end]
-            chosen = self.indexer.select(self.indexer.scores(q[:, lo:hi], w[:, lo:hi], keys[:, :end], scale, part))
+            if end <= topk:
+                chosen = _visible_positions(part, bsz, hi - lo, end, q.device)  # (B, t', end)
+            else:
+                scale = None if key_scale is None else key_scale[:, :end]
+                chosen = self.indexer.select(self.indexer.scores(q[:, lo:hi], w[:, lo:hi], keys[:, :end], scale, part))
             out[:, lo:hi, topk - chosen.shape[-1]:] = chosen  # (B, t', K'): K' = min(K, end)
         return out
 
@@ -363,10 +383,12 @@ class MLA(nn.Module):
             selected = self._selection(q_latent, x, rotary, index_keys, index_scale, mask)  # (B, T, K) or None
         if self.batch_invariant:
             out = self._per_query(q_nope, q_pe, kv, k_pe, mask, selected)
-        elif selected is not None and (self.mode == "absorb" or (self.mode == "auto" and t == 1)):
+        elif selected is not None and t > 1:
+            out = self._sparse_chunk(q_nope, q_pe, kv, k_pe, mask, selected)
+        elif selected is not None and self.mode != "naive":
             out = self._sparse_absorbed(q_nope, q_pe, kv, k_pe, selected)
-        elif selected is not None:  # naive, or a multi-token chunk under auto (measured faster on CPU)
-            out = self._sparse_naive(q_nope, q_pe, kv, k_pe, mask, selected)
+        elif selected is not None:
+            out = self._sparse_naive_step(q_nope, q_pe, kv, k_pe, selected)
         elif self.mode == "naive" or (self.mode == "auto" and t > 1):
             out = self._naive(q_nope, q_pe, kv, k_pe, mask)
         else:
@@ -398,10 +420,13 @@ class MLA(nn.Module):
                                                  scale=self.scale)  # (B, H, T, D)
         return out.transpose(1, 2)[..., :dv]  # (B, T, H, Dv)
 
-    def _naive(self, q_nope, q_pe, kv, k_pe, mask, causal_chunk: int | None = None) -> torch.Tensor:
+    def _naive(self, q_nope, q_pe, kv, k_pe, mask, causal_chunk: int | None = None,
+               selected: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head keys/values expanded from the latents; a masked multi-token chunk runs fused
         attention, in query blocks of `causal_chunk` over the keys up to each block's last query
-        when given (the chunk's queries are the last T slots). Returns (B, T, H, v)."""
+        when given (the chunk's queries are the last T slots), each block also hiding the keys its
+        queries did not select when `selected` (B, T, K) is given and the block sees more than K
+        keys. Returns (B, T, H, v)."""
         bsz, s, _ = kv.shape
         kvb = self.wkv_b(kv).view(bsz, s, self.n_heads, self.nope + self.v_dim)  # (B, S, H, nope+v)
         k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)  # (B, S, H, nope), (B, S, H, v)
@@ -410,12 +435,17 @@ class MLA(nn.Module):
             q = torch.cat([q_nope, q_pe], -1)  # (B, T, H, nope+rope)
             if causal_chunk is None:
                 return self._sdpa(q, k, v, mask)  # (B, T, H, v)
-            t = q.shape[1]
+            t, d = q.shape[1], q.shape[-1]
+            if self.v_dim < d:
+                v = F.pad(v, (0, d - self.v_dim))  # (B, S, H, d): padded once, not per block (_sdpa would)
             out = q_nope.new_empty(bsz, t, self.n_heads, self.v_dim)  # (B, T, H, v)
             for lo in range(0, t, causal_chunk):  # keys past a block's last query (slot s - t + hi - 1) are skipped
                 hi = min(t, lo + causal_chunk)
                 end = s - t + hi
-                out[:, lo:hi] = self._sdpa(q[:, lo:hi], k[:, :end], v[:, :end], mask[..., lo:hi, :end])
+                part = mask[..., lo:hi, :end]  # (t', end) or (B, 1, t', end)
+                if selected is not None and end > selected.shape[-1]:
+                    part = _selection_mask(selected[:, lo:hi], end, q.dtype)  # (B, 1, t', end)
+                out[:, lo:hi] = self._sdpa(q[:, lo:hi], k[:, :end], v[:, :end], part)[..., :self.v_dim]
             return out
         scores = (torch.einsum("bthd,bshd->bths", q_nope, k_nope)
                   + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
@@ -472,17 +502,52 @@ class MLA(nn.Module):
         o_lat = torch.bmm(probs, kv).view(bsz, t, heads, c)  # (B, T, H, c)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
 
-    def _sparse_naive(self, q_nope, q_pe, kv, k_pe, mask, selected) -> torch.Tensor:
-        """Naive MLA over the selected keys: a one-token step expands only its K gathered latents;
-        a multi-token chunk masks every key it did not select, SPARSE_PREFILL_CHUNK queries at a
-        time over the keys up to the chunk's last query. Returns (B, T, H, v)."""
-        if q_nope.shape[1] == 1:
-            idx = selected[:, 0]  # (B, K)
-            kv_sel, pe_sel = _gather_rows(kv, idx[:, None])[:, 0], _gather_rows(k_pe, idx[:, None])[:, 0]  # (B, K, ·)
-            hide = torch.zeros(idx.shape, dtype=q_nope.dtype, device=kv.device).masked_fill_(idx < 0, float("-inf"))
-            return self._naive(q_nope, q_pe, kv_sel, pe_sel, hide[:, None, None, :] if bool((idx < 0).any()) else None)
-        mask = _selection_mask(mask, selected, kv.shape[1], q_nope.dtype)  # (B, 1, T, S)
-        return self._naive(q_nope, q_pe, kv, k_pe, mask, causal_chunk=SPARSE_PREFILL_CHUNK)
+    def _sparse_naive_step(self, q_nope, q_pe, kv, k_pe, selected) -> torch.Tensor:
+        """Naive MLA of a one-token step over its selected keys: only their K gathered latents are
+        expanded. Returns (B, 1, H, v)."""
+        idx = selected[:, 0]  # (B, K)
+        kv_sel, pe_sel = _gather_rows(kv, idx[:, None])[:, 0], _gather_rows(k_pe, idx[:, None])[:, 0]  # (B, K, ·)
+        hide = torch.zeros(idx.shape, dtype=q_nope.dtype, device=kv.device).masked_fill_(idx < 0, float("-inf"))
+        return self._naive(q_nope, q_pe, kv_sel, pe_sel, hide[:, None, None, :] if bool((idx < 0).any()) else None)
+
+    def _gather_split(self, t: int, s: int, k: int) -> int:
+        """The first query (of a chunk of t queries over s keys, the chunk's own last) that gathers its
+        k selected latents rather than masking every other key: 0 in "absorb" mode, t in "naive"
+        mode; in "auto" the first whose visible keys cost more masked (2·(nope + rope) per key and
+        head: the fused kernel pads v) than its k gathered keys ((2·c + rope)·GATHER_PENALTY each)."""
+        if self.mode != "auto":
+            return 0 if self.mode == "absorb" else t
+        gathered = k * (2 * self.kv_lora_rank + self.rope) * GATHER_PENALTY
+        keys_at = int(gathered // (2 * (self.nope + self.rope)))  # a query seeing more keys than this gathers
+        return min(t, max(0, keys_at - (s - t)))  # query i sees s - t + i + 1 keys
+
+    def _sparse_chunk(self, q_nope, q_pe, kv, k_pe, mask, selected) -> torch.Tensor:
+        """MLA of a multi-token chunk over the keys each query selected, split at one query
+        (`_gather_split`): the queries before it run naive attention under a mask that hides the
+        keys they did not select (SPARSE_PREFILL_CHUNK at a time, over the keys up to each block's
+        last query; a block that sees at most index_topk keys needs no selection mask), the rest
+        gather their selected latents (absorbed). Both are exact; the split only moves work.
+
+        Args:
+            q_nope (B, T, H, nope), q_pe (B, T, H, rope), kv (B, S, c), k_pe (B, S, rope);
+            mask: additive (T, S) or (B, 1, T, S), or None (every key visible);
+            selected: (B, T, K) key positions, -1 = none.
+
+        Returns:
+            (B, T, H, v).
+        """
+        t, s = q_nope.shape[1], kv.shape[1]
+        split = self._gather_split(t, s, selected.shape[-1])
+        end = s - t + split  # keys the masked queries can see
+        parts = []
+        if split > 0:
+            m = kv.new_zeros(1, 1, 1, end).expand(1, 1, split, end) if mask is None else mask[..., :split, :end]
+            parts.append(self._naive(q_nope[:, :split], q_pe[:, :split], kv[:, :end], k_pe[:, :end], m,
+                                     SPARSE_PREFILL_CHUNK, selected[:, :split]))  # (B, split, H, v)
+        if split < t:
+            parts.append(self._sparse_absorbed(q_nope[:, split:], q_pe[:, split:], kv, k_pe,
+                                               selected[:, split:]))  # (B, T - split, H, v)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # (B, T, H, v)
 
     def _sparse_absorbed(self, q_nope, q_pe, kv, k_pe, selected) -> torch.Tensor:
         """Absorbed MLA over the selected keys only: each query gathers its K latents (work ∝ K, not
@@ -503,39 +568,40 @@ class MLA(nn.Module):
             o_lat = ops.sparse_mla_decode(q_lat[:, 0], q_pe[:, 0], kv, k_pe, selected[:, 0], self.scale,
                                           backend="triton")  # (B, H, c)
             return torch.einsum("bhc,hvc->bhv", o_lat.to(q_lat.dtype), w_uv).unsqueeze(1)  # (B, 1, H, v)
-        k = selected.shape[-1]
-        per_query = bsz * k * (c + self.rope) * kv.element_size()
-        step = max(1, GATHER_BYTES // max(per_query, 1))
+        k, width = selected.shape[-1], c + self.rope
+        table = torch.cat([kv, k_pe], -1)  # (B, S, c + rope): one row per key, gathered whole
+        q_cat = torch.cat([q_lat, q_pe], -1)  # (B, T, H, c + rope)
+        step = min(t, max(1, GATHER_BYTES // max(bsz * k * width * kv.element_size(), 1)))  # queries per gather
+        buf = kv.new_empty(bsz * step * k * width)  # reused by every block
         o_lat = q_lat.new_empty(bsz, t, heads, c)  # (B, T, H, c)
         for lo in range(0, t, step):
             idx = selected[:, lo:lo + step]  # (B, t', K)
             n = idx.shape[0] * idx.shape[1]  # B·t' queries, each with its own K keys: one bmm batch entry each
-            c_sel = _gather_rows(kv, idx).view(n, k, c)  # (B·t', K, c)
-            r_sel = _gather_rows(k_pe, idx).view(n, k, self.rope)  # (B·t', K, rope)
-            ql = q_lat[:, lo:lo + step].reshape(n, heads, c)  # (B·t', H, c)
-            qr = q_pe[:, lo:lo + step].reshape(n, heads, self.rope)  # (B·t', H, rope)
-            scores = torch.baddbmm(torch.bmm(qr, r_sel.transpose(1, 2)), ql, c_sel.transpose(1, 2))  # (B·t', H, K)
+            rows = _gather_rows(table, idx, buf).view(n, k, width)  # (B·t', K, c + rope)
+            scores = torch.bmm(q_cat[:, lo:lo + step].reshape(n, heads, width), rows.transpose(1, 2))  # (B·t', H, K)
             scores = (scores * self.scale).masked_fill((idx < 0).reshape(n, 1, k), float("-inf"))
             probs = self._softmax(scores, q_lat.dtype)  # (B·t', H, K)
-            o_lat[:, lo:lo + step] = torch.bmm(probs, c_sel).view(*idx.shape[:2], heads, c)  # (B, t', H, c)
+            o_lat[:, lo:lo + step] = torch.bmm(probs, rows[..., :c]).view(*idx.shape[:2], heads, c)  # (B, t', H, c)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows of x (B, S, W) at positions idx (B, T, K) (-1 reads row 0; callers mask it): (B, T, K, W)."""
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of x (B, S, W) at positions idx (B, T, K) (-1 reads row 0; callers mask it): (B, T, K, W),
+    written into the front of the flat buffer `buf` when given (a reused buffer: the first touch of
+    fresh pages costs several times the copy itself)."""
     bsz, t, k = idx.shape
+    w = x.shape[-1]
     flat = idx.clamp_min(0).reshape(bsz, t * k)  # (B, T*K)
-    rows = [x[b].index_select(0, flat[b]) for b in range(bsz)]  # B x (T*K, W): whole-row copies
-    return torch.stack(rows).view(bsz, t, k, x.shape[-1])  # (B, T, K, W)
+    out = (x.new_empty(bsz * t * k * w) if buf is None else buf[:bsz * t * k * w]).view(bsz, t * k, w)  # (B, T*K, W)
+    for b in range(bsz):
+        torch.index_select(x[b], 0, flat[b], out=out[b])  # whole-row copies
+    return out.view(bsz, t, k, w)  # (B, T, K, W)
 
 
-def _selection_mask(mask: torch.Tensor | None, selected: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive (B, 1, T, S) mask that also hides every key a query did not select."""
+def _selection_mask(selected: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive (B, 1, T, S) mask that hides every key a query did not select (a selection
+    holds visible keys only, so it also hides what the causal / padding mask hides)."""
     bsz, t, _ = selected.shape
-    keep = torch.zeros(bsz, t, s + 1, dtype=torch.bool, device=selected.device)  # column S absorbs the -1s
-    keep.scatter_(-1, torch.where(selected < 0, s, selected), True)
-    hide = torch.zeros(bsz, 1, t, s, dtype=dtype, device=selected.device).masked_fill_(~keep[:, None, :, :s],
-                                                                                       float("-inf"))  # (B, 1, T, S)
-    if mask is None:
-        return hide
-    return hide + (mask if mask.dim() == 4 else mask[None, None]).to(dtype)  # (B, 1, T, S)
+    hide = torch.full((bsz, t, s + 1), float("-inf"), dtype=dtype, device=selected.device)  # column S takes the -1s
+    hide.scatter_(-1, torch.where(selected < 0, s, selected), 0.0)
+    return hide[:, None, :, :s]  # (B, 1, T, S)

@@ -129,7 +129,7 @@ class Indexer(nn.Module):
 
     def select(self, scores: torch.Tensor, ordered: bool = False) -> torch.Tensor:
         """The top min(index_topk, S) keys per query: (B, T, K) int64, -1 where fewer keys than K
-        are visible (a masked key is never selected); ascending when `ordered`.
+        are visible (a masked key is never selected); ascending when `ordered`, else in no order.
 
         Equal scores are common (a key whose every head's ReLU is 0 scores exactly 0), and
         torch.topk breaks ties arbitrarily — differently for a prefill row and the same query in a
@@ -139,10 +139,14 @@ class Indexer(nn.Module):
         """
         s = scores.shape[-1]
         k = min(self.topk, s)
-        top, idx = scores.topk(min(k + 1, s), dim=-1)  # (B, T, K+1): one past the boundary
-        after = top[..., k] if k < s else None  # (B, T) the best score left out
-        idx, top = idx[..., :k], top[..., :k]  # (B, T, K)
-        tied = None if after is None else (top[..., -1] == after) & (after > float("-inf"))  # (B, T)
+        top, idx = scores.topk(min(k + 1, s), dim=-1, sorted=False)  # (B, T, K+1) in no order (sorting costs 2x)
+        tied = None
+        if k < s:  # drop the worst of the K+1, the best score left out
+            after, worst = top.min(dim=-1, keepdim=True)  # (B, T, 1)
+            top = top.scatter(-1, worst, top[..., k:])[..., :k]  # (B, T, K): the last column moved into its place
+            idx = idx.scatter(-1, worst, idx[..., k:])[..., :k]  # (B, T, K)
+            after = after[..., 0]  # (B, T)
+            tied = (top.min(dim=-1).values == after) & (after > float("-inf"))  # (B, T) the K-th best == it
         if tied is not None and bool(tied.any()):  # re-rank only the queries with a tie at the boundary
             rows = tied.nonzero(as_tuple=True)  # (b, t) index tensors
             picked = scores[rows].float()  # (N, S)

@@ -105,7 +105,6 @@ def _masked_reference(model, ids) -> torch.Tensor:
     no kernels)."""
     m = model.double()
     try:
-        cfg = m.cfg
         rotary = rotary_table(m.inv_freq, 0, ids.shape[1], m.rope_magnitude)
         x = m.embed(ids)
         t = ids.shape[1]
@@ -155,6 +154,33 @@ def test_prefill_and_cached_decode_equal_the_float64_reference(tiny_v32, ids, at
     scale = ref.abs().max()
     assert (full - ref).abs().max() / scale <= 1e-5
     assert (torch.cat(steps, 1) - ref).abs().max() / scale <= 1e-5
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.0])
+def test_auto_splits_a_chunk_between_masked_and_gathered_queries(tiny_v32, ids, monkeypatch, penalty):
+    """"auto": a chunk's queries that see many more keys than index_topk gather their selected
+    latents, the earlier ones attend under a selection mask in query blocks (the first blocks, with at
+    most index_topk keys, under the plain causal mask and never scored); a prefill and a chunk at
+    position 6, each split inside, equal the float64 reference."""
+    from deepseek_model import attention  # noqa: PLC0415
+
+    model = dsm.from_pretrained(tiny_v32, dtype=torch.float32, weights="bf16", attn="auto")
+    monkeypatch.setattr(attention, "GATHER_PENALTY", penalty)
+    monkeypatch.setattr(attention, "SPARSE_PREFILL_CHUNK", 3)
+    monkeypatch.setattr(attention, "INDEX_SCORE_BYTES", 4 * ids.shape[0] * ids.shape[1] * 2)  # 2 queries a block
+    t = ids.shape[1]
+    split = model.layers[0].attn._gather_split
+    assert 0 < split(t, t, TOPK) < t  # the prefill gathers from its split on
+    chunk_split = split(t - 6, t, TOPK)
+    assert (0 < chunk_split < t - 6) if penalty == 1.0 else chunk_split == 0  # the chunk: split inside / all gathered
+    with torch.no_grad():
+        ref = _masked_reference(model, ids).float()
+        full = model(ids)
+        cache = model.new_cache()
+        chunks = torch.cat([model(ids[:, :6], 0, cache), model(ids[:, 6:], 6, cache)], 1)
+    scale = ref.abs().max()
+    assert (full - ref).abs().max() / scale <= 1e-5
+    assert (chunks - ref).abs().max() / scale <= 1e-5
 
 
 def test_fp8_index_keys_stay_close_to_exact(model):
