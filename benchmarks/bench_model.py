@@ -22,7 +22,9 @@ Reported as ratios against the peer measured in the same run:
   SPARSE_TOPK) against the same weights run as V3 (indexer dropped, every token attended), at
   contexts of 4x (and 8x) index_topk, batch 1: prefill, a decode step of the whole model, and a
   decode step of one layer's attention alone (indexer + selection + attention vs dense attention),
-  as ratios (goal: sparse faster).
+  as ratios (goal: sparse faster); and the prefill crossover: whole-model prefill of the same
+  weights with a smaller index_topk (--crossover-topk) at 4x and 16x it, where a sparse prefill
+  starts to pay off on this CPU.
 Writes results.json, results.md and results.png (matplotlib Agg) into --out.
 
 Usage: python -m deepseek_model.benchmarks.bench_model [--quick] [--out DIR] [--threads N]
@@ -79,6 +81,9 @@ SPARSE_CONTEXTS = (8192, 16384)  # 4 and 8 x SPARSE_TOPK
 QUICK_SPARSE_CONTEXTS = (8192,)
 SPARSE_DECODE_STEPS = 16  # decode steps are short: more of them per trial keep the ratio steady
 SPARSE_LAYER = 1  # the layer whose attention is also timed alone
+CROSSOVER_TOPK = 256  # the prefill crossover's index_topk: small, so that 16 x it stays a quick prefill
+CROSSOVER_MULTIPLES = (4, 16)  # the crossover's prefill contexts, in multiples of its index_topk
+CROSSOVER_TRIALS = 2
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -97,6 +102,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help=f"contexts of the V3.2 sparse-vs-dense comparison (index_topk {SPARSE_TOPK}; default "
                         f"{' '.join(map(str, SPARSE_CONTEXTS))}, --quick {' '.join(map(str, QUICK_SPARSE_CONTEXTS))})")
     p.add_argument("--no-sparse", action="store_true", help="skip the V3.2 sparse-vs-dense comparison")
+    p.add_argument("--crossover-topk", type=int, default=CROSSOVER_TOPK,
+                   help=f"index_topk of the V3.2 prefill crossover rows (contexts "
+                        f"{' and '.join(map(str, CROSSOVER_MULTIPLES))} x it; default {CROSSOVER_TOPK})")
     p.add_argument("--attn", choices=["auto", "absorb", "naive"], default="auto",
                    help="our attention mode (auto: naive math for prefill chunks, absorbed decode)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile decode comparison")
@@ -105,6 +113,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         p.error("--threads: expected a positive integer")
+    if args.crossover_topk < 1:
+        p.error("--crossover-topk: expected a positive integer")
     for name in ("contexts", "batches", "sparse_contexts"):
         vals = getattr(args, name)
         if vals is not None and (not vals or min(vals) < 1):
@@ -342,18 +352,61 @@ def _attention_seconds(model, cache, ctx: int, gen: torch.Generator, steps: int)
     return (time.perf_counter() - t0) / steps
 
 
+def _with_index_topk(src: str, out: str, topk: int) -> str:
+    """A copy of the V3.2 checkpoint `src` in `out` that differs only in config.json's index_topk (the
+    other files are hard links). Returns out."""
+    os.makedirs(out)
+    for name in os.listdir(src):
+        if name == "config.json":
+            with open(os.path.join(src, name), encoding="utf-8") as f:
+                config = json.load(f)
+            with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+                json.dump(dict(config, index_topk=topk), f, indent=2)
+        else:
+            os.link(os.path.join(src, name), os.path.join(out, name))
+    return out
+
+
+def _prefill_crossover(tmp: str, sparse_path: str, dense, args: argparse.Namespace, dtype: torch.dtype,
+                       gen: torch.Generator) -> list[dict]:
+    """Whole-model prefill of the V3.2 weights with index_topk = --crossover-topk vs the same weights
+    as V3, batch 1, at CROSSOVER_MULTIPLES of that index_topk: alternating trials, medians, ratios
+    dense time / sparse time."""
+    topk = args.crossover_topk
+    sparse = from_pretrained(_with_index_topk(sparse_path, os.path.join(tmp, f"v32-top{topk}"), topk), dtype=dtype,
+                             mtp=False, attn=args.attn)
+    rows = []
+    for mult in CROSSOVER_MULTIPLES:
+        ids = torch.randint(0, dense.cfg.vocab_size, (1, mult * topk), generator=gen)
+        times: dict[str, list[float]] = {"sparse": [], "dense": []}
+        for _ in range(CROSSOVER_TRIALS):
+            for name, model in (("sparse", sparse), ("dense", dense)):
+                t0 = time.perf_counter()
+                model.head(model.hidden(ids, 0, model.new_cache())[:, -1])  # as generation prefills
+                times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        row = {"context": mult * topk, "index_topk": topk, "multiple": mult, "batch": 1, "prefill_s": med,
+               "prefill_ratio": med["dense"] / med["sparse"]}
+        rows.append(row)
+        print(f"V3.2 prefill crossover (top {topk}, ctx {mult * topk} = {mult}x): {med['sparse']:.2f} vs "
+              f"{med['dense']:.2f} s ({row['prefill_ratio']:.2f}x)", flush=True)
+    return rows
+
+
 def _sparse_vs_dense(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen: torch.Generator,
-                     trials: int) -> list[dict]:
+                     trials: int) -> tuple[list[dict], list[dict]]:
     """V3.2 (indexer + top-SPARSE_TOPK sparse MLA) vs the same weights as V3 (dense MLA), batch 1, per
     context (all >= 4 x index_topk): prefill once per model (the long prefills make repeats costly),
     then alternating trials of decode steps from that cache, of the whole model and of one layer's
-    attention alone; medians of the trials, ratios dense time / sparse time."""
+    attention alone; medians of the trials, ratios dense time / sparse time. Returns those rows and
+    the prefill crossover's (`_prefill_crossover`)."""
     from deepseek_model.config import builtin_config_dict  # noqa: PLC0415
 
     contexts = args.sparse_contexts or (QUICK_SPARSE_CONTEXTS if args.quick else SPARSE_CONTEXTS)
     base = builtin_config_dict(args.config)
     v32 = dict(base, model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"], index_topk=SPARSE_TOPK,
-               max_position_embeddings=max(base["max_position_embeddings"], max(contexts) + 1), **SPARSE_INDEX)
+               max_position_embeddings=max(base["max_position_embeddings"], max(contexts) + 1,
+                                           max(CROSSOVER_MULTIPLES) * args.crossover_topk + 1), **SPARSE_INDEX)
     sparse_path = make_tiny_checkpoint(os.path.join(tmp, "v32"), v32, fp8=False, seed=args.seed, mtp=False)
     dense_path = write_dense_twin(sparse_path, os.path.join(tmp, "v3"))
     models = {"sparse": from_pretrained(sparse_path, dtype=dtype, mtp=False, attn=args.attn),
@@ -386,7 +439,7 @@ def _sparse_vs_dense(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen
               f"{med['dense'][0] * 1e3:.1f} ms ({row['decode_ratio']:.2f}x), one layer's attention "
               f"{med['sparse'][1] * 1e3:.2f} vs {med['dense'][1] * 1e3:.2f} ms ({row['attention_ratio']:.2f}x)",
               flush=True)
-    return rows
+    return rows, _prefill_crossover(tmp, sparse_path, models["dense"], args, dtype, gen)
 
 
 def _load_hf(path: str, dtype: torch.dtype):
@@ -479,6 +532,9 @@ def _table(report: dict) -> str:
                 f"({r['decode_ratio']:.2f}x), one layer's attention {r['attention_step_s']['sparse'] * 1e3:.2f} vs "
                 f"{r['attention_step_s']['dense'] * 1e3:.2f} ms ({r['attention_ratio']:.2f}x)"
                 for r in report["sparse_attention"]],
+              *[f"- V3.2 prefill crossover (index_topk {r['index_topk']}, context {r['context']} = {r['multiple']} x "
+                f"index_topk, batch 1): {r['prefill_s']['sparse']:.2f} vs {r['prefill_s']['dense']:.2f} s "
+                f"({r['prefill_ratio']:.2f}x)" for r in report.get("sparse_prefill_crossover", [])],
               f"- same weights check (logits max diff vs transformers): {report.get('hf_logit_max_diff')}"]
     return "\n".join(lines) + "\n"
 
@@ -621,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
             report["fp8_cache"] = _fp8_cache_error(ours_model, gen)
             report["weight_only_fp8"] = _weight_only_fp8(tmp, args, dtype, gen, steps, trials)
             report["batch_invariant"] = _batch_invariant_cost(path, ours_model, args, dtype, gen, steps, trials)
-            report["sparse_attention"] = [] if args.no_sparse else _sparse_vs_dense(tmp, args, dtype, gen, trials)
+            report["sparse_attention"], report["sparse_prefill_crossover"] = \
+                ([], []) if args.no_sparse else _sparse_vs_dense(tmp, args, dtype, gen, trials)
         report["compile"] = {"skipped": True} if args.no_compile else _compile_check(ours_model, list(range(1, 65)))
     for k, v in report["goals"].items():
         print(f"goal: {k}: {v}")

@@ -13,7 +13,7 @@ def test_bench_model_smallest(tmp_path, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
     code = bench_model.main(["--config", "tiny", "--contexts", "16", "--batches", "1", "--no-compile", "--threads", "1",
-                             "--sparse-contexts", "64", "--out", str(tmp_path)])
+                             "--sparse-contexts", "64", "--crossover-topk", "4", "--out", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "results.md").read_text().startswith("# bench_model")
@@ -43,3 +43,7 @@ def test_bench_model_smallest(tmp_path, capsys):
     assert sparse["context"] == 64 and sparse["index_topk"] == bench_model.SPARSE_TOPK
     assert sparse["prefill_ratio"] > 0 and sparse["decode_ratio"] > 0 and sparse["attention_ratio"] > 0
     assert "DeepSeek-V3.2 sparse attention" in (tmp_path / "results.md").read_text()
+    crossover = report["sparse_prefill_crossover"]  # the same weights with index_topk 4, at 4x and 16x it
+    assert [(r["index_topk"], r["context"]) for r in crossover] == [(4, 4 * m) for m in bench_model.CROSSOVER_MULTIPLES]
+    assert all(r["prefill_ratio"] == r["prefill_s"]["dense"] / r["prefill_s"]["sparse"] > 0 for r in crossover)
+    assert "V3.2 prefill crossover" in (tmp_path / "results.md").read_text()
