@@ -164,9 +164,11 @@ class MoE(nn.Module):
             out = ops.fused_moe(flat[token], routing.weights[token, slot].unsqueeze(1), ids, *fused, **kw)  # (P, H)
             return self._combine(flat, torch.zeros_like(flat).index_add_(0, token, out)).view(shape)
         first = self.experts[self.lo]
-        if not (self.training or first.w1.is_fp8 or first.w1.fake_fp8 or self.row_tile) and \
-                routing.indices.numel() <= FEW_PAIRS:  # (batch-invariant mode keeps one path for every size)
-            return self._combine(flat, self._few_tokens(flat, routing)).view(shape)
+        if not (self.training or first.w1.is_fp8 or first.w1.fake_fp8 or self.row_tile):
+            # inference on dense weights (batch-invariant mode keeps the per-expert loop for every size)
+            few = routing.indices.numel() <= FEW_PAIRS
+            routed = self._few_tokens(flat, routing) if few else self._sorted_pairs(flat, routing)
+            return self._combine(flat, routed).view(shape)
         y = torch.zeros_like(flat)
         counts = torch.bincount(routing.indices.flatten(), minlength=self.n_experts).tolist()
         for e in range(self.lo, self.hi):
@@ -205,6 +207,34 @@ class MoE(nn.Module):
             else:
                 y.index_add_(0, torch.tensor(rows, device=flat.device), out)
         return y
+
+    def _sorted_pairs(self, flat: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Routed experts for many tokens (prefill): (N, hidden), summed in ascending expert order.
+
+        The (token, expert) pairs are sorted by expert once (stable: tokens ascending within an
+        expert) and their rows gathered once; each expert then runs two GEMMs over its contiguous
+        segment (gate‖up, then down) and one index_add sums every pair into its token in the sorted
+        order, that is in ascending expert order, as the per-expert loop does.
+        """
+        w13, w2 = self._stacked_dense()  # (E_local, 2I, H), (E_local, H, I)
+        inter, k = w2.shape[-1], routing.indices.shape[-1]
+        ids = routing.indices.flatten()  # (N·K,) expert of each (token, slot) pair
+        order = torch.argsort(ids, stable=True)  # (N·K,) pairs by expert, tokens ascending within one
+        counts = torch.bincount(ids, minlength=self.n_experts).tolist()  # one device→host read
+        start, stop = sum(counts[:self.lo]), sum(counts[:self.hi])  # this rank's experts' pairs
+        order = order[start:stop]  # (P,)
+        token = order // k  # (P,) token of each pair
+        x = flat.index_select(0, token)  # (P, hidden): gathered once
+        out = torch.empty_like(x)  # (P, hidden)
+        lo = 0  # the segment of expert e starts here
+        for e in range(self.lo, self.hi):
+            n = counts[e]
+            if n:
+                gate, up = ops.linear(x[lo:lo + n], w13[e - self.lo]).split([inter, inter], dim=-1)  # (n, I)
+                out[lo:lo + n] = ops.linear(F.silu(gate) * up, w2[e - self.lo])  # (n, hidden)
+                lo += n
+        out *= routing.weights.flatten()[order].unsqueeze(-1).to(out.dtype)  # (P, hidden) · (P, 1)
+        return torch.zeros_like(flat).index_add_(0, token, out)  # (N, hidden)
 
     def _stacked_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The local dense experts' weights stacked: (w13 (E_local, 2I, H), w2 (E_local, H, I)).

@@ -1,4 +1,5 @@
-"""The few-token (decoding) path of the MoE layer against its per-expert loop, in float64."""
+"""The few-token (decoding) and sorted-pairs (prefill) paths of the MoE layer against its per-expert
+loop, in float64."""
 
 import torch
 
@@ -71,11 +72,14 @@ def test_stacked_weights_are_the_parameters():
     assert any(n.startswith("experts.") for n in changed)  # the step reached the experts the fast path reads
 
 
-def test_many_tokens_keep_the_loop():
+def test_many_tokens_sorted_by_expert_equal_the_loop():
+    """Past the few-token limit, inference sorts the (token, expert) pairs by expert: same sums in
+    the same (ascending expert) order as the per-expert loop, bit for bit in float64."""
     cfg, moe = _moe(seed=4)
-    n = FEW_PAIRS // cfg.num_experts_per_tok + 1  # just past the few-token limit
-    x = torch.randn(1, n, cfg.hidden_size, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    moe.eval()
-    with torch.no_grad():
-        y = moe(x)
-    torch.testing.assert_close(y, _loop(moe, x), rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(5)
+    for bsz, n in ((1, FEW_PAIRS // cfg.num_experts_per_tok + 1), (2, 37)):  # just past the limit; a batch
+        x = torch.randn(bsz, n, cfg.hidden_size, generator=gen, dtype=torch.float64)
+        moe.eval()
+        with torch.no_grad():
+            y = moe(x)
+        torch.testing.assert_close(y, _loop(moe, x), rtol=0, atol=0)
