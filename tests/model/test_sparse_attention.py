@@ -183,6 +183,31 @@ def test_auto_splits_a_chunk_between_masked_and_gathered_queries(tiny_v32, ids, 
     assert (chunks - ref).abs().max() / scale <= 1e-5
 
 
+@pytest.mark.parametrize("attn", ["auto", "absorb"])
+def test_left_padded_rows_equal_rows_alone_through_split_chunks(tiny_v32, monkeypatch, attn):
+    """A left-padded batch prefill in small query blocks (row masks: padding hidden, selections per
+    row; "auto" split inside, "absorb" gathering every query): each row equals the row run alone."""
+    from deepseek_model import attention  # noqa: PLC0415
+
+    model = dsm.from_pretrained(tiny_v32, dtype=torch.float32, weights="bf16", attn=attn)
+    monkeypatch.setattr(attention, "GATHER_PENALTY", 1.0)
+    monkeypatch.setattr(attention, "SPARSE_PREFILL_CHUNK", 3)
+    lens = torch.tensor([17, 11])
+    t = int(lens.max())
+    monkeypatch.setattr(attention, "INDEX_SCORE_BYTES", 4 * len(lens) * t * 2)  # 2 queries a block
+    split = model.layers[0].attn._gather_split(t, t, TOPK)
+    assert split == 0 if attn == "absorb" else 0 < split < t
+    ids = torch.randint(2, 512, (len(lens), t), generator=torch.Generator().manual_seed(7))
+    pad = t - lens  # (B,)
+    valid = torch.arange(t)[None, :] >= pad[:, None]  # (B, T) left padding
+    positions = (torch.arange(t)[None, :] - pad[:, None]).clamp_min(0)  # (B, T)
+    with torch.no_grad():
+        batch = model.hidden(ids, 0, model.new_cache(), positions=positions, valid=valid)
+        for b, p in enumerate(pad.tolist()):
+            alone = model.hidden(ids[b:b + 1, p:], 0, model.new_cache())[0]
+            assert (batch[b, p:] - alone).abs().max() <= 1e-5 * alone.abs().max()
+
+
 def test_fp8_index_keys_stay_close_to_exact(model):
     """FP8 index keys/queries (Hadamard-rotated, one scale per row) move the index scores by a few
     percent of their range and keep ~all of the exact selection; the cache then holds e4m3 keys."""
