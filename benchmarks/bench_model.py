@@ -367,11 +367,53 @@ def _with_index_topk(src: str, out: str, topk: int) -> str:
     return out
 
 
+def _best_seconds(fn, trials: int = CROSSOVER_TRIALS + 1) -> float:
+    """Best wall time of `trials` calls of fn after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _gather_penalty(model, ctx: int, gen: torch.Generator) -> dict:
+    """The measurement behind attention.GATHER_PENALTY, at layer SPARSE_LAYER of `model`: one block of
+    SPARSE_PREFILL_CHUNK queries at the end of a ctx-long context, each with index_topk random
+    visible keys; seconds per gathered (query, key) pair of the absorbed path over seconds per
+    (query, key) pair of the masked naive path (its kv_b expansion of the cache excluded), divided by
+    the ratio of their FLOPs per pair."""
+    from deepseek_model import attention  # noqa: PLC0415
+    from deepseek_model.model import causal_mask  # noqa: PLC0415
+
+    attn, dtype = model.layers[SPARSE_LAYER].attn, model.spec.dtype
+    t, k = min(attention.SPARSE_PREFILL_CHUNK, ctx), attn.indexer.topk
+    kv = torch.randn(1, ctx, attn.kv_lora_rank, generator=gen).to(dtype)  # (1, S, c)
+    pe = torch.randn(1, ctx, attn.rope, generator=gen).to(dtype)  # (1, S, rope)
+    q_nope = torch.randn(1, t, attn.n_heads, attn.nope, generator=gen).to(dtype)  # (1, T, H, nope)
+    q_pe = torch.randn(1, t, attn.n_heads, attn.rope, generator=gen).to(dtype)  # (1, T, H, rope)
+    selected = torch.full((1, t, k), -1, dtype=torch.int64)  # (1, T, K)
+    for i in range(t):
+        picked = torch.randperm(ctx - t + i + 1, generator=gen)[:k]  # visible keys of query i
+        selected[0, i, :picked.numel()] = picked
+    mask = causal_mask(t, ctx - t, dtype, kv.device)  # (T, S)
+    gathered = _best_seconds(lambda: attn._sparse_absorbed(q_nope, q_pe, kv, pe, selected))
+    masked = _best_seconds(lambda: attn._naive(q_nope, q_pe, kv, pe, mask, attention.SPARSE_PREFILL_CHUNK, selected))
+    expansion = _best_seconds(lambda: attn.wkv_b(kv))
+    per_pair = (gathered / (t * k)) / (max(masked - expansion, 1e-9) / (t * ctx))
+    flops = (2 * attn.kv_lora_rank + attn.rope) / (2 * (attn.nope + attn.rope))  # gathered / masked, per pair
+    out = {"context": ctx, "queries": t, "index_topk": k, "time_ratio_per_pair": per_pair,
+           "measured": per_pair / flops, "used": attention.GATHER_PENALTY}
+    print(f"gather penalty (ctx {ctx}, top {k}): measured {out['measured']:.2f}, used {out['used']}", flush=True)
+    return out
+
+
 def _prefill_crossover(tmp: str, sparse_path: str, dense, args: argparse.Namespace, dtype: torch.dtype,
-                       gen: torch.Generator) -> list[dict]:
+                       gen: torch.Generator) -> dict:
     """Whole-model prefill of the V3.2 weights with index_topk = --crossover-topk vs the same weights
     as V3, batch 1, at CROSSOVER_MULTIPLES of that index_topk: alternating trials, medians, ratios
-    dense time / sparse time."""
+    dense time / sparse time ("rows"); and the gather penalty measured at the longest of them."""
     topk = args.crossover_topk
     sparse = from_pretrained(_with_index_topk(sparse_path, os.path.join(tmp, f"v32-top{topk}"), topk), dtype=dtype,
                              mtp=False, attn=args.attn)
@@ -390,11 +432,11 @@ def _prefill_crossover(tmp: str, sparse_path: str, dense, args: argparse.Namespa
         rows.append(row)
         print(f"V3.2 prefill crossover (top {topk}, ctx {mult * topk} = {mult}x): {med['sparse']:.2f} vs "
               f"{med['dense']:.2f} s ({row['prefill_ratio']:.2f}x)", flush=True)
-    return rows
+    return {"rows": rows, "gather_penalty": _gather_penalty(sparse, max(CROSSOVER_MULTIPLES) * topk, gen)}
 
 
 def _sparse_vs_dense(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen: torch.Generator,
-                     trials: int) -> tuple[list[dict], list[dict]]:
+                     trials: int) -> tuple[list[dict], dict]:
     """V3.2 (indexer + top-SPARSE_TOPK sparse MLA) vs the same weights as V3 (dense MLA), batch 1, per
     context (all >= 4 x index_topk): prefill once per model (the long prefills make repeats costly),
     then alternating trials of decode steps from that cache, of the whole model and of one layer's
@@ -534,7 +576,10 @@ def _table(report: dict) -> str:
                 for r in report["sparse_attention"]],
               *[f"- V3.2 prefill crossover (index_topk {r['index_topk']}, context {r['context']} = {r['multiple']} x "
                 f"index_topk, batch 1): {r['prefill_s']['sparse']:.2f} vs {r['prefill_s']['dense']:.2f} s "
-                f"({r['prefill_ratio']:.2f}x)" for r in report.get("sparse_prefill_crossover", [])],
+                f"({r['prefill_ratio']:.2f}x)" for r in report["sparse_prefill_crossover"].get("rows", [])],
+              *([f"- gather penalty (the cost ratio behind auto's masked / gathered split, per pair and FLOP): "
+                 f"{report['sparse_prefill_crossover']['gather_penalty']}"]
+                if "gather_penalty" in report["sparse_prefill_crossover"] else []),
               f"- same weights check (logits max diff vs transformers): {report.get('hf_logit_max_diff')}"]
     return "\n".join(lines) + "\n"
 
@@ -678,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             report["weight_only_fp8"] = _weight_only_fp8(tmp, args, dtype, gen, steps, trials)
             report["batch_invariant"] = _batch_invariant_cost(path, ours_model, args, dtype, gen, steps, trials)
             report["sparse_attention"], report["sparse_prefill_crossover"] = \
-                ([], []) if args.no_sparse else _sparse_vs_dense(tmp, args, dtype, gen, trials)
+                ([], {}) if args.no_sparse else _sparse_vs_dense(tmp, args, dtype, gen, trials)
         report["compile"] = {"skipped": True} if args.no_compile else _compile_check(ours_model, list(range(1, 65)))
     for k, v in report["goals"].items():
         print(f"goal: {k}: {v}")
