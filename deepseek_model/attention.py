@@ -568,20 +568,21 @@ class MLA(nn.Module):
             o_lat = ops.sparse_mla_decode(q_lat[:, 0], q_pe[:, 0], kv, k_pe, selected[:, 0], self.scale,
                                           backend="triton")  # (B, H, c)
             return torch.einsum("bhc,hvc->bhv", o_lat.to(q_lat.dtype), w_uv).unsqueeze(1)  # (B, 1, H, v)
-        k, width = selected.shape[-1], c + self.rope
-        table = torch.cat([kv, k_pe], -1)  # (B, S, c + rope): one row per key, gathered whole
-        q_cat = torch.cat([q_lat, q_pe], -1)  # (B, T, H, c + rope)
-        step = min(t, max(1, GATHER_BYTES // max(bsz * k * width * kv.element_size(), 1)))  # queries per gather
-        buf = kv.new_empty(bsz * step * k * width)  # reused by every block
+        k = selected.shape[-1]
+        step = min(t, max(1, GATHER_BYTES // max(bsz * k * (c + self.rope) * kv.element_size(), 1)))  # queries
+        buf_c, buf_r = kv.new_empty(bsz * step * k * c), k_pe.new_empty(bsz * step * k * self.rope)  # reused
         o_lat = q_lat.new_empty(bsz, t, heads, c)  # (B, T, H, c)
         for lo in range(0, t, step):
             idx = selected[:, lo:lo + step]  # (B, t', K)
             n = idx.shape[0] * idx.shape[1]  # B·t' queries, each with its own K keys: one bmm batch entry each
-            rows = _gather_rows(table, idx, buf).view(n, k, width)  # (B·t', K, c + rope)
-            scores = torch.bmm(q_cat[:, lo:lo + step].reshape(n, heads, width), rows.transpose(1, 2))  # (B·t', H, K)
+            c_sel = _gather_rows(kv, idx, buf_c).view(n, k, c)  # (B·t', K, c)
+            r_sel = _gather_rows(k_pe, idx, buf_r).view(n, k, self.rope)  # (B·t', K, rope)
+            ql = q_lat[:, lo:lo + step].reshape(n, heads, c)  # (B·t', H, c)
+            qr = q_pe[:, lo:lo + step].reshape(n, heads, self.rope)  # (B·t', H, rope)
+            scores = torch.baddbmm(torch.bmm(qr, r_sel.transpose(1, 2)), ql, c_sel.transpose(1, 2))  # (B·t', H, K)
             scores = (scores * self.scale).masked_fill((idx < 0).reshape(n, 1, k), float("-inf"))
             probs = self._softmax(scores, q_lat.dtype)  # (B·t', H, K)
-            o_lat[:, lo:lo + step] = torch.bmm(probs, rows[..., :c]).view(*idx.shape[:2], heads, c)  # (B, t', H, c)
+            o_lat[:, lo:lo + step] = torch.bmm(probs, c_sel).view(*idx.shape[:2], heads, c)  # (B, t', H, c)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
 
 
