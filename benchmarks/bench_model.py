@@ -417,6 +417,9 @@ def _prefill_crossover(tmp: str, sparse_path: str, dense, args: argparse.Namespa
     topk = args.crossover_topk
     sparse = from_pretrained(_with_index_topk(sparse_path, os.path.join(tmp, f"v32-top{topk}"), topk), dtype=dtype,
                              mtp=False, attn=args.attn)
+    warm = torch.randint(0, dense.cfg.vocab_size, (1, WARMUP_CONTEXT), generator=gen)
+    for model in (sparse, dense):  # first-call costs (stacking the experts' weights) stay out of the timings
+        model.hidden(warm, 0, model.new_cache())
     rows = []
     for mult in CROSSOVER_MULTIPLES:
         ids = torch.randint(0, dense.cfg.vocab_size, (1, mult * topk), generator=gen)
