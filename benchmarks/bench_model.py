@@ -122,17 +122,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def copy_bandwidth(trials: int = TRIALS) -> float:
-    """Bytes moved per second (read + write) by a large tensor copy, measured now."""
-    src = torch.ones(COPY_BYTES // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up: page in both buffers
+def _best_seconds(fn, trials: int = CROSSOVER_TRIALS + 1) -> float:
+    """Best wall time of `trials` calls of fn after one warm-up call."""
+    fn()
     best = float("inf")
     for _ in range(trials):
         t0 = time.perf_counter()
-        dst.copy_(src)
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return 2 * COPY_BYTES / best
+    return best
+
+
+def copy_bandwidth(trials: int = TRIALS) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy, measured now (the warm-up call
+    pages in both buffers)."""
+    src = torch.ones(COPY_BYTES // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / _best_seconds(lambda: dst.copy_(src), trials)
 
 
 def active_weight_bytes(cfg: ModelConfig, element_size: int) -> int:
@@ -160,13 +166,7 @@ def gemm_rate(dtype: torch.dtype, trials: int = TRIALS) -> float:
     now (best of `trials`; AMX runs the bfloat16 one where the CPU has it)."""
     a = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
     b = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
-    a @ b  # warm-up: kernel selection, page-in
-    best = float("inf")
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * GEMM_SIZE ** 3 / best
+    return 2 * GEMM_SIZE ** 3 / _best_seconds(lambda: a @ b, trials)  # warm-up: kernel selection, page-in
 
 
 def prefill_flops_per_token(cfg: ModelConfig, ctx: int) -> float:
@@ -367,17 +367,6 @@ def _with_index_topk(src: str, out: str, topk: int) -> str:
     return out
 
 
-def _best_seconds(fn, trials: int = CROSSOVER_TRIALS + 1) -> float:
-    """Best wall time of `trials` calls of fn after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _gather_penalty(model, ctx: int, gen: torch.Generator) -> dict:
     """The measurement behind attention.GATHER_PENALTY, at layer SPARSE_LAYER of `model`: one block of
     SPARSE_PREFILL_CHUNK queries at the end of a ctx-long context, each with index_topk random
@@ -402,7 +391,8 @@ def _gather_penalty(model, ctx: int, gen: torch.Generator) -> dict:
     masked = _best_seconds(lambda: attn._naive(q_nope, q_pe, kv, pe, mask, attention.SPARSE_PREFILL_CHUNK, selected))
     expansion = _best_seconds(lambda: attn.wkv_b(kv))
     per_pair = (gathered / (t * k)) / (max(masked - expansion, 1e-9) / (t * ctx))
-    flops = (2 * attn.kv_lora_rank + attn.rope) / (2 * (attn.nope + attn.rope))  # gathered / masked, per pair
+    masked_flops, gathered_flops = attn.pair_flops()
+    flops = gathered_flops / masked_flops  # per pair
     out = {"context": ctx, "queries": t, "index_topk": k, "time_ratio_per_pair": per_pair,
            "measured": per_pair / flops, "used": attention.GATHER_PENALTY}
     print(f"gather penalty (ctx {ctx}, top {k}): measured {out['measured']:.2f}, used {out['used']}", flush=True)

@@ -510,15 +510,20 @@ class MLA(nn.Module):
         hide = torch.zeros(idx.shape, dtype=q_nope.dtype, device=kv.device).masked_fill_(idx < 0, float("-inf"))
         return self._naive(q_nope, q_pe, kv_sel, pe_sel, hide[:, None, None, :] if bool((idx < 0).any()) else None)
 
+    def pair_flops(self) -> tuple[int, int]:
+        """Multiply-adds per (query, key) pair and head of a multi-token chunk: (masked naive, gathered
+        absorbed) = (2·(nope + rope): the fused kernel pads v to nope + rope, 2·kv_lora_rank + rope)."""
+        return 2 * (self.nope + self.rope), 2 * self.kv_lora_rank + self.rope
+
     def _gather_split(self, t: int, s: int, k: int) -> int:
         """The first query (of a chunk of t queries over s keys, the chunk's own last) that gathers its
         k selected latents rather than masking every other key: 0 in "absorb" mode, t in "naive"
-        mode; in "auto" the first whose visible keys cost more masked (2·(nope + rope) per key and
-        head: the fused kernel pads v) than its k gathered keys ((2·c + rope)·GATHER_PENALTY each)."""
+        mode; in "auto" the first whose visible keys cost more masked than its k gathered keys
+        (`pair_flops`, the gathered ones weighted by GATHER_PENALTY)."""
         if self.mode != "auto":
             return 0 if self.mode == "absorb" else t
-        gathered = k * (2 * self.kv_lora_rank + self.rope) * GATHER_PENALTY
-        keys_at = int(gathered // (2 * (self.nope + self.rope)))  # a query seeing more keys than this gathers
+        masked, gathered = self.pair_flops()
+        keys_at = int(k * gathered * GATHER_PENALTY // masked)  # a query seeing more keys than this gathers
         return min(t, max(0, keys_at - (s - t)))  # query i sees s - t + i + 1 keys
 
     def _sparse_chunk(self, q_nope, q_pe, kv, k_pe, mask, selected) -> torch.Tensor:

@@ -187,8 +187,6 @@ class MoE(nn.Module):
         expert is two GEMMs over its stacked weights (gate‖up, then down). Every token adds its
         experts' outputs to zero in ascending expert order, as the per-expert loop does.
         """
-        w13, w2 = self._stacked_dense()  # (E_local, 2I, H), (E_local, H, I)
-        inter = w2.shape[-1]
         chosen = routing.indices.tolist()  # (N, K) expert ids, one device→host read
         combine = torch.zeros(len(chosen), self.n_experts, dtype=flat.dtype, device=flat.device).scatter_(
             1, routing.indices, routing.weights.to(flat.dtype))  # (N, E): weight of expert e for token n, or 0
@@ -200,8 +198,7 @@ class MoE(nn.Module):
                 x, w = flat[span], combine[span, e:e + 1]  # (n_e, hidden), (n_e, 1)
             else:
                 x, w = flat[rows], combine[rows, e:e + 1]
-            gate, up = ops.linear(x, w13[e - self.lo], row_tile=self.row_tile).split([inter, inter], dim=-1)  # (n_e, I)
-            out = ops.linear(F.silu(gate) * up, w2[e - self.lo], row_tile=self.row_tile) * w  # (n_e, hidden)
+            out = self._stacked_expert(x, e) * w  # (n_e, hidden)
             if rows[-1] - rows[0] + 1 == len(rows):
                 y[span] += out
             else:
@@ -216,8 +213,7 @@ class MoE(nn.Module):
         segment (gate‖up, then down) and one index_add sums every pair into its token in the sorted
         order, that is in ascending expert order, as the per-expert loop does.
         """
-        w13, w2 = self._stacked_dense()  # (E_local, 2I, H), (E_local, H, I)
-        inter, k = w2.shape[-1], routing.indices.shape[-1]
+        k = routing.indices.shape[-1]
         ids = routing.indices.flatten()  # (N·K,) expert of each (token, slot) pair
         order = torch.argsort(ids, stable=True)  # (N·K,) pairs by expert, tokens ascending within one
         counts = torch.bincount(ids, minlength=self.n_experts).tolist()  # one device→host read
@@ -230,11 +226,17 @@ class MoE(nn.Module):
         for e in range(self.lo, self.hi):
             n = counts[e]
             if n:
-                gate, up = ops.linear(x[lo:lo + n], w13[e - self.lo]).split([inter, inter], dim=-1)  # (n, I)
-                out[lo:lo + n] = ops.linear(F.silu(gate) * up, w2[e - self.lo])  # (n, hidden)
+                out[lo:lo + n] = self._stacked_expert(x[lo:lo + n], e)  # (n, hidden)
                 lo += n
         out *= routing.weights.flatten()[order].unsqueeze(-1).to(out.dtype)  # (P, hidden) · (P, 1)
         return torch.zeros_like(flat).index_add_(0, token, out)  # (N, hidden)
+
+    def _stacked_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Routed expert e on rows x (n, hidden) from the stacked weights: two GEMMs (gate‖up, then
+        down) → (n, hidden)."""
+        w13, w2 = self._stacked_dense()  # (E_local, 2I, H), (E_local, H, I)
+        gate, up = ops.linear(x, w13[e - self.lo]).split([w2.shape[-1]] * 2, dim=-1)  # (n, I), (n, I)
+        return ops.linear(F.silu(gate) * up, w2[e - self.lo])  # (n, hidden)
 
     def _stacked_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The local dense experts' weights stacked: (w13 (E_local, 2I, H), w2 (E_local, H, I)).
