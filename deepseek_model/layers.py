@@ -15,7 +15,8 @@ from torch import nn
 
 from deepseek_model import fp8_training
 from deepseek_model.constants import FP8_DTYPE, block_grid
-from deepseek_model.kernels import ops
+from deepseek_model.kernels import cpu_pack, ops
+from deepseek_model.kernels.cpu_pack import PackedWeight
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
 
 
@@ -95,6 +96,7 @@ class Linear(nn.Module):
                                       requires_grad=False)
         else:
             self.register_parameter("scale", None)
+        self.packed: PackedWeight | None = None  # a oneDNN-blocked copy of the weight, made by pack()
 
     @property
     def is_fp8(self) -> bool:
@@ -108,11 +110,24 @@ class Linear(nn.Module):
             return ops.weight_dequant(self.weight, self.scale, self.spec.block_size, dtype)
         return self.weight.to(dtype)
 
+    def pack(self) -> int:
+        """Make the oneDNN-blocked copy that CPU inference GEMMs then read (see kernels.cpu_pack).
+
+        Returns:
+            Bytes allocated (0 where the weight is not a float32/bfloat16 CPU weight: fp8 weights,
+            batch-invariant GEMMs and emulated-FP8 training keep their own paths).
+        """
+        if self.fake_fp8 or self.spec.row_tile is not None or not cpu_pack.packable(self.weight):
+            return 0
+        self.packed = PackedWeight.of(self.weight)
+        return self.packed.nbytes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fake_fp8:
             return fp8_training.fp8_linear(x, self.weight, self.spec.block_size, self.spec.scale_fmt)
         return ops.linear(x, self.weight, self.scale, backend=self.spec.backend, block_size=self.spec.block_size,
-                          scale_fmt=self.spec.scale_fmt, w8a8=self.spec.w8a8, row_tile=self.spec.row_tile)
+                          scale_fmt=self.spec.scale_fmt, w8a8=self.spec.w8a8, row_tile=self.spec.row_tile,
+                          packed=self.packed)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
@@ -165,7 +180,15 @@ class ParallelHead(nn.Module):
         super().__init__()
         self.ctx, self.row_tile = ctx, row_tile
         self.weight = nn.Parameter(torch.empty(ctx.split(vocab_size, "vocab_size"), dim, dtype=dtype, device=device))
+        self.packed: PackedWeight | None = None  # a oneDNN-blocked copy of the weight, made by pack()
+
+    def pack(self) -> int:
+        """Make the oneDNN-blocked copy of the head's weight; returns the bytes allocated (see Linear.pack)."""
+        if self.row_tile is not None or not cpu_pack.packable(self.weight):
+            return 0
+        self.packed = PackedWeight.of(self.weight)
+        return self.packed.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = ops.linear(x, self.weight, row_tile=self.row_tile).float()  # (B, T, V/world)
+        logits = ops.linear(x, self.weight, row_tile=self.row_tile, packed=self.packed).float()  # (B, T, V/world)
         return self.ctx.all_gather(logits, dim=-1)

@@ -307,7 +307,8 @@ def _load(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | st
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                     device: torch.device | str = "cpu", attn: str = "absorb", weights: str = "auto",
                     mtp: bool = True, max_seq_len: int | None = None, parallel: ParallelContext | None = None,
-                    backend: str = "torch", check_values: bool = True, batch_invariant: bool = False) -> Transformer:
+                    backend: str = "torch", check_values: bool = True, batch_invariant: bool = False,
+                    cpu_pack: bool = False) -> Transformer:
     """Load a DeepSeek-V2/V3 model from an HF checkpoint directory (or a `convert shard` output).
 
     Args:
@@ -336,6 +337,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
             batch, prefilled at once or in chunks, verified as one token or with a draft (GEMMs on
             fixed 4-row tiles, attention per query over exactly its keys, no grouped expert op);
             greedy MTP speculative decoding then equals plain greedy in every weight mode and dtype.
+        cpu_pack: also keep a oneDNN-blocked copy of every float32/bfloat16 projection weight, which
+            inference GEMMs read instead (Transformer.pack_for_cpu): faster CPU prefill and batched
+            decoding, and bfloat16 decoding, for a second copy of those weights in memory. CPU only;
+            not with batch_invariant (its GEMMs run on fixed row tiles).
 
     Returns:
         The model in eval mode.
@@ -348,12 +353,19 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    if cpu_pack and torch.device(device).type != "cpu":
+        raise ValueError(f"cpu_pack=True packs weights for CPU GEMMs; the model is loaded on device={str(device)!r}")
+    if cpu_pack and batch_invariant:
+        raise ValueError("cpu_pack=True and batch_invariant=True exclude each other: batch-invariant GEMMs run "
+                         "on fixed row tiles of the weights themselves")
     dtype = _as_dtype(dtype)
     ctx = parallel or SINGLE_PROCESS
     error, model = None, None
     try:
         model = _load(path, dtype, device, attn, weights, mtp, max_seq_len, ctx, backend, check_values,
                       batch_invariant)
+        if cpu_pack:
+            model.pack_for_cpu()
     except Exception as e:  # every rank must learn about a failure on any rank
         error = e
     ctx.check_all(error, "loading the checkpoint")

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deepseek_model import memory
 from deepseek_model.attention import MLA, IndexKeyCache, LatentCache
 from deepseek_model.config import ModelConfig
+from deepseek_model.kernels import cpu_pack
 from deepseek_model.layers import Linear, LinearSpec, ParallelEmbedding, ParallelHead, RMSNorm
 from deepseek_model.moe import MLP, MoE, Routing
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
@@ -210,6 +212,31 @@ class Transformer(nn.Module):
     def has_mtp(self) -> bool:
         """Whether the MTP module is present."""
         return self.mtp is not None
+
+    def pack_for_cpu(self) -> int:
+        """Give every float32/bfloat16 projection on the CPU a oneDNN-blocked copy of its weight,
+        which inference GEMMs then read (faster wherever the rows are few; see kernels.cpu_pack).
+
+        The copies are snapshots: a weight changed or replaced afterwards is read directly again, and
+        GEMMs that need a gradient never use them. fp8 weights, batch-invariant GEMMs and emulated-FP8
+        training are left as they are. The memory is checked before any copy is made.
+
+        Returns:
+            Bytes allocated for the copies.
+
+        Raises:
+            RuntimeError: this torch build has no oneDNN.
+            InsufficientMemory: the copies would not fit in the memory available.
+        """
+        if not cpu_pack.available():
+            raise RuntimeError("pack_for_cpu: this torch build has no oneDNN (torch.backends.mkldnn)")
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        in_moe = {id(lin) for m in moes for ex in m.experts if ex is not None for lin in (ex.w1, ex.w2, ex.w3)}
+        linears = [m for m in self.modules() if isinstance(m, (Linear, ParallelHead)) and id(m) not in in_moe]
+        need = sum(m.weight.numel() * m.weight.element_size() for m in self.modules()
+                   if isinstance(m, (Linear, ParallelHead)) and cpu_pack.packable(m.weight))  # experts included
+        memory.require(need, "packing the weights for CPU GEMMs (a second copy of every float projection)")
+        return sum(m.pack() for m in moes) + sum(lin.pack() for lin in linears)
 
     def new_cache(self, fp8: bool = False, index_fp8: bool | None = None) -> Cache:
         """An empty latent cache; it grows as tokens are written.

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_model.config import ModelConfig
-from deepseek_model.kernels import ops
+from deepseek_model.kernels import cpu_pack, ops
+from deepseek_model.kernels.cpu_pack import PackedWeight
 from deepseek_model.layers import ColumnParallelLinear, Linear, LinearSpec, RowParallelLinear
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
 
@@ -141,6 +142,21 @@ class MoE(nn.Module):
              for e in range(cfg.n_routed_experts)])
         self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, spec, ctx)
                                if cfg.n_shared_experts else None)
+        self.packed_experts: list[tuple[PackedWeight, PackedWeight]] | None = None  # made by pack()
+
+    def pack(self) -> int:
+        """oneDNN-blocked copies of the local routed experts' stacked weights (gate‖up and down,
+        per expert), read by CPU inference GEMMs (see kernels.cpu_pack); the shared experts are
+        packed as Linears. Returns the bytes allocated (0 for fp8, emulated-FP8 or batch-invariant
+        experts, which keep their own paths)."""
+        first = self.experts[self.lo]
+        if first.w1.is_fp8 or first.w1.fake_fp8 or self.row_tile or not cpu_pack.packable(first.w1.weight):
+            return 0
+        w13, w2 = self._stacked_dense()  # (E_local, 2I, H), (E_local, H, I); the parameters view them
+        local = [self.experts[e] for e in range(self.lo, self.hi)]
+        self.packed_experts = [(PackedWeight.of(w13[i], sources=(ex.w1.weight, ex.w3.weight)),
+                                PackedWeight.of(w2[i], sources=(ex.w2.weight,))) for i, ex in enumerate(local)]
+        return sum(a.nbytes + b.nbytes for a, b in self.packed_experts)
 
     def forward(self, x: torch.Tensor, router: list[Routing] | None = None) -> torch.Tensor:
         """(..., hidden) → (..., hidden); the routing decision is appended to `router` when given."""
@@ -235,8 +251,9 @@ class MoE(nn.Module):
         """Routed expert e on rows x (n, hidden) from the stacked weights: two GEMMs (gate‖up, then
         down) → (n, hidden)."""
         w13, w2 = self._stacked_dense()  # (E_local, 2I, H), (E_local, H, I)
-        gate, up = ops.linear(x, w13[e - self.lo]).split([w2.shape[-1]] * 2, dim=-1)  # (n, I), (n, I)
-        return ops.linear(F.silu(gate) * up, w2[e - self.lo])  # (n, hidden)
+        p13, p2 = self.packed_experts[e - self.lo] if self.packed_experts else (None, None)
+        gate, up = ops.linear(x, w13[e - self.lo], packed=p13).split([w2.shape[-1]] * 2, dim=-1)  # (n, I), (n, I)
+        return ops.linear(F.silu(gate) * up, w2[e - self.lo], packed=p2)  # (n, hidden)
 
     def _stacked_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The local dense experts' weights stacked: (w13 (E_local, 2I, H), w2 (E_local, H, I)).

@@ -13,14 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from deepseek_model.kernels import reference
+from deepseek_model.kernels.cpu_pack import PackedWeight
 
 BACKENDS = ("auto", "torch", "triton")
 FP8_DTYPE = reference.FP8_DTYPE
-# CPU decoding: with 2–4 rows, y = x·Wᵀ runs as W·Xᵀ (Xᵀ a transposed view). A GEMM with a narrow
-# right-hand side streams W once; the x·Wᵀ layout of 2–4 rows measured 1.0–1.8x slower on weights
-# that are not in cache (1 thread, fp32, shapes 80x256 to 4096x256), and from 8 rows on it is the
-# faster one. A single row pays for padding to two, which only wins on weights of at least
-# NARROW_MIN_WEIGHT elements (768x256 and up).
+# CPU float32 decoding: with 2–4 rows, y = x·Wᵀ runs as W·Xᵀ (Xᵀ a transposed view). A GEMM with a
+# narrow right-hand side streams W once; the x·Wᵀ layout of 2–4 rows measured 1.0–1.8x slower on
+# weights that are not in cache (1 thread, fp32, shapes 80x256 to 4096x256), and from 8 rows on it
+# is the faster one. A single row pays for padding to two, which only wins on weights of at least
+# NARROW_MIN_WEIGHT elements (768x256 and up). bfloat16 stays on F.linear: there W·Xᵀ measured 1.8x
+# slower at 1–4 rows (1 thread, 1024x1024: 5.3 vs 9.6 GB/s).
 CPU_NARROW_ROWS = 4
 INVARIANT_ROWS = 1  # batch-invariant mode: every GEMM runs one row at a time (a row's place in a
 # multi-row tile changed its rounding in MKL for odd widths, measured), always with the same kernel
@@ -82,7 +84,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Ten
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, backend: str = "torch", block_size: int = reference.BLOCK,
-           scale_fmt: str | None = None, w8a8: bool = True, row_tile: int | None = None) -> torch.Tensor:
+           scale_fmt: str | None = None, w8a8: bool = True, row_tile: int | None = None,
+           packed: PackedWeight | None = None) -> torch.Tensor:
     """y = x·Wᵀ (+ bias), the single choke point of every projection.
 
     The weight's dtype decides the path: a float8_e4m3fn weight (with its block `scale`) runs
@@ -101,6 +104,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
         w8a8: for an fp8 weight, quantize the activations too (else dequantize the weight).
         row_tile: batch-invariant mode: rows go through GEMMs of exactly this many rows (the last
             tile zero-padded), so a row's result never depends on how many rows came with it.
+        packed: a oneDNN-blocked copy of this float weight (kernels.cpu_pack); used where it
+            serves x (CPU, same dtype, enough rows, weight unchanged since packing, no gradient
+            needed, no row_tile), else the weight itself is used.
 
     Returns:
         [..., N] in x.dtype.
@@ -112,9 +118,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
             raise ValueError("linear: an fp8 weight needs its block scale")
         weight = weight_dequant(weight, scale, block_size, x.dtype)  # (N, K) for this GEMM only
     if weight.dtype != FP8_DTYPE:
+        if packed is not None and packed.serves(x, weight):
+            return packed.linear(x, bias)
         w = weight.to(x.dtype)
         rows = x.numel() // max(x.shape[-1], 1)
-        if x.device.type == "cpu" and 0 < rows <= CPU_NARROW_ROWS and (rows > 1 or w.numel() >= NARROW_MIN_WEIGHT):
+        narrow = 0 < rows <= CPU_NARROW_ROWS and (rows > 1 or w.numel() >= NARROW_MIN_WEIGHT)
+        if narrow and x.device.type == "cpu" and x.dtype == torch.float32:
             return _narrow_linear(x, w, bias)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     if scale is None:
