@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import deepseek_model as dsm
+from deepseek_model import attention
 from deepseek_model.attention import LatentCache
 
 
@@ -19,6 +20,32 @@ def test_absorbed_equals_naive(models):
     diff = (a - n).abs().max().item()
     print(f"absorb vs naive max diff {diff:.3g}")
     assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("max_keys", [0, 4096])
+def test_naive_chunks_through_gemms_or_the_fused_kernel_equal_absorbed(models, monkeypatch, max_keys):
+    """Naive multi-token chunks attend with two GEMMs per query block and batch row (up to
+    GEMM_ATTENTION_MAX_KEYS keys) or with the fused kernel (0: always): in ragged 5-query blocks,
+    for a left-padded batch and for a chunk at start_pos 9 after a cached prefix, both equal the
+    absorbed model, which attends in latent space."""
+    monkeypatch.setattr(attention, "GEMM_ATTENTION_MAX_KEYS", max_keys)
+    monkeypatch.setattr(attention, "GEMM_ATTENTION_QUERIES", 5)
+    naive, absorb = models["naive"], models["absorb"]
+    t = 23
+    ids = torch.randint(2, 512, (2, t), generator=torch.Generator().manual_seed(5))
+    pad = torch.tensor([0, 9])  # row 1 is left-padded
+    valid = torch.arange(t)[None, :] >= pad[:, None]  # (B, T)
+    positions = (torch.arange(t)[None, :] - pad[:, None]).clamp_min(0)  # (B, T)
+    with torch.no_grad():
+        a = naive.hidden(ids, 0, naive.new_cache(), positions=positions, valid=valid)
+        b = absorb.hidden(ids, 0, absorb.new_cache(), positions=positions, valid=valid)
+        for row, p in enumerate(pad.tolist()):
+            assert torch.isfinite(a[row]).all()
+            torch.testing.assert_close(a[row, p:], b[row, p:], rtol=0, atol=1e-5 * b.abs().max().item())
+        caches = naive.new_cache(), absorb.new_cache()
+        naive(ids[:, :9], 0, caches[0])
+        absorb(ids[:, :9], 0, caches[1])
+        torch.testing.assert_close(naive(ids[:, 9:], 9, caches[0]), absorb(ids[:, 9:], 9, caches[1]), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["absorb", "naive"])

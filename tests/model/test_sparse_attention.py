@@ -183,12 +183,14 @@ def test_auto_splits_a_chunk_between_masked_and_gathered_queries(tiny_v32, ids, 
     assert (chunks - ref).abs().max() / scale <= 1e-5
 
 
-@pytest.mark.parametrize("attn", ["auto", "absorb"])
-def test_left_padded_rows_equal_rows_alone_through_split_chunks(tiny_v32, monkeypatch, attn):
+@pytest.mark.parametrize("attn,gemm_keys", [("auto", 2048), ("auto", 10), ("absorb", 2048)])
+def test_left_padded_rows_equal_rows_alone_through_split_chunks(tiny_v32, monkeypatch, attn, gemm_keys):
     """A left-padded batch prefill in small query blocks (row masks: padding hidden, selections per
-    row; "auto" split inside, "absorb" gathering every query): each row equals the row run alone."""
+    row; "auto" split inside, "absorb" gathering every query; masked blocks over up to `gemm_keys`
+    keys attend with GEMMs, later ones with the fused kernel): each row equals the row run alone."""
     from deepseek_model import attention  # noqa: PLC0415
 
+    monkeypatch.setattr(attention, "GEMM_ATTENTION_MAX_KEYS", gemm_keys)
     model = dsm.from_pretrained(tiny_v32, dtype=torch.float32, weights="bf16", attn=attn)
     monkeypatch.setattr(attention, "GATHER_PENALTY", 1.0)
     monkeypatch.setattr(attention, "SPARSE_PREFILL_CHUNK", 3)
