@@ -215,7 +215,9 @@ class Transformer(nn.Module):
 
     def pack_for_cpu(self) -> int:
         """Give every float32/bfloat16 projection on the CPU a oneDNN-blocked copy of its weight,
-        which inference GEMMs then read (faster wherever the rows are few; see kernels.cpu_pack).
+        which inference GEMMs then read (faster wherever the rows are few; see kernels.cpu_pack),
+        and every attention layer contiguous copies of kv_b's per-head up-projections for absorbed
+        attention (MLA.pack).
 
         The copies are snapshots: a weight changed or replaced afterwards is read directly again, and
         GEMMs that need a gradient never use them. fp8 weights, batch-invariant GEMMs and emulated-FP8
@@ -233,10 +235,12 @@ class Transformer(nn.Module):
         moes = [m for m in self.modules() if isinstance(m, MoE)]
         in_moe = {id(lin) for m in moes for ex in m.experts if ex is not None for lin in (ex.w1, ex.w2, ex.w3)}
         linears = [m for m in self.modules() if isinstance(m, (Linear, ParallelHead)) and id(m) not in in_moe]
+        mlas = [m for m in self.modules() if isinstance(m, MLA)]
         need = sum(m.weight.numel() * m.weight.element_size() for m in self.modules()
                    if isinstance(m, (Linear, ParallelHead)) and cpu_pack.packable(m.weight))  # experts included
+        need += sum(m.wkv_b.weight.numel() * m.wkv_b.weight.element_size() for m in mlas)  # absorbed layouts
         memory.require(need, "packing the weights for CPU GEMMs (a second copy of every float projection)")
-        return sum(m.pack() for m in moes) + sum(lin.pack() for lin in linears)
+        return sum(m.pack() for m in moes) + sum(lin.pack() for lin in linears) + sum(m.pack() for m in mlas)
 
     def new_cache(self, fp8: bool = False, index_fp8: bool | None = None) -> Cache:
         """An empty latent cache; it grows as tokens are written.

@@ -44,24 +44,44 @@ def _stamp(t: torch.Tensor) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """What a derived copy of weights was made from, to tell later whether it still holds them.
+
+    Attributes:
+        sources: the tensors whose values the copy holds: a weight, or the parameters whose
+            storage it views (an expert's gate and up projections stacked into one weight).
+        stamps: (data pointer, in-place version) of each source then (version -1: an inference
+            tensor, which keeps none; its storage is still checked).
+    """
+
+    sources: tuple[torch.Tensor, ...]
+    stamps: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, sources: tuple[torch.Tensor, ...]) -> Snapshot:
+        """The state of `sources` now."""
+        return cls(tuple(sources), tuple(_stamp(t) for t in sources))
+
+    def fresh(self) -> bool:
+        """Whether no source has been replaced or changed in place since."""
+        return all(_stamp(t) == st for t, st in zip(self.sources, self.stamps))
+
+
+@dataclass(frozen=True)
 class PackedWeight:
     """A oneDNN-blocked copy of one (N, K) weight and the state of what it was made from.
 
     Attributes:
         blocked: the opaque oneDNN tensor.
         weight_ptr: data pointer of the packed weight when packed.
-        sources: the tensors whose values the copy holds: the weight itself, or the parameters
-            whose storage it views (an expert's gate and up projections stacked into one weight).
-        stamps: (data pointer, in-place version) of each source when packed (version -1: an
-            inference tensor, which keeps none; its storage is still checked).
+        origin: the weight (or the parameters it views) when packed.
         shape: the weight's (N, K).
         dtype: the weight's dtype.
     """
 
     blocked: torch.Tensor
     weight_ptr: int
-    sources: tuple[torch.Tensor, ...]
-    stamps: tuple[tuple[int, int], ...]
+    origin: Snapshot
     shape: tuple[int, int]
     dtype: torch.dtype
 
@@ -79,9 +99,9 @@ class PackedWeight:
             raise ValueError(f"cannot pack a {tuple(weight.shape)} {weight.dtype} weight on {weight.device}: "
                              "packing takes 2-D float32/bfloat16 CPU weights")
         w = weight.detach()
-        sources = (weight,) if sources is None else tuple(sources)
+        origin = Snapshot.of((weight,) if sources is None else tuple(sources))
         blocked = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS)
-        return cls(blocked, w.data_ptr(), sources, tuple(_stamp(t) for t in sources), tuple(w.shape), w.dtype)
+        return cls(blocked, w.data_ptr(), origin, tuple(w.shape), w.dtype)
 
     def __deepcopy__(self, memo: dict) -> None:
         """A deep copy of a packed model is unpacked: its weights live elsewhere, so this copy would
@@ -95,9 +115,9 @@ class PackedWeight:
 
     def serves(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether y = x·weightᵀ may be computed from this copy: the weight is still the one packed
-        (same storage, no source replaced or changed in place), x matches its dtype on the CPU with enough rows, and
-        no gradient is needed (the packed GEMM has no backward)."""
-        if weight.data_ptr() != self.weight_ptr or any(_stamp(t) != st for t, st in zip(self.sources, self.stamps)):
+        (same storage, no source replaced or changed in place), x matches its dtype on the CPU with
+        enough rows, and no gradient is needed (the packed GEMM has no backward)."""
+        if weight.data_ptr() != self.weight_ptr or not self.origin.fresh():
             return False
         if x.device.type != "cpu" or x.dtype != self.dtype or weight.dtype != self.dtype:
             return False

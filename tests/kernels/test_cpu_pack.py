@@ -43,7 +43,7 @@ def test_ops_linear_reads_the_packed_copy_where_it_serves():
         # the blocked copy, not the weight, is read: a copy of a different weight with this one's
         # identity shows through
         other = PackedWeight.of(w * 2)
-        forged = PackedWeight(other.blocked, packed.weight_ptr, packed.sources, packed.stamps, packed.shape, packed.dtype)
+        forged = PackedWeight(other.blocked, packed.weight_ptr, packed.origin, packed.shape, packed.dtype)
         torch.testing.assert_close(ops.linear(x, w, packed=forged), 2 * F.linear(x, w), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ops.linear(x, w, packed=packed), F.linear(x, w), rtol=1e-5, atol=1e-6)
 

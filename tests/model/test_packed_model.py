@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from deepseek_model.attention import MLA
 from deepseek_model.kernels import cpu_pack
 from deepseek_model.layers import Linear, ParallelHead
 from deepseek_model.loading import from_pretrained
@@ -47,8 +48,10 @@ def test_packed_prefill_and_decode_equal_the_unpacked_model(tiny_bf16, dtype):
 def test_every_float_projection_is_packed_once(tiny_bf16):
     model = from_pretrained(tiny_bf16, dtype=torch.float32)
     weights = [m.weight for m in model.modules() if isinstance(m, (Linear, ParallelHead))]  # experts included
+    mlas = [m for m in model.modules() if isinstance(m, MLA)]
     nbytes = model.pack_for_cpu()
-    assert nbytes == sum(w.numel() * w.element_size() for w in weights)
+    assert nbytes == sum(w.numel() * w.element_size() for w in weights + [m.wkv_b.weight for m in mlas])
+    assert mlas and all(m.absorbed is not None for m in mlas)  # the MTP layer's attention too
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     assert moes and all(len(m.packed_experts) == m.hi - m.lo for m in moes)
     experts = {id(lin) for m in moes for ex in m.experts for lin in (ex.w1, ex.w2, ex.w3)}
@@ -90,6 +93,8 @@ def test_training_after_packing_reads_the_updated_weights(tiny_bf16):
                 m.packed = None
             if isinstance(m, MoE):
                 m.packed_experts = None
+            if isinstance(m, MLA):
+                m.absorbed = None
         ref = model(ids)
     torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-5)
 
