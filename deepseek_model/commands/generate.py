@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-cache", action="store_true", help="float8 latent cache (per-token scale); a V3.2 model keeps its index keys in float8 too")
     p.add_argument("--batch-invariant", action="store_true",
                    help="a row's logits do not depend on the batch, chunking or speculation (bit-identical)")
+    p.add_argument("--cpu-pack", action="store_true",
+                   help="also keep oneDNN-blocked copies of the float weights, read by the CPU GEMMs (faster prompts, "
+                        "batches and bfloat16 decoding, for twice the weight memory)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--stats", action="store_true", help="print acceptance rate, tokens per forward, speed")
 
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.ckpt) if needs_text or os.path.isfile(os.path.join(args.ckpt, "tokenizer.json")) else None
     model = from_pretrained(args.ckpt, dtype=args.dtype, attn=args.attn, weights=args.weights,
                             mtp=args.speculative == "mtp", parallel=ctx, batch_invariant=args.batch_invariant,
-                            device=ctx.device if ctx.is_distributed else "cpu")  # NCCL ranks: their own GPU
+                            cpu_pack=args.cpu_pack, device=ctx.device if ctx.is_distributed else "cpu")  # NCCL ranks: their own GPU
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               speculative=args.speculative, seed=args.seed, cache_fp8=args.fp8_cache, tokenizer=tok, chat=args.chat)
     if not args.interactive:

@@ -63,6 +63,13 @@ def test_mtp_matches_greedy_and_prints_stats(tiny_ckpt, capsys):
     assert "tokens per forward" in err_b and "acceptance" in err_b
 
 
+def test_cpu_pack_generates_the_same_tokens(tiny_ckpt, capsys):
+    args = (tiny_ckpt, "--token-ids", "5", "6", "7", "--max-new-tokens", "6", "--speculative", "mtp")
+    code_a, out_a, _ = _inprocess(capsys, *args)
+    code_b, out_b, _ = _inprocess(capsys, *args, "--cpu-pack")
+    assert code_a == code_b == 0 and out_a == out_b
+
+
 def test_text_chat_file_interactive(tiny_ckpt, tmp_path, capsys, monkeypatch):
     code, out, _ = _inprocess(capsys, tiny_ckpt, "--prompt", "Hello", "--chat", "--max-new-tokens", "4",
                               "--temperature", "0.7", "--top-p", "0.9", "--top-k", "20", "--seed", "1")
@@ -84,6 +91,7 @@ def test_text_chat_file_interactive(tiny_ckpt, tmp_path, capsys, monkeypatch):
     (["--token-ids", "1", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--input-file", "/no/such/file.txt"], "No such file"),
     (["--token-ids", "1", "--chat"], "--chat applies to text prompts"),
+    (["--token-ids", "1", "--cpu-pack", "--batch-invariant"], "cpu_pack=True and batch_invariant=True exclude"),
 ])
 def test_bad_input_exits_2(tiny_ckpt, capsys, extra, needle):
     code, _, err = _inprocess(capsys, tiny_ckpt, *extra)
