@@ -41,6 +41,7 @@ FP8_SCALE_MIN = 1e-12  # keeps the per-token scale of an all-zero latent finite
 GEMM_ATTENTION_MAX_KEYS = 2048
 GEMM_ATTENTION_QUERIES = 128
 SPARSE_PREFILL_CHUNK = 256  # queries per masked-attention call of a sparse prefill (causal key cut per chunk)
+NARROW_QUERY_ROWS = 4  # absorbed attention of at most this many query rows: per-head float32 W·qᵀ (packed copies)
 GATHER_BYTES = 64 << 20  # sparse absorbed attention gathers the selected latents of this many bytes of queries at once
 # A gathered (absorbed) query-key pair costs this many times its FLOPs relative to a pair of the fused
 # masked kernel: on one AVX-512 core (fp32, 16 heads, 1024 of 8192 keys selected) the gathered GEMMs
@@ -251,11 +252,15 @@ class AbsorbedWeights:
     Attributes:
         w_uk: (H, nope, c) contiguous.
         w_uv_t: (H, c, v) contiguous (w_uv transposed).
+        narrow_uk: (H, c, nope) float32 contiguous (w_uk transposed), for a few query rows.
+        narrow_uv: (H, v, c) float32 contiguous, for a few query rows.
         origin: the kv_b weight they were copied from.
     """
 
     w_uk: torch.Tensor
     w_uv_t: torch.Tensor
+    narrow_uk: torch.Tensor
+    narrow_uv: torch.Tensor
     origin: Snapshot
 
 
@@ -301,15 +306,25 @@ class MLA(nn.Module):
         """Contiguous per-head copies of kv_b's up-projections, w_uk (H, nope, c) and w_uvᵀ (H, c, v),
         the operands of absorbed attention in the layout its batched GEMMs read without a copy (a
         view of the weight is copied into that layout on every call: 0.1–0.3 ms a layer per
-        bfloat16 decode step on the bench's small config). Returns the bytes allocated (0 for an
-        fp8 kv_b or in batch-invariant mode)."""
+        bfloat16 decode step on the bench's small config), plus float32 copies laid out for a few
+        query rows (see _absorb_queries). Returns the bytes allocated (0 for an fp8 kv_b or in
+        batch-invariant mode)."""
         w = self.wkv_b.weight
         if self.batch_invariant or self.wkv_b.is_fp8 or not cpu_pack.packable(w):
             return 0
         full = w.detach().view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)  # (H, nope+v, c)
         w_uk, w_uv = full.split([self.nope, self.v_dim], dim=1)  # (H, nope, c), (H, v, c)
-        self.absorbed = AbsorbedWeights(w_uk.contiguous(), w_uv.transpose(1, 2).contiguous(), Snapshot.of((w,)))
-        return w.numel() * w.element_size()
+        self.absorbed = AbsorbedWeights(w_uk.contiguous(), w_uv.transpose(1, 2).contiguous(),
+                                        w_uk.transpose(1, 2).float().contiguous(), w_uv.float().contiguous(),
+                                        Snapshot.of((w,)))
+        return self.pack_nbytes()
+
+    def pack_nbytes(self) -> int:
+        """Bytes pack() allocates: kv_b once in its dtype and once in float32 (0 where it packs nothing)."""
+        w = self.wkv_b.weight
+        if self.batch_invariant or self.wkv_b.is_fp8 or not cpu_pack.packable(w):
+            return 0
+        return w.numel() * (w.element_size() + 4)
 
     def _up_projections(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_uk (H, nope, c), w_uv (H, v, c)) of kv_b in `dtype`: views of pack()'s contiguous
@@ -320,6 +335,41 @@ class MLA(nn.Module):
             return a.w_uk, a.w_uv_t.transpose(1, 2)
         w = self.wkv_b.dense_weight(dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         return w.split([self.nope, self.v_dim], dim=1)
+
+    def _narrow_copies(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """pack()'s float32 (H, c, nope) and (H, v, c) copies while they still hold kv_b and no
+        gradient is wanted, else None."""
+        a = self.absorbed
+        if a is None or not a.origin.fresh() or (torch.is_grad_enabled() and self.wkv_b.weight.requires_grad):
+            return None
+        return a.narrow_uk, a.narrow_uv
+
+    def _absorb_queries(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """Per-head query latents q_nope·w_uk: (B, T, H, nope) → (B, T, H, c).
+
+        With at most NARROW_QUERY_ROWS query rows and packed copies, each head runs W·qᵀ in float32
+        (a batched GEMM with a narrow right-hand side streams the weight once; the (rows, nope) x
+        (nope, c) form measured 1.5–2.7x slower at 1–4 rows in float32, and bfloat16 per-head
+        products of one row ran at half the float32 speed)."""
+        bsz, t, heads, _ = q_nope.shape
+        narrow = self._narrow_copies() if bsz * t <= NARROW_QUERY_ROWS else None
+        if narrow is None:
+            w_uk, _ = self._up_projections(q_nope.dtype)  # (H, nope, c)
+            return torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, c)
+        rows = q_nope.reshape(bsz * t, heads, self.nope).permute(1, 2, 0).float()  # (H, nope, B·T)
+        lat = torch.bmm(narrow[0], rows)  # (H, c, B·T)
+        return lat.permute(2, 0, 1).reshape(bsz, t, heads, self.kv_lora_rank).to(q_nope.dtype)  # (B, T, H, c)
+
+    def _expand_values(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs o_lat·w_uvᵀ: (B, T, H, c) → (B, T, H, v); a few rows as in _absorb_queries."""
+        bsz, t, heads, c = o_lat.shape
+        narrow = self._narrow_copies() if bsz * t <= NARROW_QUERY_ROWS else None
+        if narrow is None:
+            _, w_uv = self._up_projections(o_lat.dtype)  # (H, v, c)
+            return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
+        rows = o_lat.reshape(bsz * t, heads, c).permute(1, 2, 0).float()  # (H, c, B·T)
+        out = torch.bmm(narrow[1], rows)  # (H, v, B·T)
+        return out.permute(2, 0, 1).reshape(bsz, t, heads, self.v_dim).to(o_lat.dtype)  # (B, T, H, v)
 
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Queries (B, T, H, nope+rope) and the normalised query latent (B, T, q_lora_rank) (None without q LoRA)."""
@@ -540,8 +590,7 @@ class MLA(nn.Module):
         return out
 
     def _absorbed(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
-        w_uk, w_uv = self._up_projections(q_nope.dtype)  # (H, nope, c), (H, v, c)
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, c)
+        q_lat = self._absorb_queries(q_nope)  # (B, T, H, c)
         if q_lat.shape[1] == 1 and ops.resolve_backend(self.backend, kv.device) == "triton":
             starts = _key_starts(mask)
             if mask is None or starts is not None:
@@ -550,11 +599,11 @@ class MLA(nn.Module):
                 lens = torch.full((kv.shape[0],), kv.shape[1], dtype=torch.int32, device=kv.device)  # (B,)
                 o_lat = ops.mla_decode(q_lat[:, 0], q_pe[:, 0], kv, k_pe, lens, self.scale, backend="triton",
                                        cache_starts=starts)  # (B, H, c)
-                return torch.einsum("bhc,hvc->bhv", o_lat.to(q_lat.dtype), w_uv).unsqueeze(1)  # (B, 1, H, v)
+                return self._expand_values(o_lat.to(q_lat.dtype).unsqueeze(1))  # (B, 1, H, v)
         if mask is not None:  # multi-token chunk: fused attention, one latent K/V head shared by all heads
             k = torch.cat([kv, k_pe], -1).unsqueeze(2)  # (B, S, 1, c+rope); its first c columns are the values
             o_lat = self._sdpa(torch.cat([q_lat, q_pe], -1), k, k, mask)[..., : self.kv_lora_rank]  # (B, T, H, c)
-            return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
+            return self._expand_values(o_lat)  # (B, T, H, v)
         bsz, t, heads, c = q_lat.shape
         ql = q_lat.reshape(bsz, t * heads, c)  # (B, T·H, c): every query head against the same keys
         qr = q_pe.reshape(bsz, t * heads, self.rope)  # (B, T·H, rope)
@@ -564,7 +613,7 @@ class MLA(nn.Module):
         scores = scores.transpose(1, 2) * self.scale  # (B, T·H, S)
         probs = self._softmax(scores, q_nope.dtype)
         o_lat = torch.bmm(probs, kv).view(bsz, t, heads, c)  # (B, T, H, c)
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
+        return self._expand_values(o_lat)  # (B, T, H, v)
 
     def _sparse_naive_step(self, q_nope, q_pe, kv, k_pe, selected) -> torch.Tensor:
         """Naive MLA of a one-token step over its selected keys: only their K gathered latents are
@@ -629,13 +678,12 @@ class MLA(nn.Module):
         Returns:
             (B, T, H, v).
         """
-        w_uk, w_uv = self._up_projections(q_nope.dtype)  # (H, nope, c), (H, v, c)
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, c)
+        q_lat = self._absorb_queries(q_nope)  # (B, T, H, c)
         bsz, t, heads, c = q_lat.shape
         if t == 1 and ops.resolve_backend(self.backend, kv.device) == "triton":
             o_lat = ops.sparse_mla_decode(q_lat[:, 0], q_pe[:, 0], kv, k_pe, selected[:, 0], self.scale,
                                           backend="triton")  # (B, H, c)
-            return torch.einsum("bhc,hvc->bhv", o_lat.to(q_lat.dtype), w_uv).unsqueeze(1)  # (B, 1, H, v)
+            return self._expand_values(o_lat.to(q_lat.dtype).unsqueeze(1))  # (B, 1, H, v)
         k = selected.shape[-1]
         step = min(t, max(1, GATHER_BYTES // max(bsz * k * (c + self.rope) * kv.element_size(), 1)))  # queries
         buf_c, buf_r = kv.new_empty(bsz * step * k * c), k_pe.new_empty(bsz * step * k * self.rope)  # reused
@@ -651,7 +699,7 @@ class MLA(nn.Module):
             scores = (scores * self.scale).masked_fill((idx < 0).reshape(n, 1, k), float("-inf"))
             probs = self._softmax(scores, q_lat.dtype)  # (B·t', H, K)
             o_lat[:, lo:lo + step] = torch.bmm(probs, c_sel).view(*idx.shape[:2], heads, c)  # (B, t', H, c)
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
+        return self._expand_values(o_lat)  # (B, T, H, v)
 
 
 def _gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -216,8 +216,8 @@ class Transformer(nn.Module):
     def pack_for_cpu(self) -> int:
         """Give every float32/bfloat16 projection on the CPU a oneDNN-blocked copy of its weight,
         which inference GEMMs then read (faster wherever the rows are few; see kernels.cpu_pack),
-        and every attention layer contiguous copies of kv_b's per-head up-projections for absorbed
-        attention (MLA.pack).
+        every attention layer contiguous copies of kv_b's per-head up-projections for absorbed
+        attention (MLA.pack), and every bfloat16 router a float32 copy of its weight (Gate.pack).
 
         The copies are snapshots: a weight changed or replaced afterwards is read directly again, and
         GEMMs that need a gradient never use them. fp8 weights, batch-invariant GEMMs and emulated-FP8
@@ -238,7 +238,7 @@ class Transformer(nn.Module):
         mlas = [m for m in self.modules() if isinstance(m, MLA)]
         need = sum(m.weight.numel() * m.weight.element_size() for m in self.modules()
                    if isinstance(m, (Linear, ParallelHead)) and cpu_pack.packable(m.weight))  # experts included
-        need += sum(m.wkv_b.weight.numel() * m.wkv_b.weight.element_size() for m in mlas)  # absorbed layouts
+        need += sum(m.pack_nbytes() for m in mlas) + sum(m.gate.pack_nbytes() for m in moes)  # absorbed, router
         memory.require(need, "packing the weights for CPU GEMMs (a second copy of every float projection)")
         return sum(m.pack() for m in moes) + sum(lin.pack() for lin in linears) + sum(m.pack() for m in mlas)
 

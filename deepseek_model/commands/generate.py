@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.ckpt) if needs_text or os.path.isfile(os.path.join(args.ckpt, "tokenizer.json")) else None
     model = from_pretrained(args.ckpt, dtype=args.dtype, attn=args.attn, weights=args.weights,
                             mtp=args.speculative == "mtp", parallel=ctx, batch_invariant=args.batch_invariant,
-                            cpu_pack=args.cpu_pack, device=ctx.device if ctx.is_distributed else "cpu")  # NCCL ranks: their own GPU
+                            cpu_pack=args.cpu_pack,
+                            device=ctx.device if ctx.is_distributed else "cpu")  # NCCL ranks: their own GPU
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               speculative=args.speculative, seed=args.seed, cache_fp8=args.fp8_cache, tokenizer=tok, chat=args.chat)
     if not args.interactive:

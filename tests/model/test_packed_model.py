@@ -45,12 +45,18 @@ def test_packed_prefill_and_decode_equal_the_unpacked_model(tiny_bf16, dtype):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
-def test_every_float_projection_is_packed_once(tiny_bf16):
-    model = from_pretrained(tiny_bf16, dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_float_projection_is_packed_once(tiny_bf16, dtype):
+    model = from_pretrained(tiny_bf16, dtype=dtype)
     weights = [m.weight for m in model.modules() if isinstance(m, (Linear, ParallelHead))]  # experts included
     mlas = [m for m in model.modules() if isinstance(m, MLA)]
+    gates = [m.gate for m in model.modules() if isinstance(m, MoE)]
     nbytes = model.pack_for_cpu()
-    assert nbytes == sum(w.numel() * w.element_size() for w in weights + [m.wkv_b.weight for m in mlas])
+    absorbed = sum(m.wkv_b.weight.numel() * (m.wkv_b.weight.element_size() + 4) for m in mlas)  # + float32 copies
+    routers = 0 if dtype == torch.float32 else sum(g.weight.numel() * 4 for g in gates)  # float32 router copies
+    assert nbytes == sum(w.numel() * w.element_size() for w in weights) + absorbed + routers
+    assert all((g.float_weight is None) == (dtype == torch.float32) for g in gates)
+    assert all(m.absorbed.narrow_uk.dtype == torch.float32 for m in mlas)
     assert mlas and all(m.absorbed is not None for m in mlas)  # the MTP layer's attention too
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     assert moes and all(len(m.packed_experts) == m.hi - m.lo for m in moes)
@@ -114,3 +120,45 @@ def test_a_deep_copy_of_a_packed_model_is_unpacked_and_equal(tiny_bf16):
     ids = _ids(1, 10, model.cfg.vocab_size, seed=4)
     with torch.inference_mode():
         torch.testing.assert_close(twin(ids), model(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [(1, 1), (2, 1), (1, 4), (5, 1)])
+def test_narrow_per_head_products_equal_the_einsum_form(tiny_bf16, dtype, rows):
+    model = from_pretrained(tiny_bf16, dtype=dtype)
+    mla = model.layers[0].attn
+    heads, c = mla.n_heads, mla.kv_lora_rank
+    gen = torch.Generator().manual_seed(5)
+    q_nope = torch.randn(*rows, heads, mla.nope, generator=gen).to(dtype)  # (B, T, H, nope)
+    o_lat = torch.randn(*rows, heads, c, generator=gen).to(dtype)  # (B, T, H, c)
+    with torch.inference_mode():
+        ref = mla._absorb_queries(q_nope), mla._expand_values(o_lat)  # unpacked: the einsum form
+        mla.pack()
+        assert mla._narrow_copies() is not None  # used up to 4 rows; 5 rows take the einsum form again
+        got = mla._absorb_queries(q_nope), mla._expand_values(o_lat)
+    # float64 math is the referee: the float32 narrow form is exact to float32 rounding, and in
+    # bfloat16 both forms are one rounding of the same float32-accumulated sums
+    w = mla.wkv_b.weight.double().view(heads, mla.nope + mla.v_dim, c)  # (H, nope+v, c)
+    exact = (torch.einsum("bthd,hdc->bthc", q_nope.double(), w[:, :mla.nope]),
+             torch.einsum("bthc,hvc->bthv", o_lat.double(), w[:, mla.nope:]))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for g, r, e in zip(got, ref, exact):
+        assert g.shape == r.shape == e.shape and g.dtype == dtype
+        torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol)
+        torch.testing.assert_close(r.double(), e, rtol=tol, atol=tol)
+
+
+def test_router_copy_serves_bf16_routing_until_the_weight_changes(tiny_bf16):
+    model = from_pretrained(tiny_bf16, dtype=torch.bfloat16)
+    gate = next(m for m in model.modules() if isinstance(m, MoE)).gate
+    x = torch.randn(3, model.cfg.hidden_size, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    with torch.inference_mode():
+        ref = gate(x)
+        assert gate.pack() == gate.weight.numel() * 4 and gate._weight32() is gate.float_weight[0]
+        got = gate(x)
+    assert torch.equal(got.indices, ref.indices) and torch.equal(got.logits, ref.logits)  # the same fp32 values
+    with torch.no_grad():
+        gate.weight.mul_(-1)  # in place: the copy is stale
+    assert gate._weight32() is not gate.float_weight[0]
+    with torch.inference_mode():
+        torch.testing.assert_close(gate(x).logits, -ref.logits)
