@@ -20,6 +20,9 @@ Reported as ratios against the peer measured in the same run:
   speed-up; if compile fails on this box, the error is reported instead);
 - weight-only FP8 (`weights="fp8"`, what "auto" runs on a CPU) vs the same FP8 checkpoint dequantized
   at load: decode tokens/s as a ratio, and the weight bytes of each;
+- a bfloat16 run also times the float32 prefill of the same weights at context 1k, batch 1 (both
+  packed, alternating trials): where the CPU has AMX, bfloat16 should be ≥ 2.5× faster there; the
+  CPU's features (AMX, AVX-512 bf16, torch's kernel capability) are recorded with every run;
 - DeepSeek-V3.2 sparse attention vs dense: the `small` config with a lightning indexer (index_topk
   SPARSE_TOPK) against the same weights run as V3 (indexer dropped, every token attended), at
   contexts of 4x (and 8x) index_topk, batch 1: prefill, a decode step of the whole model, and a
@@ -74,6 +77,8 @@ GEMM_SIZE = 1024  # the GEMM-rate probe: a 1024³ matmul in the benchmark's dtyp
 GOAL_CELL_RATIO = 1.5  # every cell: >= 1.5x transformers ...
 GOAL_CELL_FLOOR = 1.2  # ... or within 1.2x of its floor
 GOAL_DECODE_FLOOR_1K = 1.3  # the 1k batch-1 decode step vs the weight-streaming floor
+GOAL_BF16_PREFILL = 2.5  # where the CPU has AMX: bfloat16 prefill vs float32 at GOAL_CONTEXT, batch 1
+CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")  # recorded from /proc/cpuinfo
 COMPILE_TOKENS = 16
 FP8_CACHE_TOKENS = 64
 MAX_ERROR_CHARS = 300
@@ -178,6 +183,64 @@ def gemm_rates(dtype: torch.dtype, trials: int = TRIALS) -> dict[str, float]:
         packed = PackedWeight.of(b)
         rates["packed"] = flops / _best_seconds(lambda: packed.linear(a), trials)
     return rates
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """What this CPU offers the GEMMs: torch's kernel capability ("AVX512", ...) and, where the
+    flags can be read (Linux), whether each of CPU_FLAGS is present; "amx" is True when the CPU
+    has AMX bfloat16 tiles (the flag, or torch's own probe where no flags can be read)."""
+    out: dict = {"capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is not None:
+        out.update({flag: flag in flags for flag in CPU_FLAGS})
+        out["amx"] = out["amx_bf16"]
+    else:
+        probe = getattr(torch._C._cpu, "_init_amx", None)  # asks the OS for AMX tile state; False without AMX
+        out["amx"] = bool(probe()) if probe is not None else None
+    return out
+
+
+def _prefill_seconds(model, ids: torch.Tensor) -> float:
+    """Seconds of one prefill of `ids` as generation runs it (the last position's logits only)."""
+    t0 = time.perf_counter()
+    model.head(model.hidden(ids, 0, model.new_cache())[:, -1])
+    return time.perf_counter() - t0
+
+
+def _bf16_vs_fp32_prefill(path: str, bf16_model, args: argparse.Namespace, ctx: int, gen: torch.Generator,
+                          trials: int, amx: bool | None) -> dict:
+    """Prefill tokens/s of the bfloat16 model vs the same weights in float32 (loaded as ours is),
+    context `ctx`, batch 1, alternating trials (medians), and the goal's verdict for this CPU."""
+    fp32 = from_pretrained(path, dtype=torch.float32, mtp=False, attn=args.attn, cpu_pack=not args.no_cpu_pack)
+    ids = torch.randint(0, fp32.cfg.vocab_size, (1, ctx), generator=gen)
+    models = {"bfloat16": bf16_model, "float32": fp32}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for m in models.values():
+        _prefill_seconds(m, ids[:, :WARMUP_CONTEXT])  # first-call costs
+    for _ in range(trials):
+        for k, m in models.items():
+            times[k].append(_prefill_seconds(m, ids))
+    rate = {k: ctx / statistics.median(v) for k, v in times.items()}
+    ratio = rate["bfloat16"] / rate["float32"]
+    out = {"context": ctx, "batch": 1, "bf16_prefill_tok_s": rate["bfloat16"], "fp32_prefill_tok_s": rate["float32"],
+           "ratio": ratio, "cpu_has_amx": amx}
+    print(f"bf16 vs fp32 prefill (ctx {ctx}, B 1): {rate['bfloat16']:.0f} vs {rate['float32']:.0f} tok/s "
+          f"({ratio:.2f}x); AMX: {amx}", flush=True)
+    return out
+
+
+def _bf16_goal(entry: dict) -> str:
+    """The AMX goal's verdict for one bf16-vs-fp32 prefill measurement."""
+    ratio = f"{entry['ratio']:.2f}×"
+    if entry["cpu_has_amx"] is False:
+        return f"not applicable: this CPU has no AMX ({ratio} without it)"
+    if entry["cpu_has_amx"] is None:
+        return f"{ratio} (whether this CPU has AMX could not be read)"
+    return f"{ratio} ({'met' if entry['ratio'] >= GOAL_BF16_PREFILL else 'NOT met'})"
 
 
 def _rates_text(rates: dict[str, float]) -> str:
@@ -578,6 +641,9 @@ def _table(report: dict) -> str:
               f"- weight-only FP8 (weights=\"fp8\", dequantized per GEMM) vs dequantized at load, decode: "
               f"{report['weight_only_fp8']}",
               f"- batch-invariant mode vs default, decode: {report['batch_invariant']}",
+              f"- CPU: {report.get('cpu')}",
+              *([f"- bfloat16 vs float32 prefill, same weights, both ours: {report['bf16_vs_fp32_prefill']}"]
+                if "bf16_vs_fp32_prefill" in report else []),
               *[f"- DeepSeek-V3.2 sparse attention (index_topk {r['index_topk']}) vs the same weights as V3, context "
                 f"{r['context']}, batch 1 (ratios: dense time / sparse time): prefill {r['prefill_s']['sparse']:.1f} vs "
                 f"{r['prefill_s']['dense']:.1f} s ({r['prefill_ratio']:.2f}x), decode step "
@@ -679,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
                         "attn": args.attn, "cpu_pack": not args.no_cpu_pack,
                         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                                      "platform": platform.platform()},
-                        "hf_error": hf_error}
+                        "hf_error": hf_error, "cpu": cpu_features()}
         with torch.inference_mode():
             if hf_model is not None:
                 probe = torch.randint(0, cfg.vocab_size, (1, 32), generator=gen)
@@ -735,6 +801,12 @@ def main(argv: list[str] | None = None) -> int:
             report["fp8_cache"] = _fp8_cache_error(ours_model, gen)
             report["weight_only_fp8"] = _weight_only_fp8(tmp, args, dtype, gen, steps, trials)
             report["batch_invariant"] = _batch_invariant_cost(path, ours_model, args, dtype, gen, steps, trials)
+            if dtype == torch.bfloat16:
+                goal_ctx = GOAL_CONTEXT if GOAL_CONTEXT in contexts else max(contexts)
+                bf = report["bf16_vs_fp32_prefill"] = _bf16_vs_fp32_prefill(
+                    path, ours_model, args, goal_ctx, gen, trials, report["cpu"].get("amx"))
+                report["goals"][f"bf16 prefill ≥ {GOAL_BF16_PREFILL}× float32 at {goal_ctx} where the CPU has AMX"] = \
+                    _bf16_goal(bf)
             report["sparse_attention"], report["sparse_prefill_crossover"] = \
                 ([], {}) if args.no_sparse else _sparse_vs_dense(tmp, args, dtype, gen, trials)
         report["compile"] = {"skipped": True} if args.no_compile else _compile_check(ours_model, list(range(1, 65)))

@@ -49,3 +49,36 @@ def test_bench_model_smallest(tmp_path, capsys):
     assert [(r["index_topk"], r["context"]) for r in crossover] == [(4, 4 * m) for m in bench_model.CROSSOVER_MULTIPLES]
     assert all(r["prefill_ratio"] == r["prefill_s"]["dense"] / r["prefill_s"]["sparse"] > 0 for r in crossover)
     assert "V3.2 prefill crossover" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_model_bf16_also_times_the_fp32_prefill(tmp_path):
+    code = bench_model.main(["--config", "tiny", "--dtype", "bfloat16", "--contexts", "16", "--batches", "1",
+                             "--no-compile", "--no-sparse", "--no-hf", "--threads", "1", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    bf = report["bf16_vs_fp32_prefill"]  # the largest context asked for when 1k is not among them
+    assert bf["context"] == 16 and bf["batch"] == 1 and bf["cpu_has_amx"] == report["cpu"]["amx"]
+    assert bf["ratio"] == bf["bf16_prefill_tok_s"] / bf["fp32_prefill_tok_s"] > 0
+    (goal,) = [v for k, v in report["goals"].items() if k.startswith("bf16 prefill ≥ 2.5× float32 at 16")]
+    assert goal == bench_model._bf16_goal(bf)
+    assert "bfloat16 vs float32 prefill" in (tmp_path / "results.md").read_text()
+
+
+def test_cpu_features_read_the_flags(tmp_path):
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n\nflags\t: fpu\n")
+    plain = tmp_path / "plain"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    got = bench_model.cpu_features(str(amx))
+    assert got["amx"] and got["amx_tile"] and got["avx512_bf16"] and got["capability"]
+    got = bench_model.cpu_features(str(plain))
+    assert got["amx"] is False and got["avx512f"] and not got["avx512_bf16"]
+    got = bench_model.cpu_features(str(tmp_path / "missing"))  # no flags to read: torch's probe, or unknown
+    assert got["amx"] in (True, False, None) and "avx512f" not in got
+
+
+@pytest.mark.parametrize("amx, ratio, verdict", [(True, 2.6, "2.60× (met)"), (True, 2.4, "2.40× (NOT met)"),
+                                                 (False, 1.1, "not applicable: this CPU has no AMX (1.10× without it)"),
+                                                 (None, 1.1, "1.10× (whether this CPU has AMX could not be read)")])
+def test_bf16_goal_verdicts(amx, ratio, verdict):
+    assert bench_model._bf16_goal({"ratio": ratio, "cpu_has_amx": amx}) == verdict
