@@ -310,7 +310,7 @@ class MLA(nn.Module):
         query rows (see _absorb_queries). Returns the bytes allocated (0 for an fp8 kv_b or in
         batch-invariant mode)."""
         w = self.wkv_b.weight
-        if self.batch_invariant or self.wkv_b.is_fp8 or not cpu_pack.packable(w):
+        if not self.pack_nbytes():
             return 0
         full = w.detach().view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)  # (H, nope+v, c)
         w_uk, w_uv = full.split([self.nope, self.v_dim], dim=1)  # (H, nope, c), (H, v, c)
@@ -356,20 +356,16 @@ class MLA(nn.Module):
         if narrow is None:
             w_uk, _ = self._up_projections(q_nope.dtype)  # (H, nope, c)
             return torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, c)
-        rows = q_nope.reshape(bsz * t, heads, self.nope).permute(1, 2, 0).float()  # (H, nope, B·T)
-        lat = torch.bmm(narrow[0], rows)  # (H, c, B·T)
-        return lat.permute(2, 0, 1).reshape(bsz, t, heads, self.kv_lora_rank).to(q_nope.dtype)  # (B, T, H, c)
+        return _per_head_narrow(q_nope, narrow[0])  # (B, T, H, c)
 
     def _expand_values(self, o_lat: torch.Tensor) -> torch.Tensor:
         """Per-head outputs o_lat·w_uvᵀ: (B, T, H, c) → (B, T, H, v); a few rows as in _absorb_queries."""
-        bsz, t, heads, c = o_lat.shape
+        bsz, t = o_lat.shape[:2]
         narrow = self._narrow_copies() if bsz * t <= NARROW_QUERY_ROWS else None
         if narrow is None:
             _, w_uv = self._up_projections(o_lat.dtype)  # (H, v, c)
             return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v)
-        rows = o_lat.reshape(bsz * t, heads, c).permute(1, 2, 0).float()  # (H, c, B·T)
-        out = torch.bmm(narrow[1], rows)  # (H, v, B·T)
-        return out.permute(2, 0, 1).reshape(bsz, t, heads, self.v_dim).to(o_lat.dtype)  # (B, T, H, v)
+        return _per_head_narrow(o_lat, narrow[1])  # (B, T, H, v)
 
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Queries (B, T, H, nope+rope) and the normalised query latent (B, T, q_lora_rank) (None without q LoRA)."""
@@ -700,6 +696,15 @@ class MLA(nn.Module):
             probs = self._softmax(scores, q_lat.dtype)  # (B·t', H, K)
             o_lat[:, lo:lo + step] = torch.bmm(probs, c_sel).view(*idx.shape[:2], heads, c)  # (B, t', H, c)
         return self._expand_values(o_lat)  # (B, T, H, v)
+
+
+def _per_head_narrow(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Each head's x·W_hᵀ computed as W_h·xᵀ in float32: x (B, T, H, K), w (H, N, K) float32 →
+    (B, T, H, N) in x's dtype."""
+    bsz, t, heads, k = x.shape
+    rows = x.reshape(bsz * t, heads, k).permute(1, 2, 0).float()  # (H, K, B·T)
+    out = torch.bmm(w, rows)  # (H, N, B·T)
+    return out.permute(2, 0, 1).reshape(bsz, t, heads, w.shape[1]).to(x.dtype)  # (B, T, H, N)
 
 
 def _gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
