@@ -260,7 +260,10 @@ class Transformer(nn.Module):
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
+        if not input_ids.numel():
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): at least one row of at least "
+                             "one token is needed")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size:
             raise ValueError(f"input_ids contain a token id outside [0, vocab_size={self.cfg.vocab_size})")
         end = start_pos + input_ids.shape[1]
         if start_pos < 0 or end > self.max_seq_len:
