@@ -330,8 +330,7 @@ class MLA(nn.Module):
         """(w_uk (H, nope, c), w_uv (H, v, c)) of kv_b in `dtype`: views of pack()'s contiguous
         copies while they still hold the weight (and no gradient is wanted), else of the weight."""
         a = self.absorbed
-        if a is not None and a.w_uk.dtype == dtype and a.origin.fresh() and not (
-                torch.is_grad_enabled() and self.wkv_b.weight.requires_grad):
+        if a is not None and a.w_uk.dtype == dtype and a.origin.usable():
             return a.w_uk, a.w_uv_t.transpose(1, 2)
         w = self.wkv_b.dense_weight(dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         return w.split([self.nope, self.v_dim], dim=1)
@@ -340,7 +339,7 @@ class MLA(nn.Module):
         """pack()'s float32 (H, c, nope) and (H, v, c) copies while they still hold kv_b and no
         gradient is wanted, else None."""
         a = self.absorbed
-        if a is None or not a.origin.fresh() or (torch.is_grad_enabled() and self.wkv_b.weight.requires_grad):
+        if a is None or not a.origin.usable():
             return None
         return a.narrow_uk, a.narrow_uv
 

@@ -89,7 +89,7 @@ class Gate(nn.Module):
         """The router weight in float32: pack()'s copy while it still holds the weight and no
         gradient is wanted, else converted now."""
         copy = self.float_weight
-        if copy is not None and copy[1].fresh() and not (torch.is_grad_enabled() and self.weight.requires_grad):
+        if copy is not None and copy[1].usable():
             return copy[0]
         return self.weight.float()
 

@@ -66,6 +66,11 @@ class Snapshot:
         """Whether no source has been replaced or changed in place since."""
         return all(_stamp(t) == st for t, st in zip(self.sources, self.stamps))
 
+    def usable(self) -> bool:
+        """Whether the copy may stand in for its sources now: fresh, and no gradient is wanted
+        through them (a copy has no backward)."""
+        return self.fresh() and not (torch.is_grad_enabled() and any(t.requires_grad for t in self.sources))
+
 
 @dataclass(frozen=True)
 class PackedWeight:
@@ -116,8 +121,9 @@ class PackedWeight:
     def serves(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether y = x·weightᵀ may be computed from this copy: the weight is still the one packed
         (same storage, no source replaced or changed in place), x matches its dtype on the CPU with
-        enough rows, and no gradient is needed (the packed GEMM has no backward)."""
-        if weight.data_ptr() != self.weight_ptr or not self.origin.fresh():
+        enough rows, and no gradient is needed, through x or the sources (the packed GEMM has no
+        backward)."""
+        if weight.data_ptr() != self.weight_ptr or not self.origin.usable():
             return False
         if x.device.type != "cpu" or x.dtype != self.dtype or weight.dtype != self.dtype:
             return False
@@ -125,7 +131,7 @@ class PackedWeight:
             return False
         if x.numel() // self.shape[1] < PACKED_MIN_ROWS[self.dtype]:
             return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        return not (torch.is_grad_enabled() and x.requires_grad)  # the sources' gradients: origin.usable()
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """y = x·Wᵀ (+ bias) from the blocked copy: [..., K] → [..., N] in x.dtype."""

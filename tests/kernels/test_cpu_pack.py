@@ -83,6 +83,13 @@ def test_a_gradient_is_never_taken_through_the_packed_copy():
     F.linear(ref_x, ref_w).square().sum().backward()
     torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad.double(), ref_w.grad, rtol=1e-5, atol=1e-6)
+    w.grad = None
+    frozen_x = x.detach()  # only the weight wants a gradient: still not served
+    assert not packed.serves(frozen_x, w)
+    ops.linear(frozen_x, w, packed=packed).sum().backward()
+    torch.testing.assert_close(w.grad, frozen_x.sum(0).expand_as(w), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert packed.serves(frozen_x, w) and packed.origin.usable()
 
 
 def test_other_dtypes_and_empty_inputs_fall_back():
