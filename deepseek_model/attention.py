@@ -263,6 +263,11 @@ class AbsorbedWeights:
     narrow_uv: torch.Tensor
     origin: Snapshot
 
+    def __deepcopy__(self, memo: dict) -> None:
+        """A deep copy of a packed model is unpacked: these copies would never serve the copied
+        weights (their snapshot names the originals), so they are not carried; pack the copy again."""
+        return None
+
 
 class MLA(nn.Module):
     """Multi-head Latent Attention with q LoRA (or a plain q_proj) and a compressed KV latent.

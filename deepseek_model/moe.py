@@ -29,6 +29,18 @@ def _topk_stable(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
+@dataclass(frozen=True)
+class FloatWeight:
+    """A float32 copy of a lower-precision weight (Gate.pack) and the state of the weight it was made from."""
+
+    weight: torch.Tensor
+    origin: Snapshot
+
+    def __deepcopy__(self, memo: dict) -> None:
+        """A deep copy of a packed model is unpacked (as kernels.cpu_pack.PackedWeight is)."""
+        return None
+
+
 @dataclass
 class Routing:
     """One router decision for N tokens.
@@ -69,7 +81,7 @@ class Gate(nn.Module):
             self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32, device=device))
         else:
             self.bias = None
-        self.float_weight: tuple[torch.Tensor, Snapshot] | None = None  # made by pack()
+        self.float_weight: FloatWeight | None = None  # made by pack()
 
     def pack(self) -> int:
         """A float32 copy of a lower-precision router weight, which the fp32 logits GEMM then reads
@@ -77,7 +89,7 @@ class Gate(nn.Module):
         the bench's small config). Returns the bytes allocated."""
         n = self.pack_nbytes()
         if n:
-            self.float_weight = (self.weight.detach().float(), Snapshot.of((self.weight,)))
+            self.float_weight = FloatWeight(self.weight.detach().float(), Snapshot.of((self.weight,)))
         return n
 
     def pack_nbytes(self) -> int:
@@ -89,8 +101,8 @@ class Gate(nn.Module):
         """The router weight in float32: pack()'s copy while it still holds the weight and no
         gradient is wanted, else converted now."""
         copy = self.float_weight
-        if copy is not None and copy[1].usable():
-            return copy[0]
+        if copy is not None and copy.origin.usable():
+            return copy.weight
         return self.weight.float()
 
     def forward(self, x: torch.Tensor) -> Routing:

@@ -117,6 +117,7 @@ def test_a_deep_copy_of_a_packed_model_is_unpacked_and_equal(tiny_bf16):
     twin = copy.deepcopy(model)  # what the RL loop does for its reference model
     assert twin.head.packed is None and all(p == (None, None) for m in twin.modules() if isinstance(m, MoE)
                                             for p in m.packed_experts)
+    assert all(m.absorbed is None for m in twin.modules() if isinstance(m, MLA))  # no stale copies carried
     ids = _ids(1, 10, model.cfg.vocab_size, seed=4)
     with torch.inference_mode():
         torch.testing.assert_close(twin(ids), model(ids), rtol=1e-4, atol=1e-4)
@@ -154,11 +155,12 @@ def test_router_copy_serves_bf16_routing_until_the_weight_changes(tiny_bf16):
     x = torch.randn(3, model.cfg.hidden_size, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     with torch.inference_mode():
         ref = gate(x)
-        assert gate.pack() == gate.weight.numel() * 4 and gate._weight32() is gate.float_weight[0]
+        assert gate.pack() == gate.weight.numel() * 4 and gate._weight32() is gate.float_weight.weight
         got = gate(x)
     assert torch.equal(got.indices, ref.indices) and torch.equal(got.logits, ref.logits)  # the same fp32 values
     with torch.no_grad():
         gate.weight.mul_(-1)  # in place: the copy is stale
-    assert gate._weight32() is not gate.float_weight[0]
+    assert gate._weight32() is not gate.float_weight.weight
+    assert copy.deepcopy(gate).float_weight is None  # a deep copy is unpacked
     with torch.inference_mode():
         torch.testing.assert_close(gate(x).logits, -ref.logits)
