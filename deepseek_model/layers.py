@@ -117,10 +117,16 @@ class Linear(nn.Module):
             Bytes allocated (0 where the weight is not a float32/bfloat16 CPU weight: fp8 weights,
             batch-invariant GEMMs and emulated-FP8 training keep their own paths).
         """
+        n = self.pack_nbytes()
+        if n:
+            self.packed = PackedWeight.of(self.weight)
+        return n
+
+    def pack_nbytes(self) -> int:
+        """Bytes pack() allocates (0 where it packs nothing)."""
         if self.fake_fp8 or self.spec.row_tile is not None or not cpu_pack.packable(self.weight):
             return 0
-        self.packed = PackedWeight.of(self.weight)
-        return self.packed.nbytes
+        return self.weight.numel() * self.weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fake_fp8:
@@ -184,10 +190,16 @@ class ParallelHead(nn.Module):
 
     def pack(self) -> int:
         """Make the oneDNN-blocked copy of the head's weight; returns the bytes allocated (see Linear.pack)."""
+        n = self.pack_nbytes()
+        if n:
+            self.packed = PackedWeight.of(self.weight)
+        return n
+
+    def pack_nbytes(self) -> int:
+        """Bytes pack() allocates (0 in batch-invariant mode or for a weight that cannot be packed)."""
         if self.row_tile is not None or not cpu_pack.packable(self.weight):
             return 0
-        self.packed = PackedWeight.of(self.weight)
-        return self.packed.nbytes
+        return self.weight.numel() * self.weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = ops.linear(x, self.weight, row_tile=self.row_tile, packed=self.packed).float()  # (B, T, V/world)

@@ -235,12 +235,10 @@ class Transformer(nn.Module):
         moes = [m for m in self.modules() if isinstance(m, MoE)]
         in_moe = {id(lin) for m in moes for ex in m.experts if ex is not None for lin in (ex.w1, ex.w2, ex.w3)}
         linears = [m for m in self.modules() if isinstance(m, (Linear, ParallelHead)) and id(m) not in in_moe]
-        mlas = [m for m in self.modules() if isinstance(m, MLA)]
-        need = sum(m.weight.numel() * m.weight.element_size() for m in self.modules()
-                   if isinstance(m, (Linear, ParallelHead)) and cpu_pack.packable(m.weight))  # experts included
-        need += sum(m.pack_nbytes() for m in mlas) + sum(m.gate.pack_nbytes() for m in moes)  # absorbed, router
+        packers = moes + linears + [m for m in self.modules() if isinstance(m, MLA)]
+        need = sum(p.pack_nbytes() for p in packers)
         memory.require(need, "packing the weights for CPU GEMMs (a second copy of every float projection)")
-        return sum(m.pack() for m in moes) + sum(lin.pack() for lin in linears) + sum(m.pack() for m in mlas)
+        return sum(p.pack() for p in packers)
 
     def new_cache(self, fp8: bool = False, index_fp8: bool | None = None) -> Cache:
         """An empty latent cache; it grows as tokens are written.

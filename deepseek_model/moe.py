@@ -185,14 +185,24 @@ class MoE(nn.Module):
         copy (Gate.pack); the shared experts are packed as Linears. Returns the bytes allocated (no
         expert copies for fp8, emulated-FP8 or batch-invariant experts, which keep their own paths)."""
         gate = self.gate.pack()
-        first = self.experts[self.lo]
-        if first.w1.is_fp8 or first.w1.fake_fp8 or self.row_tile or not cpu_pack.packable(first.w1.weight):
+        if not self._experts_packable():
             return gate
         w13, w2 = self._stacked_dense()  # (E_local, 2I, H), (E_local, H, I); the parameters view them
         local = [self.experts[e] for e in range(self.lo, self.hi)]
         self.packed_experts = [(PackedWeight.of(w13[i], sources=(ex.w1.weight, ex.w3.weight)),
                                 PackedWeight.of(w2[i], sources=(ex.w2.weight,))) for i, ex in enumerate(local)]
         return gate + sum(a.nbytes + b.nbytes for a, b in self.packed_experts)
+
+    def pack_nbytes(self) -> int:
+        """Bytes pack() allocates: the router's copy, plus the local experts' weights once where they are packed."""
+        local = [self.experts[e] for e in range(self.lo, self.hi)] if self._experts_packable() else []
+        experts = sum(lin.weight.numel() * lin.weight.element_size() for ex in local for lin in (ex.w1, ex.w2, ex.w3))
+        return self.gate.pack_nbytes() + experts
+
+    def _experts_packable(self) -> bool:
+        """Whether the local experts get packed copies (dense float CPU weights on the stacked inference path)."""
+        first = self.experts[self.lo]
+        return not (first.w1.is_fp8 or first.w1.fake_fp8 or self.row_tile or not cpu_pack.packable(first.w1.weight))
 
     def forward(self, x: torch.Tensor, router: list[Routing] | None = None) -> torch.Tensor:
         """(..., hidden) → (..., hidden); the routing decision is appended to `router` when given."""
