@@ -725,10 +725,12 @@ def _gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of x (B, S, W) at positions idx (B, T, K) (-1 reads row 0; callers mask it): (B, T, K, W),
     written into the front of the flat buffer `buf` when given (a reused buffer: the first touch of
-    fresh pages costs several times the copy itself)."""
+    fresh pages costs several times the copy itself), or gathered afresh where autograd records x."""
     bsz, t, k = idx.shape
     w = x.shape[-1]
     flat = idx.clamp_min(0).reshape(bsz, t * k)  # (B, T*K)
+    if torch.is_grad_enabled() and x.requires_grad:  # out= copies are not differentiable
+        return torch.stack([x[b].index_select(0, flat[b]) for b in range(bsz)]).view(bsz, t, k, w)  # (B, T, K, W)
     out = (x.new_empty(bsz * t * k * w) if buf is None else buf[:bsz * t * k * w]).view(bsz, t * k, w)  # (B, T*K, W)
     for b in range(bsz):
         torch.index_select(x[b], 0, flat[b], out=out[b])  # whole-row copies

@@ -361,6 +361,12 @@ class Transformer(nn.Module):
         if self.mtp is None:
             raise ValueError("this model has no MTP module (checkpoint without it, or loaded with mtp=False)")
         bsz, t = input_ids.shape[0], input_ids.shape[1] - 1
+        if t == 0:  # one token: nothing to predict two ahead of
+            if router is not None and isinstance(self.mtp.block.ffn, MoE):  # an empty routing record, as for T > 1
+                e, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+                router.append(RouterOutput("mtp.block.ffn", *(h.new_zeros(bsz, 0, n, dtype=torch.float32) for n in (e, e)),
+                                           input_ids.new_zeros(bsz, 0, k), h.new_zeros(bsz, 0, k, dtype=torch.float32)))
+            return h.new_zeros(bsz, 0, self.cfg.vocab_size, dtype=torch.float32)  # (B, 0, V)
         rotary, mask = self._rotary_and_mask(t, 0)
         routed: list[Routing] | None = [] if router is not None else None
         logits = self.mtp(h[:, :-1], input_ids[:, 1:], 0, rotary, mask, None, router=routed)  # (B, T-1, V)

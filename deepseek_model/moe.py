@@ -41,6 +41,42 @@ class FloatWeight:
         return None
 
 
+@dataclass(frozen=True)
+class ExpertStack:
+    """The local experts' weights stacked into a few tensors that the experts' parameters then
+    view (no weight is held twice; in-place updates of either reach both), with where each
+    expert's parameters lay when stacked. A parameter replaced, reassigned (`.data =`, a dtype or
+    device conversion, `load_state_dict(assign=True)`) or deep-copied since then no longer lies
+    there: the stack no longer holds it and is rebuilt from the parameters.
+
+    Attributes:
+        tensors: the stacked tensors, e.g. (w13 (E_local, 2I, H), w2 (E_local, H, I)).
+        pointers: per local expert, the data pointers of its parameters (in `MoE._expert_params` order).
+    """
+
+    tensors: tuple[torch.Tensor, ...]
+    pointers: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, tensors: tuple[torch.Tensor, ...], params: list[tuple[torch.Tensor, ...]]) -> ExpertStack:
+        """Record `tensors` and where each expert's parameters (viewing them) lie now."""
+        return cls(tensors, tuple(tuple(p.data_ptr() for p in ps) for ps in params))
+
+    def holds(self, i: int, params: tuple[torch.Tensor, ...]) -> bool:
+        """Whether local expert i's parameters are still the views this stack made."""
+        return tuple(p.data_ptr() for p in params) == self.pointers[i]
+
+    def __deepcopy__(self, memo: dict) -> None:
+        """A deep copy's parameters are fresh tensors that view nothing: the copy stacks its own."""
+        return None
+
+
+def _expert_params(ex: Expert, fp8: bool) -> tuple[torch.Tensor, ...]:
+    """An expert's stacked parameters: (w1, w3, w2) weights, then their scales for fp8 weights."""
+    weights = (ex.w1.weight, ex.w3.weight, ex.w2.weight)
+    return weights + (ex.w1.scale, ex.w3.scale, ex.w2.scale) if fp8 else weights
+
+
 @dataclass
 class Routing:
     """One router decision for N tokens.
@@ -178,6 +214,8 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, spec, ctx)
                                if cfg.n_shared_experts else None)
         self.packed_experts: list[tuple[PackedWeight, PackedWeight]] | None = None  # made by pack()
+        self.dense_stack: ExpertStack | None = None  # made on first dense inference use (_dense_stack)
+        self.fp8_stack: ExpertStack | None = None  # made on first fused W8A8 use (_fused_experts)
 
     def pack(self) -> int:
         """oneDNN-blocked copies of the local routed experts' stacked weights (gate‖up and down,
@@ -187,7 +225,8 @@ class MoE(nn.Module):
         gate = self.gate.pack()
         if not self._experts_packable():
             return gate
-        w13, w2 = self._stacked_dense()  # (E_local, 2I, H), (E_local, H, I); the parameters view them
+        self.packed_experts = None  # an earlier packing is freed first
+        w13, w2 = self._dense_stack().tensors  # (E_local, 2I, H), (E_local, H, I); the parameters view them
         local = [self.experts[e] for e in range(self.lo, self.hi)]
         self.packed_experts = [(PackedWeight.of(w13[i], sources=(ex.w1.weight, ex.w3.weight)),
                                 PackedWeight.of(w2[i], sources=(ex.w2.weight,))) for i, ex in enumerate(local)]
@@ -295,28 +334,37 @@ class MoE(nn.Module):
 
     def _stacked_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Routed expert e on rows x (n, hidden) from the stacked weights: two GEMMs (gate‖up, then
-        down) → (n, hidden)."""
-        w13, w2 = self._stacked_dense()  # (E_local, 2I, H), (E_local, H, I)
-        p13, p2 = self.packed_experts[e - self.lo] if self.packed_experts else (None, None)
-        gate, up = ops.linear(x, w13[e - self.lo], packed=p13).split([w2.shape[-1]] * 2, dim=-1)  # (n, I), (n, I)
-        return ops.linear(F.silu(gate) * up, w2[e - self.lo], packed=p2)  # (n, hidden)
+        down) → (n, hidden). The stack is rebuilt first if it no longer holds this expert's weights."""
+        i = e - self.lo
+        stack = self.dense_stack
+        if stack is None or not stack.holds(i, _expert_params(self.experts[e], fp8=False)):
+            stack = self._dense_stack()
+        w13, w2 = stack.tensors  # (E_local, 2I, H), (E_local, H, I)
+        p13, p2 = self.packed_experts[i] if self.packed_experts else (None, None)
+        gate, up = ops.linear(x, w13[i], packed=p13).split([w2.shape[-1]] * 2, dim=-1)  # (n, I), (n, I)
+        return ops.linear(F.silu(gate) * up, w2[i], packed=p2)  # (n, hidden)
 
-    def _stacked_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dense_stack(self) -> ExpertStack:
         """The local dense experts' weights stacked: (w13 (E_local, 2I, H), w2 (E_local, H, I)).
 
-        Built on first use; every expert's parameters then become views into the stacked tensors,
-        so no weight is held twice and training updates reach both.
+        The current stack while it holds every expert's parameters, else built from them now;
+        every expert's parameters then view the stacked tensors, so no weight is held twice and
+        training updates reach both. Packed copies of an earlier stack are dropped with it (they
+        held the weights it held: pack again for new ones).
         """
-        stacked = getattr(self, "_stacked_dense_weights", None)
-        if stacked is None:
-            local = [self.experts[e] for e in range(self.lo, self.hi)]
-            inter = local[0].w1.out_features
-            w13 = torch.stack([torch.cat([ex.w1.weight.data, ex.w3.weight.data]) for ex in local])  # (E, 2I, H)
-            w2 = torch.stack([ex.w2.weight.data for ex in local])  # (E, H, I)
-            for i, ex in enumerate(local):
-                ex.w1.weight.data, ex.w3.weight.data, ex.w2.weight.data = w13[i, :inter], w13[i, inter:], w2[i]
-            stacked = self._stacked_dense_weights = (w13, w2)
-        return stacked
+        local = [self.experts[e] for e in range(self.lo, self.hi)]
+        params = [_expert_params(ex, fp8=False) for ex in local]
+        stack = self.dense_stack
+        if stack is not None and all(stack.holds(i, ps) for i, ps in enumerate(params)):
+            return stack
+        self.dense_stack = self.packed_experts = None  # the old stack and its packed copies are freed first
+        inter = local[0].w1.out_features
+        w13 = torch.stack([torch.cat([w1.data, w3.data]) for w1, w3, _ in params])  # (E, 2I, H)
+        w2 = torch.stack([w2.data for _, _, w2 in params])  # (E, H, I)
+        for i, ex in enumerate(local):
+            ex.w1.weight.data, ex.w3.weight.data, ex.w2.weight.data = w13[i, :inter], w13[i, inter:], w2[i]
+        self.dense_stack = ExpertStack.of((w13, w2), [_expert_params(ex, fp8=False) for ex in local])
+        return self.dense_stack
 
     def _combine(self, flat: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """Sum the routed outputs over ranks, then add the shared experts: (N, hidden)."""
@@ -330,16 +378,17 @@ class MoE(nn.Module):
 
         None when the experts are dense, or when moe_intermediate_size is not a multiple of the
         block (gate‖up blocks would straddle a scale boundary: the per-expert loop runs instead).
-        Built on first use; every expert's parameters then become views into the stacked tensors,
-        so no weight is held twice.
+        Built on first use, and again when it no longer holds every expert's parameters; those
+        then view the stacked tensors, so no weight is held twice.
         """
         first = self.experts[self.lo]
         block = first.w1.spec.block_size
         if not first.w1.is_fp8 or not first.w1.spec.w8a8 or first.w1.out_features % block:
             return None  # dense, weight-only FP8 (dequantized per GEMM by each Linear), or ragged blocks
-        stacked = getattr(self, "_stacked", None)
-        if stacked is None:
-            local = [self.experts[e] for e in range(self.lo, self.hi)]
+        local = [self.experts[e] for e in range(self.lo, self.hi)]
+        stack = self.fp8_stack
+        if stack is None or not all(stack.holds(i, _expert_params(ex, fp8=True)) for i, ex in enumerate(local)):
+            self.fp8_stack = None  # the old stack is freed first
             w13, w13_s, w2, w2_s = ops.stack_experts(  # (E_local, 2I, H), (E_local, 2I/b, H/b), (E_local, H, I), ...
                 [(ex.w1.weight, ex.w1.scale) for ex in local], [(ex.w3.weight, ex.w3.scale) for ex in local],
                 [(ex.w2.weight, ex.w2.scale) for ex in local], block)
@@ -348,5 +397,5 @@ class MoE(nn.Module):
                 ex.w1.weight.data, ex.w3.weight.data = w13[i, :inter], w13[i, inter:]
                 ex.w1.scale.data, ex.w3.scale.data = w13_s[i, : inter // block], w13_s[i, inter // block:]
                 ex.w2.weight.data, ex.w2.scale.data = w2[i], w2_s[i]
-            stacked = self._stacked = (w13, w13_s, w2, w2_s)
-        return stacked
+            stack = self.fp8_stack = ExpertStack.of((w13, w13_s, w2, w2_s), [_expert_params(ex, fp8=True) for ex in local])
+        return stack.tensors

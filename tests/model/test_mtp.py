@@ -98,3 +98,16 @@ def test_mtp_optional(tiny_bf16):
     assert model.mtp is None
     with pytest.raises(ValueError, match="no MTP"):
         model.mtp_logits(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_mtp_logits_of_one_token_are_empty(tiny_bf16):
+    """One token leaves nothing to predict two ahead: (B, 0, V) logits, and an empty routing record."""
+    model = dsm.from_pretrained(tiny_bf16, dtype=torch.float32)
+    ids = torch.tensor([[5], [7]])
+    with torch.no_grad():
+        assert model.mtp_logits(ids).shape == (2, 0, 512)
+        out = model(ids, outputs={"mtp_logits", "router"})
+        longer = model(torch.tensor([[5, 6], [7, 8]]), outputs={"mtp_logits", "router"})
+    assert out.mtp_logits.shape == (2, 0, 512) and out.logits.shape == (2, 1, 512)
+    assert len(out.router) == len(longer.router)  # the MTP block's record is there, for no tokens
+    assert out.router[-1].layer == "mtp.block.ffn" and out.router[-1].indices.shape == (2, 0, 4)

@@ -334,3 +334,22 @@ def test_triton_backend_runs_the_dsa_kernels_and_matches_torch(tiny_v32, monkeyp
         out[backend] = torch.cat(steps, 1)
     assert (out["torch"] - out["triton"]).abs().max() <= 1e-4 * out["torch"].abs().max()
     assert {("index_logits", "triton"), ("sparse_mla_decode", "triton")} <= set(calls)
+
+
+@pytest.mark.parametrize("attn", ["absorb", "naive", "auto"])
+def test_sparse_forward_with_autograd_on_equals_no_grad(tiny_v32, ids, attn):
+    """A forward outside torch.no_grad (parameters require grad) takes the same sparse paths, and
+    gradients flow through the gathered latents."""
+    model = dsm.from_pretrained(tiny_v32, dtype=torch.float32, weights="bf16", attn=attn)
+    assert ids.shape[1] > model.cfg.index_topk
+    with torch.no_grad():
+        want = model(ids)
+        cache = model.new_cache()
+        model(ids[:, :-1], 0, cache)
+    got = model(ids)
+    step = model(ids[:, -1:], ids.shape[1] - 1, cache)  # a cached sparse decode step, autograd on
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step.detach()[:, 0], want[:, -1], rtol=1e-5, atol=1e-5)
+    got.logsumexp(-1).mean().backward()
+    wkv_a = model.layers[0].attn.wkv_a.weight
+    assert wkv_a.grad is not None and bool(torch.isfinite(wkv_a.grad).all()) and wkv_a.grad.abs().sum() > 0
