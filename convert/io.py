@@ -25,6 +25,51 @@ class ConvertError(ValueError):
     """Bad input or arguments for a conversion; the one-line message names the file or tensor."""
 
 
+def _holds_working_dir(path: str) -> bool:
+    """Whether the absolute `path` is the working directory or a directory above it."""
+    cwd = os.path.realpath(os.getcwd())
+    real = os.path.realpath(path)
+    return cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep)
+
+
+def check_new_dir(path: str, what: str) -> str:
+    """Where a command may create an output directory: a path that does not exist yet or names an
+    empty directory. The path is judged as it resolves (`a/..` is the working directory), never as
+    the string reads; the working directory and the directories above it are refused.
+
+    Args:
+        path: the directory as the user gave it.
+        what: how the user gave it, for the message (e.g. "OUT", "--out").
+
+    Returns:
+        The absolute path.
+
+    Raises:
+        ValueError: one line naming `what` and `path`.
+    """
+    if not path or not path.strip():
+        raise ValueError(f"{what}: an empty path names no directory")
+    dst = os.path.abspath(path)
+    if _holds_working_dir(dst):
+        raise ValueError(f"{what} {path}: is the working directory or contains it (name a new directory)")
+    if os.path.lexists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ValueError(f"{what} {path}: exists and is not an empty directory")
+    return dst
+
+
+def check_new_file(path: str, what: str) -> str:
+    """Where a command may write an output file: a non-empty path, not a directory, in a directory
+    that exists. Returns the absolute path; raises ValueError naming `what` and `path`."""
+    if not path or not path.strip():
+        raise ValueError(f"{what}: an empty path names no file")
+    dst = os.path.abspath(path)
+    if os.path.isdir(dst):
+        raise ValueError(f"{what} {path}: is a directory")
+    if not os.path.isdir(os.path.dirname(dst)):
+        raise ValueError(f"{what} {path}: its directory {os.path.dirname(dst)} does not exist")
+    return dst
+
+
 def check_paths(src: str, dst: str, overwrite: bool) -> tuple[str, str]:
     """Validate SRC and DST of a conversion.
 
@@ -40,7 +85,12 @@ def check_paths(src: str, dst: str, overwrite: bool) -> tuple[str, str]:
     Raises:
         ConvertError: the paths are unusable.
     """
+    for given, name in ((src, "source"), (dst, "destination")):
+        if not given or not given.strip():
+            raise ConvertError(f"an empty {name} path names no directory")
     src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
+    if _holds_working_dir(dst_abs):
+        raise ConvertError(f"{dst}: destination is the working directory or contains it (name a new directory)")
     restore_orphaned(dst_abs)
     if not os.path.isdir(src_abs):
         raise ConvertError(f"{src}: source is not a directory")

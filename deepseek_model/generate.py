@@ -14,6 +14,8 @@ the main model's distribution.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -24,6 +26,7 @@ from deepseek_model.model import Cache, Transformer
 
 SPECULATIVE_MODES = (None, "mtp")
 DEFAULT_SEED = 0
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 SPEC_TOKENS = 2  # a verify forward holds the current token and one MTP draft
 
 
@@ -88,7 +91,10 @@ class Sampling:
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Filtered sampling distribution (N, V) fp32 from logits (N, V)."""
-        x = logits.float() / self.temperature
+        x = logits.float() / self.temperature  # (N, V)
+        if not bool(torch.isfinite(x.amax(-1)).all()):  # a tiny temperature overflowed: scale the gaps to the max
+            gaps = (logits.double() - logits.double().amax(-1, keepdim=True)) / self.temperature  # (N, V) <= 0, fp64
+            x = gaps.float()  # 0 at the max, -inf where the gap overflowed
         if self.top_k and self.top_k < x.shape[-1]:
             kth = x.topk(self.top_k, dim=-1).values[..., -1:]  # (N, 1)
             x = x.masked_fill(x < kth, float("-inf"))
@@ -117,18 +123,35 @@ class Sampling:
         return torch.stack([torch.multinomial(p[i], 1, generator=gens[i])[0] for i in range(p.shape[0])])
 
 
+def _integer(value, name: str) -> int:
+    """An integer argument (a Python or numpy integer, not a bool or a float), else a ValueError naming it."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _number(value, name: str) -> float:
+    """A real-number argument, else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
 def _check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int, speculative) -> Sampling:
-    if max_new_tokens < 1:
+    if _integer(max_new_tokens, "max_new_tokens") < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not math.isfinite(temperature) or temperature < 0:
+    if not math.isfinite(_number(temperature, "temperature")) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:  # also refuses NaN
+    if not 0.0 < _number(top_p, "top_p") <= 1.0:  # also refuses NaN
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
+    if _integer(top_k, "top_k") < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if speculative not in SPECULATIVE_MODES:
         raise ValueError(f"speculative must be one of {SPECULATIVE_MODES}, got {speculative!r}")
-    return Sampling(float(temperature), float(top_p), int(top_k))
+    return Sampling(float(temperature), float(top_p), operator.index(top_k))
 
 
 def normalize_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -138,19 +161,27 @@ def normalize_prompts(prompts, vocab_size: int) -> list[list[int]]:
         if prompts.dim() not in (1, 2):
             raise ValueError(f"prompts must be a (T,) or (B, T) tensor, got shape {tuple(prompts.shape)}")
         rows = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
-    elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+    elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, numbers.Integral) for t in prompts):
         rows = [list(prompts)]
     elif isinstance(prompts, (list, tuple)) and prompts:
         rows = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
     else:
         raise ValueError("prompts must be token ids: a non-empty list of ints, a list of lists, or a tensor")
+    out = []
     for i, row in enumerate(rows):
         if not row:
             raise ValueError(f"prompts: prompt {i} is empty")
-        bad = [t for t in row if not isinstance(t, int) or t < 0 or t >= vocab_size]
+        ids = []
+        for t in row:
+            try:
+                ids.append(_integer(t, "a token id"))
+            except ValueError:
+                raise ValueError(f"prompts: token id {t!r} in prompt {i} is not an integer") from None
+        bad = [t for t in ids if t < 0 or t >= vocab_size]
         if bad:
-            raise ValueError(f"prompts: token id {bad[0]!r} in prompt {i} is outside [0, vocab_size={vocab_size})")
-    return rows
+            raise ValueError(f"prompts: token id {bad[0]} in prompt {i} is outside [0, vocab_size={vocab_size})")
+        out.append(ids)
+    return out
 
 
 def _eos_set(model: Transformer, eos) -> set[int]:
@@ -228,7 +259,11 @@ def generate(model: Transformer, prompts, max_new_tokens: int = 32, temperature:
         raise ValueError(f"max_new_tokens: {longest} prompt tokens + {max_new_tokens} new tokens exceed "
                          f"max_seq_len {model.max_seq_len}")
     if speculative == "mtp" and not model.has_mtp:
-        raise ValueError("speculative: 'mtp' needs a model loaded with its MTP module (mtp=True)")
+        raise ValueError("speculative: 'mtp' needs an MTP module: the checkpoint has none, or it was loaded with mtp=False")
+    seed = _integer(seed, "seed")
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1] - (len(rows) - 1):
+        raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1] - (len(rows) - 1)}] for {len(rows)} "
+                         f"prompt(s) (prompt i samples with seed + i), got {seed}")
     device = model.inv_freq.device
     gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(len(rows))]
     eos_ids = _eos_set(model, eos)

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from deepseek_model.commands.options import check_threads
+from deepseek_model.commands.options import check_threads, seed_arg
 from deepseek_model.config import ModelConfig
 from deepseek_model.checkpoint.reader import CheckpointReader
 from deepseek_model.evaluation import bits_per_byte, token_byte_lengths, windows
@@ -54,9 +54,10 @@ EXAMPLES = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `demo`."""
-    p.add_argument("--seed", type=int, default=0, help="checkpoint seed")
+    p.add_argument("--seed", type=seed_arg, default=0, help="checkpoint seed")
     p.add_argument("--new-tokens", type=int, default=48, help="tokens to generate")
-    p.add_argument("--keep", metavar="DIR", help="write the checkpoint to DIR and keep it")
+    p.add_argument("--keep", metavar="DIR", help="write the tiny checkpoint to DIR and its bf16 conversion to DIR-bf16, "
+                   "and keep both (each must be new or an empty directory)")
     p.add_argument("--threads", type=int, default=DEMO_THREADS, help="torch CPU threads")
 
 
@@ -219,9 +220,14 @@ def run(args: argparse.Namespace) -> int:
     if args.new_tokens < 1:
         raise ValueError(f"--new-tokens must be >= 1, got {args.new_tokens}")
     check_threads(args.threads)
+    if args.keep is not None:  # both directories are checked before any work
+        from deepseek_model.convert.io import check_new_dir  # noqa: PLC0415
+
+        keep = check_new_dir(args.keep, "--keep")
+        check_new_dir(keep + "-bf16", "--keep's conversion directory")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.keep:
-        return _run(args.keep, args)
+    if args.keep is not None:
+        return _run(keep, args)
     with tempfile.TemporaryDirectory(prefix="deepseek-demo-") as tmp:
         return _run(os.path.join(tmp, "tiny-fp8"), args)

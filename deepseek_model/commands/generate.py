@@ -9,7 +9,7 @@ import sys
 import torch
 
 from deepseek_model import parallel
-from deepseek_model.commands.options import check_finite, check_threads, read_text, utf8_lines
+from deepseek_model.commands.options import check_finite, check_threads, read_text, seed_arg, utf8_lines
 from deepseek_model.generate import GenerationResult, generate
 from deepseek_model.loading import WEIGHT_FORMATS, from_pretrained
 from deepseek_model.tokenizer import Tokenizer, load_tokenizer
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0, help="sampling seed (prompt i of a batch samples with seed + i)")
     p.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
     p.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto",
                    help="bf16: dequantize FP8 at load; fp8: keep FP8, dequantize per GEMM (weight-only); "

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
+from deepseek_model.commands.options import seed_arg
 from deepseek_model.config import BUILTIN_CONFIGS
 from deepseek_model.checkpoint.writer import DEFAULT_SHARDS
 from deepseek_model.testing import check_build_memory, make_tiny_checkpoint
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `make-tiny`."""
     p.add_argument("out", help="output directory (must not exist or be empty)")
     p.add_argument("--fp8", action="store_true", help="store the published FP8 tensor set with block scales")
-    p.add_argument("--seed", type=int, default=0, help="RNG seed (same seed: identical bytes)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="RNG seed (same seed: identical bytes)")
     p.add_argument("--config", default="tiny", choices=BUILTIN_CONFIGS, help="built-in architecture")
     p.add_argument("--no-mtp", action="store_true", help="leave out the MTP layer")
     p.add_argument("--shards", type=int, default=DEFAULT_SHARDS, help="number of safetensors shards")
@@ -28,16 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the checkpoint and print where."""
-    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
-        raise ValueError(f"{args.out}: exists and is not an empty directory")
+    from deepseek_model.convert.io import AtomicOutputDir, check_new_dir  # noqa: PLC0415 (torch-free; keeps --help fast)
+
+    dst = check_new_dir(args.out, "OUT")
     if args.shards < 1:
         raise ValueError(f"--shards must be >= 1, got {args.shards}")
-    from deepseek_model.convert.io import AtomicOutputDir  # noqa: PLC0415 (torch-free; keeps --help fast)
-
-    check_build_memory(args.config, args.fp8, not args.no_mtp, os.path.abspath(args.out))  # before any file
-    with AtomicOutputDir(os.path.abspath(args.out)) as out:  # a failure (disk full) leaves no OUT behind
+    check_build_memory(args.config, args.fp8, not args.no_mtp, dst)  # before any file
+    with AtomicOutputDir(dst) as out:  # a failure (disk full) leaves no OUT behind
         make_tiny_checkpoint(out.tmp, args.config, fp8=args.fp8, seed=args.seed, mtp=not args.no_mtp,
                              num_shards=args.shards)
         out.commit()
-    print(f"wrote {'fp8' if args.fp8 else 'bf16'} '{args.config}' checkpoint to {os.path.abspath(args.out)}")
+    print(f"wrote {'fp8' if args.fp8 else 'bf16'} '{args.config}' checkpoint to {dst}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -15,6 +16,20 @@ def check_threads(threads: int | None, flag: str = "--threads") -> None:
     cpus = os.cpu_count() or 1
     if not 1 <= threads <= cpus:
         raise ValueError(f"{flag} must be between 1 and the {cpus} CPUs of this machine, got {threads}")
+
+
+MAX_SEED = 2**32 - 1  # --seed range [0, MAX_SEED]: every generator a command derives from it stays in range
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of --seed: an integer in [0, MAX_SEED] (the usage line names the flag)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text}")
+    return seed
 
 
 def check_finite(value: float, flag: str) -> None:

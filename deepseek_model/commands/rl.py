@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 
-from deepseek_model.commands.options import check_threads
+from deepseek_model.commands.options import check_threads, seed_arg
 
 HELP = ("reinforcement learning with GRPO: the arithmetic recipe (supervised warm-up, then rule rewards), "
         "held-out pass@1 before/after, resumable, JSON log and curves")
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help=f"output directory (default {RECIPE_OUT}/, or {RECIPE_OUT}-control/ with --control)")
     p.add_argument("--minutes", type=float, help="wall-clock limit; the state is saved and --resume continues")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its saved state")
-    p.add_argument("--seed", type=int, default=0, help="seed of the problems split, initialisation and sampling")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the problems split, initialisation and sampling")
     p.add_argument("--control", choices=CONTROL_CHOICES,
                    help="shuffled: the control run, rewards permuted within each batch")
     p.add_argument("--grpo-steps", type=int, help="GRPO steps (default: the recipe's)")
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pretrain_steps is not None:
         changes["pretrain_steps"] = args.pretrain_steps
     recipe = Recipe(**changes)
-    out = args.out or (RECIPE_OUT + ("-control" if args.control else ""))
+    out = args.out if args.out is not None else RECIPE_OUT + ("-control" if args.control else "")
     threads = args.threads if args.threads is not None else max(1, os.cpu_count() or 1)
     run_recipe(out, recipe, minutes=args.minutes, resume=args.resume, threads=threads, quiet=args.quiet)
     return 0

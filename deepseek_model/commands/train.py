@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from deepseek_model.commands.options import check_threads
+from deepseek_model.commands.options import check_threads, seed_arg
 from deepseek_model.commands.parser import Parser
 from deepseek_model.config import ModelConfig
 from deepseek_model.training import (ALPHA, GAMMA, LR, MTP_LAMBDA, TrainConfig, build_model, check_rates,
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=ALPHA, help="sequence-wise balance loss weight α")
     p.add_argument("--mtp-lambda", type=float, default=MTP_LAMBDA, help="MTP loss weight λ")
     p.add_argument("--fp8", action="store_true", help="emulate FP8 GEMMs (1x128 / 128x128 fake quantization)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, corpus and batches")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the initialisation, corpus and batches")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     p.add_argument("--micro-batches", type=int, default=1, help="micro-batches accumulated per step")
@@ -91,8 +91,9 @@ def run_recipe_command(args: argparse.Namespace) -> int:
     recipe = Recipe(**{k: getattr(args, k) for k in given & set(RECIPE_OVERRIDES)})
     check_threads(args.threads)
     threads = args.threads if args.threads is not None else max(1, os.cpu_count() or 1)
-    run_recipe(args.out or RECIPE_OUT, recipe, corpus=args.corpus, minutes=args.minutes, resume=args.resume,
-               threads=threads, quiet=args.quiet)
+    out = RECIPE_OUT if args.out is None else args.out  # an empty --out is refused, not taken for the default
+    run_recipe(out, recipe, corpus=args.corpus, minutes=args.minutes, resume=args.resume, threads=threads,
+               quiet=args.quiet)
     return 0
 
 
@@ -114,39 +115,39 @@ def run(args: argparse.Namespace) -> int:
     check_rates(args.lr, args.gamma, args.alpha, args.mtp_lambda)
     if args.seq_len < 3:
         raise ValueError(f"--seq-len must be >= 3 (MTP targets are two ahead), got {args.seq_len}")
-    if args.out and os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
-        raise ValueError(f"{args.out}: exists and is not an empty directory")
+    from deepseek_model.convert.io import AtomicOutputDir, check_new_dir, check_new_file  # noqa: PLC0415
+
+    out_dir = None if args.out is None else check_new_dir(args.out, "--out")  # both checked before training
+    json_path = None if args.json is None else check_new_file(args.json, "--json")
     torch.set_num_threads(args.threads)
     cfg = ModelConfig.builtin(args.config)
     if args.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
-    corpus = ByteCorpus(args.text, cfg.vocab_size) if args.text else SyntheticCorpus(cfg.vocab_size, args.seed)
+    corpus = SyntheticCorpus(cfg.vocab_size, args.seed) if args.text is None else ByteCorpus(args.text, cfg.vocab_size)
     model = build_model(cfg, seed=args.seed, fp8=args.fp8)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                      micro_batches=args.micro_batches, lr=args.lr, gamma=args.gamma, recenter=args.recenter,
                      alpha=args.alpha, mtp_lambda=args.mtp_lambda, seed=args.seed, log_every=args.log_every)
     print(f"training '{args.config}' ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
-          f"{args.text or 'the synthetic corpus'}: {args.steps} steps × {args.micro_batches}×{args.batch_size}×"
-          f"{args.seq_len} tokens, γ={args.gamma:g} α={args.alpha:g} λ={args.mtp_lambda:g}"
+          f"{'the synthetic corpus' if args.text is None else args.text}: {args.steps} steps × "
+          f"{args.micro_batches}×{args.batch_size}×{args.seq_len} tokens, γ={args.gamma:g} α={args.alpha:g} λ={args.mtp_lambda:g}"
           f"{', FP8 emulation' if args.fp8 else ''}", flush=True)
     t0 = time.perf_counter()
     result = train(model, corpus, tc, log=lambda rec: print(_format(rec, args.steps), flush=True))
     seconds = time.perf_counter() - t0
     mtp_part = f", MTP CE {result.eval_mtp_loss:.4f}" if result.eval_mtp_loss is not None else ""
     print(f"held-out CE {result.eval_loss:.4f}{mtp_part} ({seconds:.0f} s)")
-    if args.out:
-        from deepseek_model.convert.io import AtomicOutputDir  # noqa: PLC0415
-
-        with AtomicOutputDir(os.path.abspath(args.out)) as out:  # a failed write (disk full) leaves no partial OUT
+    if out_dir is not None:
+        with AtomicOutputDir(out_dir) as out:  # a failed write (disk full) leaves no partial OUT
             save_checkpoint(model, out.tmp, SAVE_DTYPES[args.save_dtype])
             out.commit()
         print(f"saved checkpoint to {args.out}")
-    if args.json:
+    if json_path is not None:
         payload = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "seconds": seconds,
                    "eval_loss": result.eval_loss, "eval_mtp_loss": result.eval_mtp_loss,
                    "history": [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
                                for r in result.history]}
-        with open(args.json, "w", encoding="utf-8") as f:
+        with open(json_path, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)
         print(f"wrote {args.json}")
     return 0

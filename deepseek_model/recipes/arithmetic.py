@@ -269,13 +269,22 @@ def _save_state(path: str, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def check_out_dir(out: str, resume: bool) -> None:
-    """OUT must be new or empty, or hold a state to resume from."""
+def check_out_dir(out: str, resume: bool) -> str:
+    """OUT must be new or empty (judged as the path resolves), or hold a state to resume from.
+    Returns its absolute path, which the run then writes to."""
+    from deepseek_model.convert.io import check_new_dir  # noqa: PLC0415
+
     if resume:
+        if not out or not out.strip():
+            raise RecipeError("--out: an empty path names no directory")
         if not os.path.isfile(os.path.join(out, STATE_FILE)):
             raise RecipeError(f"{out}: no {STATE_FILE} to resume from")
-    elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise RecipeError(f"{out}: exists and is not an empty directory (pass --resume to continue a run)")
+        return os.path.abspath(out)
+    try:
+        return check_new_dir(out, "--out")
+    except ValueError as e:
+        hint = " (pass --resume to continue a run)" if out.strip() and os.path.lexists(os.path.abspath(out)) else ""
+        raise RecipeError(f"{e}{hint}") from None
 
 
 def plot_log(log: dict[str, Any], path: str) -> str | None:
@@ -332,7 +341,7 @@ def run_recipe(out: str, recipe: Recipe = Recipe(), minutes: float | None = None
     if threads is not None and threads < 1:
         raise RecipeError(f"--threads must be >= 1, got {threads}")
     recipe.validate()
-    check_out_dir(out, resume)
+    out = check_out_dir(out, resume)
     if threads:
         torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)

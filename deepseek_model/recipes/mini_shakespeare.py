@@ -168,14 +168,22 @@ def _load_state(path: str, recipe: Recipe) -> dict[str, Any]:
     return state
 
 
-def check_out_dir(out: str, resume: bool) -> None:
-    """OUT must be new or empty, or hold a state to resume from."""
-    state = os.path.join(out, STATE_FILE)
+def check_out_dir(out: str, resume: bool) -> str:
+    """OUT must be new or empty (judged as the path resolves), or hold a state to resume from.
+    Returns its absolute path, which the run then writes to."""
+    from deepseek_model.convert.io import check_new_dir  # noqa: PLC0415
+
     if resume:
-        if not os.path.isfile(state):
+        if not out or not out.strip():
+            raise RecipeError("--out: an empty path names no directory")
+        if not os.path.isfile(os.path.join(out, STATE_FILE)):
             raise RecipeError(f"{out}: no {STATE_FILE} to resume from")
-    elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise RecipeError(f"{out}: exists and is not an empty directory (pass --resume to continue a run)")
+        return os.path.abspath(out)
+    try:
+        return check_new_dir(out, "--out")
+    except ValueError as e:
+        hint = " (pass --resume to continue a run)" if out.strip() and os.path.lexists(os.path.abspath(out)) else ""
+        raise RecipeError(f"{e}{hint}") from None
 
 
 def export_checkpoint(model: torch.nn.Module, tokenizer_dir: str, dst: str, bf16_dst: str) -> str:
@@ -279,7 +287,7 @@ def run_recipe(out: str, recipe: Recipe = Recipe(), corpus: str | None = None, c
     if recipe.steps < 1 or recipe.batch_size < 1:
         raise RecipeError(f"steps and batch size must be >= 1, got {recipe.steps} and {recipe.batch_size}")
     check_rates(recipe.lr, recipe.gamma, recipe.alpha, recipe.mtp_lambda, error=RecipeError)
-    check_out_dir(out, resume)
+    out = check_out_dir(out, resume)
     if threads:
         torch.set_num_threads(threads)
     data = load_corpus(corpus, cache_dir)

@@ -119,6 +119,16 @@ def test_fp8_cache_logit_error(model):
     (dict(prompts=[[1, 2]], top_p=float("nan")), "top_p must be in"),
     (dict(prompts=[[1, 2]], top_p=0.0), "top_p must be in (0, 1]"),
     (dict(prompts=[[1, 2]], speculative="medusa"), "speculative must be one of"),
+    (dict(prompts=[[1, 2.5]]), "token id 2.5 in prompt 0 is not an integer"),
+    (dict(prompts=[[1, True]]), "token id True in prompt 0 is not an integer"),
+    (dict(prompts=[[1, 2]], max_new_tokens=2.5), "max_new_tokens must be an integer, got 2.5"),
+    (dict(prompts=[[1, 2]], top_k=None), "top_k must be an integer, got None"),
+    (dict(prompts=[[1, 2]], top_k=1.5), "top_k must be an integer, got 1.5"),
+    (dict(prompts=[[1, 2]], temperature=None), "temperature must be a number, got None"),
+    (dict(prompts=[[1, 2]], top_p="0.9"), "top_p must be a number, got '0.9'"),
+    (dict(prompts=[[1, 2]], seed=None), "seed must be an integer, got None"),
+    (dict(prompts=[[1, 2], [3]], seed=2**64 - 1), "seed must be in [-9223372036854775808, 18446744073709551614] for 2"),
+    (dict(prompts=[[1, 2]], seed=-(2**63) - 1), "seed must be in"),
 ])
 def test_one_line_errors(model, kwargs, needle):
     kwargs.setdefault("max_new_tokens", 4)
@@ -148,3 +158,23 @@ def test_writing_past_the_cached_positions_is_refused(model):
         model(torch.tensor([[11]]), 3, cache)  # an earlier one overwrites (a rollback): fine
         with pytest.raises(ValueError, match=r"start_pos 6 is past the 4 cached positions"):
             model(torch.tensor([[12]]), 6, cache)  # slots 4..5 no longer hold this sequence
+
+
+def test_numpy_integer_token_ids_and_seed(model):
+    """numpy integers are token ids like Python ints (their message used to call an id in range outside it)."""
+    np = pytest.importorskip("numpy")
+    want = dsm.generate(model, [[3, 4, 5]], max_new_tokens=3, temperature=0.8, seed=5).tokens
+    got = dsm.generate(model, [[np.int64(3), np.int32(4), 5]], max_new_tokens=np.int64(3), temperature=0.8,
+                       seed=np.int64(5)).tokens
+    assert got == want
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-300, 5e-324])
+def test_a_tiny_temperature_samples_the_argmax(model, temperature):
+    """logits / temperature overflows float32 for a tiny temperature: sampling then takes the gaps to
+    the row's maximum, whose softmax is the argmax (as temperature -> 0), instead of NaN probabilities."""
+    prompts = [[5, 6, 7], [9]]
+    greedy = dsm.generate(model, prompts, max_new_tokens=5, eos=[]).tokens
+    assert dsm.generate(model, prompts, max_new_tokens=5, eos=[], temperature=temperature, seed=1).tokens == greedy
+    assert dsm.generate(model, prompts[:1], max_new_tokens=5, eos=[], temperature=temperature,
+                        speculative="mtp").tokens == greedy[:1]
