@@ -32,7 +32,7 @@ def _holds_working_dir(path: str) -> bool:
     return cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep)
 
 
-def check_new_dir(path: str, what: str) -> str:
+def check_new_dir(path: str | os.PathLike, what: str) -> str:
     """Where a command may create an output directory: a path that does not exist yet or names an
     empty directory. The path is judged as it resolves (`a/..` is the working directory), never as
     the string reads; the working directory and the directories above it are refused.
@@ -47,7 +47,8 @@ def check_new_dir(path: str, what: str) -> str:
     Raises:
         ValueError: one line naming `what` and `path`.
     """
-    if not path or not path.strip():
+    path = os.fspath(path)
+    if not path.strip():
         raise ValueError(f"{what}: an empty path names no directory")
     dst = os.path.abspath(path)
     if _holds_working_dir(dst):
@@ -57,10 +58,11 @@ def check_new_dir(path: str, what: str) -> str:
     return dst
 
 
-def check_new_file(path: str, what: str) -> str:
+def check_new_file(path: str | os.PathLike, what: str) -> str:
     """Where a command may write an output file: a non-empty path, not a directory, in a directory
     that exists. Returns the absolute path; raises ValueError naming `what` and `path`."""
-    if not path or not path.strip():
+    path = os.fspath(path)
+    if not path.strip():
         raise ValueError(f"{what}: an empty path names no file")
     dst = os.path.abspath(path)
     if os.path.isdir(dst):
@@ -70,7 +72,7 @@ def check_new_file(path: str, what: str) -> str:
     return dst
 
 
-def check_paths(src: str, dst: str, overwrite: bool) -> tuple[str, str]:
+def check_paths(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool) -> tuple[str, str]:
     """Validate SRC and DST of a conversion.
 
     Args:
@@ -85,8 +87,9 @@ def check_paths(src: str, dst: str, overwrite: bool) -> tuple[str, str]:
     Raises:
         ConvertError: the paths are unusable.
     """
+    src, dst = os.fspath(src), os.fspath(dst)
     for given, name in ((src, "source"), (dst, "destination")):
-        if not given or not given.strip():
+        if not given.strip():
             raise ConvertError(f"an empty {name} path names no directory")
     src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
     if _holds_working_dir(dst_abs):

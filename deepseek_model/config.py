@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from deepseek_model.constants import FP8_BLOCK
+
 SCORING_FUNCS = ("sigmoid", "softmax")
+# transformers' config switches whose other settings change the math: a config.json may state the
+# DeepSeek value (or leave it out); any other value is refused rather than silently computed as DeepSeek's
+UNSUPPORTED_VARIANTS = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_interleave": True}
 # Sanity bounds on size fields, far above any published model (DeepSeek-V3: vocab 129,280, hidden
 # 7,168, 61 layers, 256 experts, 163,840 positions) and far below what would exhaust a machine
 # before the memory estimate runs.
@@ -255,14 +260,25 @@ class ModelConfig:
                 raise ConfigError(f"{source}: mlp_layer_types {layer_kinds!r} contradicts first_k_dense_replace "
                                   f"{dense} over {n_layers} layers (expected {dense} dense, then sparse)")
 
+        for key, supported in UNSUPPORTED_VARIANTS.items():  # switches of transformers' configs this math does not follow
+            if key in d and d[key] is not None and d[key] != supported:
+                raise ConfigError(f"{source}: {key} {d[key]!r} is not supported (DeepSeek models use {supported!r}; "
+                                  f"this package computes that)")
+
         quant = None
         qc = d.get("quantization_config")
+        if qc is not None and not isinstance(qc, dict):
+            raise ConfigError(f"{source}: quantization_config must be an object or null, got {qc!r}")
         if qc:
             if qc.get("quant_method") != "fp8":
                 raise ConfigError(f"{source}: unsupported quantization_config.quant_method {qc.get('quant_method')!r}")
+            block = qc.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK])
+            if not isinstance(block, (list, tuple)) or len(block) != 2 or block[0] != block[1]:
+                raise ConfigError(f"{source}: quantization_config.weight_block_size must be two equal integers "
+                                  f"[b, b] (square blocks), got {block!r}")
             quant = QuantConfig(
                 fmt=qc.get("fmt", "e4m3"),
-                block_size=tuple(qc.get("weight_block_size", (128, 128))),
+                block_size=(as_int("quantization_config.weight_block_size", block[0]),) * 2,
                 activation_scheme=qc.get("activation_scheme", "dynamic"),
                 scale_fmt=qc.get("scale_fmt"),
             )
@@ -282,8 +298,8 @@ class ModelConfig:
             n_routed_experts=req_int("n_routed_experts"),
             n_shared_experts=opt_int("n_shared_experts", 0),
             num_experts_per_tok=req_int("num_experts_per_tok"),
-            n_group=opt_int("n_group", 1) or 1,
-            topk_group=opt_int("topk_group", 1) or 1,
+            n_group=opt_int("n_group", 1),
+            topk_group=opt_int("topk_group", 1),
             topk_method=d.get("topk_method", routing["topk_method"]),
             scoring_func=d.get("scoring_func", routing["scoring_func"]),
             norm_topk_prob=opt_bool("norm_topk_prob", routing["norm_topk_prob"]),
@@ -314,6 +330,11 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{source}: {name} must be positive, got {getattr(self, name)}")
+        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{source}: {name} must be >= 0, got {getattr(self, name)}")
+        if self.max_position_embeddings <= 0:
+            raise ConfigError(f"{source}: max_position_embeddings must be positive, got {self.max_position_embeddings}")
         for name in ("rms_norm_eps", "routed_scaling_factor", "rope_theta"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{source}: {name} must be positive, got {getattr(self, name)}")
@@ -368,8 +389,20 @@ class ModelConfig:
             if self.index_head_dim < self.qk_rope_head_dim:
                 raise ConfigError(f"{source}: index_head_dim ({self.index_head_dim}) is smaller than "
                                   f"qk_rope_head_dim ({self.qk_rope_head_dim}), the indexer's rotary part")
-        if self.rope_scaling is not None and self.rope_scaling.factor <= 0:
-            raise ConfigError(f"{source}: rope_scaling.factor must be positive")
+        rs = self.rope_scaling
+        if rs is not None:
+            for name in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+                if not getattr(rs, name) > 0:
+                    raise ConfigError(f"{source}: rope_scaling.{name} must be positive, got {getattr(rs, name)}")
+            for name in ("mscale", "mscale_all_dim"):
+                if getattr(rs, name) < 0:
+                    raise ConfigError(f"{source}: rope_scaling.{name} must be >= 0, got {getattr(rs, name)}")
+            if rs.beta_fast < rs.beta_slow:
+                raise ConfigError(f"{source}: rope_scaling.beta_fast ({rs.beta_fast:g}) is below beta_slow "
+                                  f"({rs.beta_slow:g})")
+        if self.quantization is not None and self.quantization.activation_scheme != "dynamic":
+            raise ConfigError(f"{source}: quantization_config.activation_scheme "
+                              f"{self.quantization.activation_scheme!r} unsupported (dynamic)")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> ModelConfig:

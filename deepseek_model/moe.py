@@ -111,6 +111,7 @@ class Gate(nn.Module):
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.scoring_func, self.method = cfg.scoring_func, cfg.topk_method
         self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.v2_weights = cfg.raw.get("model_type") == "deepseek_v2"  # V2 scales only weights it does not normalise
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype, device=device))
         if cfg.topk_method == "noaux_tc":
             # The correction bias steers selection only and never receives gradients.
@@ -158,6 +159,10 @@ class Gate(nn.Module):
             choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)  # (N, E)
         indices = _topk_stable(choice, self.topk)  # (N, K)
         weights = scores.gather(1, indices)  # unbiased scores of the chosen experts
+        if self.v2_weights:  # DeepSeek-V2's rule: renormalise (top-k > 1 only) or scale, never both
+            if self.norm_topk_prob and self.topk > 1:
+                return Routing(weights / (weights.sum(dim=-1, keepdim=True) + NORM_EPS), indices, scores, logits)
+            return Routing(weights * self.route_scale, indices, scores, logits)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + NORM_EPS)
         return Routing(weights * self.route_scale, indices, scores, logits)

@@ -44,13 +44,14 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, M, K,
         s_ptr: [M, ceil(K / BLOCK_K)] fp32 scales with strides (stride_sm, stride_sk) — row- or
             column-major.
     Grid: (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); program (pm, pk) owns rows pm·BLOCK_M.. and the
-    K block pk. s = max(amax, 1e-4) / 448 (optionally rounded up to a power of two), y = x / s.
+    K block pk. s = max(amax, 1e-4) / 448 (optionally rounded up to a power of two), y = x / s;
+    amax leaves NaN out (a NaN keeps its own NaN code; an inf makes the scale inf).
     """
     pid_k = tl.program_id(1)
     rows, cols, mask = program_tile(M, K, BLOCK_M, BLOCK_K)  # (BLOCK_M,), (BLOCK_K,), (BLOCK_M, BLOCK_K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)  # upcast right after the load (interpreter bf16 math is unreliable)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), ACT_AMAX_FLOOR)  # (BLOCK_M,)
+    amax = tl.maximum(tl.max(tl.where(x != x, 0.0, tl.abs(x)), axis=1), ACT_AMAX_FLOOR)  # (BLOCK_M,): NaN left out
     s = tl.math.div_rn(amax, E4M3_MAX)
     if UE8M0:
         s = ue8m0(s)
@@ -121,7 +122,8 @@ def _weight_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, st
     pid_k = tl.program_id(1)
     rows, cols, mask = program_tile(N, K, BLOCK_SIZE, BLOCK_SIZE)  # (B,), (B,), (B, B)
     w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0)
-    w = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    nan = (w & 0x7F) == 0x7F  # e4m3fn's NaN codes, decoded explicitly (the CPU interpreter reads them as ±480)
+    w = tl.where(nan, float("nan"), w.to(tl.float8e4nv, bitcast=True).to(tl.float32))
     scale = tl.load(s_ptr + pid_n * stride_sn + pid_k)
     out = w * scale
     offs = rows[:, None] * stride_on + cols[None, :]

@@ -25,11 +25,11 @@ def _check_scale_fmt(scale_fmt: str | None) -> None:
 
 
 def round_scale_ue8m0(s: torch.Tensor) -> torch.Tensor:
-    """Round positive fp32 scales up to a power of two (the UE8M0 scale format); zeros stay zero."""
+    """Round positive fp32 scales up to a power of two (the UE8M0 scale format); zeros, inf and NaN stay."""
     # frexp gives s = m·2^e with m in [0.5, 1): s is an exact power of two iff m == 0.5.
     mant, exp = torch.frexp(s)
     exp = torch.where(mant == 0.5, exp - 1, exp)
-    return torch.where(s > 0, torch.ldexp(torch.ones_like(s), exp), s)
+    return torch.where((s > 0) & torch.isfinite(s), torch.ldexp(torch.ones_like(s), exp), s)  # inf and NaN stay
 
 
 def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = None,
@@ -56,7 +56,7 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = 
     if pad:
         xf = torch.nn.functional.pad(xf, (0, pad))
     groups = xf.reshape(*lead, kb, block_size)  # (..., KB, BLOCK)
-    amax = groups.abs().amax(dim=-1).clamp_min(ACT_AMAX_FLOOR)  # (..., KB)
+    amax = groups.abs().nan_to_num_(nan=0.0, posinf=float("inf")).amax(dim=-1).clamp_min(ACT_AMAX_FLOOR)  # (..., KB): NaN left out
     s = amax / FP8_MAX
     if scale_fmt == "ue8m0":
         s = round_scale_ue8m0(s)

@@ -172,3 +172,46 @@ def test_weight_quant_against_a_block_by_block_oracle(shape, scale_fmt):
             assert s[i // 128, j // 128].item() == want_s.item()
             want_q = (blk / want_s).to(torch.float8_e4m3fn) if want_s > 0 else torch.zeros_like(blk).to(torch.float8_e4m3fn)
             assert torch.equal(q[i:i + 128, j:j + 128].view(torch.uint8), want_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_act_quant_nan_and_inf_groups_byte_exact(scale_fmt):
+    """amax leaves NaN out (the NaN keeps its own NaN code, its neighbours their codes); an inf
+    makes the group's scale inf (finite values → ±0, the inf → NaN), in the kernel and its twin alike."""
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(5))
+    x[0, 3] = float("nan")
+    x[1, 130] = float("inf")
+    x[2, 7], x[2, 150] = float("-inf"), float("nan")
+    y_ref, s_ref = reference.act_quant(x, 128, scale_fmt)
+    y, s = act_quant(x, 128, scale_fmt)
+    assert torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8))
+    assert torch.equal(s, s_ref)  # no NaN scale: inf compares equal
+    clean = x.clone()
+    clean[0, 3] = 0.0
+    assert s[0, 0] == reference.act_quant(clean[:1], 128, scale_fmt)[1][0, 0]  # the NaN did not move the scale
+    codes = y.view(torch.uint8) & 0x7F
+    assert codes[0, 3] == 0x7F and int((codes[0] == 0x7F).sum()) == 1
+    assert torch.isinf(s[1, 1]) and torch.isfinite(s[1, 0]) and codes[1, 130] == 0x7F
+    assert torch.isinf(s[2, 0]) and codes[2, 7] == 0x7F
+
+
+def test_ue8m0_keeps_inf_and_nan_scales():
+    s = torch.tensor([0.0, 3.0, 4.0, 3e38, float("inf"), float("nan")])
+    got = reference.round_scale_ue8m0(s)
+    assert got[:3].tolist() == [0.0, 4.0, 4.0] and torch.isinf(got[3]) and torch.isinf(got[4]) and torch.isnan(got[5])
+    w = torch.ones(4, 4)
+    w[1, 2] = float("inf")
+    q, scale = reference.weight_quant(w, 128, "ue8m0")  # an inf weight leaves a NaN code for the loader's check
+    assert torch.isinf(scale[0, 0]) and (q.view(torch.uint8)[1, 2] & 0x7F) == 0x7F
+
+
+def test_weight_dequant_decodes_nan_codes_as_nan():
+    q = torch.full((5, 7), 0x38, dtype=torch.uint8)  # 1.0
+    q[1, 2], q[3, 4] = 0x7F, 0xFF  # +NaN, -NaN
+    w = q.view(torch.float8_e4m3fn)
+    s = torch.full((1, 1), 2.0)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = weight_dequant(w, s, 128, dtype)
+        want = reference.weight_dequant(w, s, 128, dtype)
+        assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) == 2
+        assert torch.equal(got[~got.isnan()], want[~want.isnan()])

@@ -103,3 +103,23 @@ def test_v2_softmax_variants():
     r = glg(_x())
     assert r.indices[0].tolist() == [1, 4, 5]  # expert 3 (1.5) is in a masked group
     torch.testing.assert_close(r.weights[0], s[[1, 4, 5]] * 16.0)
+
+
+def test_v2_normalised_weights_are_not_scaled():
+    """DeepSeek-V2's gate renormalises the top-k weights (k > 1) *or* multiplies them by
+    routed_scaling_factor, never both (its modeling code's `if top_k > 1 and norm_topk_prob: ...
+    else: ...`); V3 does both. transformers' V2 port ignores norm_topk_prob: published V2 configs
+    set it false, where all agree."""
+    logits = torch.tensor([0.1, 2.0, 0.3, 1.5, 1.9, 0.2, 0.0, 0.05]).unsqueeze(1)
+    s = torch.softmax(logits[:, 0].double(), 0)
+    base = {"n_routed_experts": 8, "n_group": 1, "topk_group": 1, "scoring_func": "softmax", "topk_method": "greedy",
+            "routed_scaling_factor": 2.0}
+    for model_type, norm, k, want in [
+        ("deepseek_v2", True, 2, s[[1, 4]] / s[[1, 4]].sum()),  # normalised, not scaled
+        ("deepseek_v2", True, 1, s[[1]] * 2.0),  # k = 1: scaled, not normalised
+        ("deepseek_v2", False, 2, s[[1, 4]] * 2.0),  # scaled
+        ("deepseek_v3", True, 2, s[[1, 4]] / s[[1, 4]].sum() * 2.0),  # V3: both
+    ]:
+        _, gate = _gate({**base, "model_type": model_type, "norm_topk_prob": norm, "num_experts_per_tok": k}, logits)
+        r = gate(_x())
+        torch.testing.assert_close(r.weights[0].double(), want, rtol=1e-6, atol=0)
