@@ -56,7 +56,8 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = 
     if pad:
         xf = torch.nn.functional.pad(xf, (0, pad))
     groups = xf.reshape(*lead, kb, block_size)  # (..., KB, BLOCK)
-    amax = groups.abs().nan_to_num_(nan=0.0, posinf=float("inf")).amax(dim=-1).clamp_min(ACT_AMAX_FLOOR)  # (..., KB): NaN left out
+    amax = groups.abs().nan_to_num_(nan=0.0, posinf=float("inf")).amax(dim=-1)  # (..., KB): NaN left out
+    amax = amax.clamp_min(ACT_AMAX_FLOOR)
     s = amax / FP8_MAX
     if scale_fmt == "ue8m0":
         s = round_scale_ue8m0(s)
