@@ -62,6 +62,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.n_div < 1 or args.k_div < 1:
         p.error("--n-div/--k-div: expected a positive integer")
+    if args.m is not None and (not args.m or min(args.m) < 1):
+        p.error(f"--m: expected positive integers, got {args.m}")
     if args.trials is None:
         args.trials = QUICK_TRIALS if args.quick else TRIALS
     if args.trials < 1:

@@ -407,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1 or args.train_threads < 1 or args.prompts < 1:
         raise ValueError("--threads, --train-threads and --prompts must be >= 1")
     ckpt = resolve_checkpoint(args.checkpoint)
+    if not os.path.isdir(ckpt):
+        raise ValueError(f"{args.checkpoint}: --checkpoint is not a checkpoint directory or a shipped model name")
     if args.reference and not os.path.isdir(args.reference):
         raise ValueError(f"{args.reference}: --reference is not a checkpoint directory")
     torch.set_num_threads(args.threads)

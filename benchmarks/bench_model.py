@@ -128,7 +128,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for name in ("contexts", "batches", "sparse_contexts"):
         vals = getattr(args, name)
         if vals is not None and (not vals or min(vals) < 1):
-            p.error(f"--{name}: expected positive integers")
+            p.error(f"--{name.replace('_', '-')}: expected positive integers")
+    from deepseek_model.config import builtin_config_dict  # noqa: PLC0415
+
+    longest = builtin_config_dict(args.config)["max_position_embeddings"]
+    for ctx in args.contexts or ():
+        if ctx + 1 > longest:  # the prefill, then decode steps at position ctx
+            p.error(f"--contexts: {ctx} leaves no position for a decode step within the {args.config} config's "
+                    f"max_position_embeddings {longest}")
+    if os.path.isfile(args.out):
+        p.error(f"--out {args.out}: is a file")
+    if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its directory does not exist")
     return args
 
 
@@ -725,8 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = QUICK_DECODE_STEPS if args.quick else DECODE_STEPS
     trials = QUICK_TRIALS if args.quick else TRIALS
     gen = torch.Generator().manual_seed(args.seed)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out)  # made when the results are written: a failed run leaves no empty one
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         t0 = time.perf_counter()
         path = make_tiny_checkpoint(tmp, args.config, fp8=False, seed=args.seed)
@@ -817,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp8 latent cache: {report['fp8_cache']}")
     print(f"torch.compile decode: {report['compile']}")
     text = json.dumps(report, indent=2)
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(text)
     if args.json:
         Path(args.json).write_text(text)

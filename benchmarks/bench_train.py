@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "window", "batch_size", "seq_len", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.seq_len < 3:
+        p.error(f"--seq-len: expected at least 3 (MTP targets are two ahead), got {args.seq_len}")
     if not (math.isfinite(args.gamma) and args.gamma >= 0):
         p.error(f"--gamma: expected a finite number >= 0, got {args.gamma}")
     torch.set_num_threads(args.threads)

@@ -42,10 +42,23 @@ _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": tor
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAMES.values():
+            raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16 (or one of "
+                             f"{sorted(_DTYPE_NAMES)}), got {dtype}")
         return dtype
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
     return _DTYPE_NAMES[dtype]
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({str(e).splitlines()[0]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(dev)!r}: this torch build or machine has no CUDA device")
+    return dev
 
 
 class _Loader:
@@ -353,7 +366,12 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
-    if cpu_pack and torch.device(device).type != "cpu":
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1):
+        raise ValueError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
+    device = _as_device(device)
+    if cpu_pack and device.type != "cpu":
         raise ValueError(f"cpu_pack=True packs weights for CPU GEMMs; the model is loaded on device={str(device)!r}")
     if cpu_pack and batch_invariant:
         raise ValueError("cpu_pack=True and batch_invariant=True exclude each other: batch-invariant GEMMs run "

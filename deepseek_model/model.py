@@ -199,7 +199,9 @@ class Transformer(nn.Module):
         super().__init__()
         spec = spec or LinearSpec()
         self.cfg, self.spec, self.ctx = cfg, spec, ctx
-        self.max_seq_len = max_seq_len or cfg.max_position_embeddings
+        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1):
+            raise ValueError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
+        self.max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
         self.embed = ParallelEmbedding(cfg.vocab_size, cfg.hidden_size, spec.dtype, spec.device, ctx)
         self.layers = nn.ModuleList(Block(i, cfg, spec, ctx, attn) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, spec.dtype, spec.device)

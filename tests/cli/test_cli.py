@@ -75,6 +75,7 @@ def test_demo_runs():
 @pytest.mark.parametrize("args, needle", [
     (["inspect", "/no/such/dir"], "not a checkpoint directory or a built-in config"),
     (["demo", "--new-tokens", "0"], "--new-tokens must be >= 1"),
+    (["bench", "mini", "--checkpoint", "/no/such/dir"], "/no/such/dir: --checkpoint is not a checkpoint directory"),
 ])
 def test_bad_input_one_line(args, needle):
     proc = _cli(*args, check=False)
@@ -90,6 +91,12 @@ def test_bad_input_one_line(args, needle):
     (["bench", "model", "--threads", "x"], "deepseek-model bench model", "invalid int value: 'x'"),
     (["bench", "rl", "--bogus"], "deepseek-model bench rl", "unrecognized arguments: --bogus"),
     (["train", "--steps", "x"], "deepseek-model train", "invalid int value: 'x'"),
+    (["bench", "kernels", "--m", "-5"], "deepseek-model bench kernels", "--m: expected positive integers, got [-5]"),
+    (["bench", "kernels", "--m", "0"], "deepseek-model bench kernels", "--m: expected positive integers, got [0]"),
+    (["bench", "train", "--seq-len", "1"], "deepseek-model bench train", "--seq-len: expected at least 3"),
+    (["bench", "model", "--contexts", "100000000"], "deepseek-model bench model",
+     "--contexts: 100000000 leaves no position for a decode step within the small config's max_position_embeddings"),
+    (["generate", "x", "--seed", "-3"], "deepseek-model generate", "argument --seed: must be an integer in [0, "),
     (["nope"], "deepseek-model", "invalid choice: 'nope'"),
 ])
 def test_usage_errors_are_one_line(capsys, args, prog, needle):

@@ -188,6 +188,22 @@ def test_bad_arguments(tiny_bf16):
         dsm.from_pretrained(tiny_bf16, attn="flash")
     with pytest.raises(dsm.CheckpointError, match="not a checkpoint directory"):
         dsm.from_pretrained(os.path.join(tiny_bf16, "nope"))
+    for kwargs, needle in [
+        (dict(backend="bogus"), "backend must be one of ('auto', 'torch', 'triton'), got 'bogus'"),
+        (dict(max_seq_len=-5), "max_seq_len must be a positive integer or None, got -5"),
+        (dict(max_seq_len=0), "max_seq_len must be a positive integer or None, got 0"),  # not the default
+        (dict(max_seq_len=2.5), "max_seq_len must be a positive integer or None, got 2.5"),
+        (dict(dtype=torch.int8), "dtype must be torch.float32, torch.bfloat16 or torch.float16"),
+        (dict(dtype="int8"), "dtype must be one of"),
+        (dict(device="bogus"), "device 'bogus' is not a torch device"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            dsm.from_pretrained(tiny_bf16, **kwargs)
+        assert needle in str(e.value) and "\n" not in str(e.value), (kwargs, str(e.value))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            dsm.from_pretrained(tiny_bf16, device="cuda")
+    assert dsm.from_pretrained(tiny_bf16, max_seq_len=64).max_seq_len == 64
 
 
 def test_deduplicated_mtp_copies_share_the_main_tensors(tiny_fp8, tmp_path):
