@@ -96,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "verify":
         from deepseek_model.convert.verify import summary_line, verify  # noqa: PLC0415 (keeps --help fast)
 
+        if args.json is not None:  # before the comparison, which may take hours
+            from deepseek_model.convert.io import check_new_file  # noqa: PLC0415
+
+            check_new_file(args.json, "--json")
         result = verify(args.a, args.b, max_rel=args.max_rel, progress=not args.quiet)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:

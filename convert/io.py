@@ -104,12 +104,28 @@ def check_paths(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool)
         raise ConvertError(f"{dst}: destination is inside the source directory {src}")
     if src_real.startswith(dst_real + os.sep):
         raise ConvertError(f"{dst}: destination contains the source directory {src}")
+    linked = _linked_into(src_abs, dst_real)
+    if linked is not None:
+        raise ConvertError(f"{dst}: destination holds the data of source file {linked} (it links to "
+                           f"{os.path.realpath(linked)}); replacing it would delete the source")
     if os.path.lexists(dst_abs):
         if not os.path.isdir(dst_abs):
             raise ConvertError(f"{dst}: exists and is not a directory")
         if os.listdir(dst_abs) and not overwrite:
             raise ConvertError(f"{dst}: exists and is not empty (pass --overwrite to replace it)")
     return src_abs, dst_abs
+
+
+def _linked_into(src: str, dst_real: str) -> str | None:
+    """The first file under SRC whose real location is DST or inside it (a HuggingFace cache
+    snapshot links its files into a `blobs` directory), or None."""
+    for dirpath, _, files in os.walk(src):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            real = os.path.realpath(path)
+            if real == dst_real or real.startswith(dst_real + os.sep):
+                return path
+    return None
 
 
 def _pid_alive(pid: int) -> bool:

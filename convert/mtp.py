@@ -117,6 +117,8 @@ def strip_mtp(src: str, dst: str, *, overwrite: bool = False, quiet: bool = Fals
     Returns:
         The conversion summary.
     """
+    from deepseek_model.convert.fp8 import block_size_of, check_fp8_pairs  # noqa: PLC0415 (fp8 imports this module)
+
     def plan(reader: CheckpointReader, source: SourceReader):
         config = reader.config()
         drop, new_config = select_tensors(reader, source, config, strip_mtp=True)
@@ -124,6 +126,7 @@ def strip_mtp(src: str, dst: str, *, overwrite: bool = False, quiet: bool = Fals
             raise ConvertError(f"{reader.path}: no MTP layer (layer {num_hidden_layers(config)}) to strip")
         for name in reader.names():  # headers must hold what the index says
             source.spec(name)
+        check_fp8_pairs(reader, block_size_of(config, f"{reader.path}/config.json"))  # a copy is checked as a load is
         files = {f: [copy_job(source, n) for n in ns] for f, ns in tensors_by_file(reader, drop).items()}
         return files, new_config
 

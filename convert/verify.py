@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.reader import CheckpointReader
-from deepseek_model.convert.fp8 import FP8_DTYPES, dequant_band
+from deepseek_model.convert.fp8 import FP8_DTYPES, block_size_of, check_fp8_pairs, dequant_band
 from deepseek_model.convert.mtp import MTP_COPIES
 from deepseek_model.checkpoint.sharded import ShardedSource, is_sharded_dir
 from deepseek_model.checkpoint.stream import SourceReader, row_bands
@@ -141,6 +141,10 @@ def verify(path_a: str, path_b: str, *, max_rel: float | None = None, progress: 
         raise ValueError(f"--max-rel must be a finite number >= 0, got {max_rel}")
     a, b = open_source(os.path.abspath(path_a)), open_source(os.path.abspath(path_b))
     try:
+        for source in (a, b):  # every float8 weight has a scale on its grid: named here, not mid-comparison
+            if isinstance(source, SourceReader):
+                reader = source.reader
+                check_fp8_pairs(reader, block_size_of(reader.config(), f"{reader.path}/config.json"))
         weights = [n for n in a.names() if not schema.is_scale_name(n)]
         weights += [n for n in b.names() if not schema.is_scale_name(n) and n not in a]
         report: dict[str, dict[str, Any]] = {}

@@ -84,6 +84,39 @@ def test_dst_equal_to_inside_or_containing_src_refused(tiny_fp8, tmp_path):
         check_paths(tiny_fp8, os.path.dirname(tiny_fp8), overwrite=True)
 
 
+def _hub_snapshot(src: str, root) -> tuple[str, str]:
+    """A HuggingFace-cache layout of SRC: models--org--tiny/snapshots/abc/* link into ../../blobs."""
+    repo = root / "models--org--tiny"
+    blobs, snap = repo / "blobs", repo / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    for i, name in enumerate(sorted(os.listdir(src))):
+        shutil.copyfile(os.path.join(src, name), blobs / f"blob{i}")
+        os.symlink(os.path.join("..", "..", "blobs", f"blob{i}"), snap / name)
+    return str(snap), str(blobs)
+
+
+@pytest.mark.parametrize("command", ["strip-mtp", "fp8-to-bf16"])
+def test_overwrite_never_replaces_the_directory_a_linked_source_lives_in(tiny_fp8, tmp_path, command):
+    """A cache snapshot's files are links into blobs/: --overwrite of blobs/ (or of a directory
+    above it) would delete the source's data. Refused before anything is written."""
+    snap, blobs = _hub_snapshot(tiny_fp8, tmp_path)
+    store = tmp_path / "store"  # a directory holding the blobs but not the snapshot's links
+    store.mkdir()
+    os.rename(blobs, store / "blobs")
+    for name in os.listdir(snap):
+        target = os.readlink(os.path.join(snap, name))
+        os.remove(os.path.join(snap, name))
+        os.symlink(str(store / "blobs" / os.path.basename(target)), os.path.join(snap, name))
+    before = tree_checksums(store)
+    for dst in (store / "blobs", store):
+        _assert_one_line_error(run_inproc(command, snap, dst, "--overwrite", "-q"), "destination holds the data of source file")
+    assert tree_checksums(store) == before and _siblings(store / "blobs") == [] and _siblings(store) == []
+    assert run_inproc(command, snap, tmp_path / "out", "-q").returncode == 0  # the snapshot itself converts
+
+
 def test_existing_dst_needs_overwrite(tiny_fp8, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
@@ -154,6 +187,8 @@ def test_weight_without_scale(tiny_fp8, tmp_path):
     weight = "model.layers.1.self_attn.o_proj.weight"
     _edit_index(bad, lambda wm: wm.pop(weight + "_scale_inv"))
     _assert_one_line_error(run_inproc("fp8-to-bf16", bad, tmp_path / "out"), weight, "without its scale")
+    _assert_one_line_error(run_inproc("strip-mtp", bad, tmp_path / "out"), weight, "without its scale")  # copies check too
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_scale_with_wrong_grid(tmp_path):
@@ -164,6 +199,8 @@ def test_scale_with_wrong_grid(tmp_path):
     bad = write_checkpoint(tmp_path / "bad", tensors, cfg.to_dict())
     _assert_one_line_error(run_inproc("fp8-to-bf16", bad, tmp_path / "out"), scale, "grid")
     _assert_one_line_error(run_inproc("shard", bad, tmp_path / "out", "-n", "1"), scale, "grid")
+    _assert_one_line_error(run_inproc("strip-mtp", bad, tmp_path / "out"), scale, "grid")
+    _assert_one_line_error(run_inproc("verify", bad, bad), scale, "grid")
 
 
 def test_wrong_direction_refused(tiny_fp8, tiny_bf16, tmp_path):
@@ -251,3 +288,9 @@ def test_make_tiny_disk_full_leaves_no_output(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "model-00001-of-000004.safetensors" in err[0]
     assert os.listdir(tmp_path) == []
+
+
+def test_verify_checks_its_json_path_before_comparing(tiny_fp8, tmp_path):
+    _assert_one_line_error(run_inproc("verify", tiny_fp8, tiny_fp8, "--json", tmp_path / "no" / "r.json"),
+                           "--json", "its directory")
+    _assert_one_line_error(run_inproc("verify", tiny_fp8, tiny_fp8, "--json", tmp_path), "--json", "is a directory")
