@@ -37,11 +37,18 @@ def _human(n: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print the summary (text or JSON)."""
+    sharded = None  # a `convert shard` output: (world size, manifest path)
     if os.path.isdir(args.ckpt):
         from deepseek_model.checkpoint.reader import CONFIG_FILE, CheckpointReader  # noqa: PLC0415 (torch)
+        from deepseek_model.checkpoint.sharded import MANIFEST_FILE, is_sharded_dir, read_manifest  # noqa: PLC0415
 
-        reader = CheckpointReader(args.ckpt)
-        cfg = ModelConfig.from_dict(reader.config(), source=os.path.join(reader.path, CONFIG_FILE))
+        if is_sharded_dir(args.ckpt):  # described from its manifest's config (its files are per-rank parts)
+            manifest = read_manifest(args.ckpt)
+            reader, sharded = None, (manifest["world_size"], os.path.join(args.ckpt, MANIFEST_FILE))
+            cfg = ModelConfig.from_dict(manifest["config"], source=sharded[1])
+        else:
+            reader = CheckpointReader(args.ckpt)
+            cfg = ModelConfig.from_dict(reader.config(), source=os.path.join(reader.path, CONFIG_FILE))
     elif args.ckpt in BUILTIN_CONFIGS:
         reader, cfg = None, ModelConfig.builtin(args.ckpt)
     else:
@@ -50,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"--world-size must be >= 1, got {bad[0]}")
     s = model_summary(cfg, reader, tuple(args.world_size))
+    if sharded is not None:
+        s["sharded"] = {"world_size": sharded[0], "manifest": sharded[1]}
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -70,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  sparse attention (DeepSeek-V3.2): indexer {sa['index_heads']} heads x {sa['index_head_dim']}, "
               f"top {sa['index_topk']} tokens per query; {_human(p['indexer'])} indexer parameters; index keys "
               f"{cache['index_keys']} B per token (bf16) or {cache['index_keys_fp8']} B (fp8 + scale)")
+    if sharded is not None:
+        print(f"  tensor-parallel checkpoint split over {sharded[0]} ranks (files per rank; `deepseek-model convert "
+              f"merge` gives the HF layout)")
     if "checkpoint" in s:
         c = s["checkpoint"]
         dtypes = ", ".join(f"{k} {v['tensors']} tensors / {v['bytes'] / 1e6:.1f} MB" for k, v in c["dtypes"].items())

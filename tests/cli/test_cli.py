@@ -35,6 +35,23 @@ def test_make_tiny_and_inspect(tmp_path):
         assert f.read_bytes() == (again / f.name).read_bytes(), f.name
 
 
+def test_inspect_describes_a_tensor_parallel_checkpoint(tiny_bf16, tmp_path, capsys):
+    """A `convert shard` output has per-rank files and a manifest: inspect describes it from the
+    manifest's config, as it describes the HF checkpoint it came from."""
+    from deepseek_model.cli import main
+
+    assert main(["convert", "shard", tiny_bf16, str(tmp_path / "sh"), "-n", "2", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "sh"), "--json"]) == 0
+    sharded = json.loads(capsys.readouterr().out)
+    assert main(["inspect", tiny_bf16, "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert sharded["sharded"]["world_size"] == 2 and sharded["sharded"]["manifest"].endswith("tp_manifest.json")
+    assert sharded["architecture"] == whole["architecture"] and sharded["parameters"] == whole["parameters"]
+    assert main(["inspect", str(tmp_path / "sh")]) == 0
+    assert "tensor-parallel checkpoint split over 2 ranks" in capsys.readouterr().out
+
+
 def test_inspect_v3_published_sizes():
     s = json.loads(_cli("inspect", "deepseek-v3", "--json").stdout)
     assert round(s["parameters"]["total"] / 1e9) == 671
