@@ -60,7 +60,9 @@ def read_safetensors_header(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header")
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map names to strings")
     data_len = size - HEADER_LEN_BYTES - header_len
     spans = []
     for name, info in header.items():
@@ -73,6 +75,15 @@ def read_safetensors_header(path: str) -> dict[str, Any]:
     for (_, prev_end, prev), (start, end, name) in zip(spans, spans[1:]):
         if start < prev_end and end > start:
             raise CheckpointError(f"{path}: corrupt safetensors header: tensors '{prev}' and '{name}' overlap")
+    # the safetensors format indexes its whole data section: no hole between tensors, none after them
+    covered = 0
+    for start, end, name in spans:
+        if start != covered:
+            raise CheckpointError(f"{path}: corrupt safetensors header: a gap of {start - covered} bytes before "
+                                  f"tensor '{name}' (the data must be contiguous)")
+        covered = end
+    if covered != data_len:
+        raise CheckpointError(f"{path}: corrupt safetensors file: {data_len - covered} bytes after the last tensor's data")
     return header
 
 

@@ -123,6 +123,11 @@ def _rewrite_header(path: str, edit) -> None:
         f.write(struct.pack("<Q", len(text)) + text + raw[8 + n:])
 
 
+def _first_span(header):
+    """The tensor whose data starts the data section."""
+    return next(k for k in header if k != "__metadata__" and header[k]["data_offsets"][0] == 0)
+
+
 def _two_same_size(header):
     names = [k for k in header if k != "__metadata__"]
     by_size = {}
@@ -143,6 +148,9 @@ def _two_same_size(header):
     (lambda h: h[next(k for k in h if k != "__metadata__")].update(data_offsets=["0", "8"]),
      "are not two increasing non-negative integers"),
     (lambda h: h[next(k for k in h if k != "__metadata__")].update(dtype="Q4"), "unknown dtype 'Q4'"),
+    (lambda h: h.update(__metadata__={"format": 1}), "__metadata__ must map names to strings"),
+    (lambda h: h[_first_span(h)].update(shape=[0] + h[_first_span(h)]["shape"][1:], data_offsets=[0, 0]),
+     "bytes before tensor"),  # its bytes are no longer indexed: a hole
 ])
 def test_one_header_validator_for_the_loader_and_the_converters(tiny_bf16, tmp_path, damage, message):
     src = tmp_path / "src"
@@ -212,3 +220,15 @@ def test_converters_refuse_nan_weights_and_scales_and_integer_tensors(tiny_bf16,
         _one_line(run_inproc(cmd, src_int, tmp_path / f"c-{cmd}", *extra),
                   "tensor 'model.norm.weight' is int32; weights must be floating point")
     assert not any((tmp_path / d).exists() for d in ("a", "b", "c-bf16-to-fp8", "c-shard"))
+
+
+def test_bytes_after_the_last_tensor_are_refused_as_the_loader_does(tiny_bf16, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_bf16, src)
+    shard_file = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))[0]
+    with open(src / shard_file, "ab") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(dsm.CheckpointError, match="8 bytes after the last tensor's data"):
+        dsm.from_pretrained(src)
+    _one_line(run_inproc("strip-mtp", src, tmp_path / "out"), shard_file, "8 bytes after the last tensor's data")
+    assert not (tmp_path / "out").exists()
