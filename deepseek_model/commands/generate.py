@@ -9,7 +9,7 @@ import sys
 import torch
 
 from deepseek_model import parallel
-from deepseek_model.commands.options import check_finite, check_threads, read_text, seed_arg, utf8_lines
+from deepseek_model.commands.options import Once, check_finite, check_threads, read_text, seed_arg, utf8_lines
 from deepseek_model.generate import GenerationResult, generate
 from deepseek_model.loading import WEIGHT_FORMATS, from_pretrained
 from deepseek_model.tokenizer import Tokenizer, load_tokenizer
@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `generate`."""
     p.add_argument("ckpt", help="checkpoint directory (config.json, index, shards, tokenizer files)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (needs tokenizer.json in CKPT)")
-    src.add_argument("--input-file", metavar="FILE", help="one text prompt per line (batched); - reads stdin")
+    src.add_argument("--prompt", action=Once, help="prompt text (needs tokenizer.json in CKPT)")
+    src.add_argument("--input-file", action=Once, metavar="FILE", help="one text prompt per line (batched); - reads stdin")
     src.add_argument("--token-ids", type=int, nargs="+", metavar="ID", help="prompt as token ids")
     src.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     p.add_argument("--chat", action="store_true", help="wrap text prompts in the checkpoint's chat template")
@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", choices=["absorb", "naive", "auto"], default="absorb",
                    help="attention math (auto: naive for the prompt, absorbed for decoding)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--fp8-cache", action="store_true", help="float8 latent cache (per-token scale); a V3.2 model keeps its index keys in float8 too")
+    p.add_argument("--fp8-cache", action="store_true",
+                   help="float8 latent cache (per-token scale); a V3.2 model keeps its index keys in float8 too")
     p.add_argument("--batch-invariant", action="store_true",
                    help="a row's logits do not depend on the batch, chunking or speculation (bit-identical)")
     p.add_argument("--cpu-pack", action="store_true",
@@ -63,8 +64,17 @@ def _check(args: argparse.Namespace) -> None:
     check_threads(args.threads)
     check_finite(args.temperature, "--temperature")
     check_finite(args.top_p, "--top-p")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature:g}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p:g}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = no top-k filter), got {args.top_k}")
     if args.chat and args.token_ids:
         raise ValueError("--chat applies to text prompts, not --token-ids")
+    if args.cpu_pack and args.batch_invariant:
+        raise ValueError("--cpu-pack and --batch-invariant exclude each other: batch-invariant GEMMs read the "
+                         "weights themselves on fixed row tiles")
 
 
 def _prompts(args: argparse.Namespace) -> list[str] | list[list[int]]:

@@ -32,6 +32,15 @@ def seed_arg(text: str) -> int:
     return seed
 
 
+class Once(argparse.Action):
+    """Store a flag's value, refusing the flag a second time (argparse would keep the last silently)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            raise argparse.ArgumentError(self, "given more than once (pass one value)")
+        setattr(namespace, self.dest, values)
+
+
 def check_finite(value: float, flag: str) -> None:
     """Refuse NaN and infinities for a float flag."""
     if not math.isfinite(value):

@@ -114,6 +114,8 @@ def test_bad_input_one_line(args, needle):
     (["bench", "model", "--contexts", "100000000"], "deepseek-model bench model",
      "--contexts: 100000000 leaves no position for a decode step within the small config's max_position_embeddings"),
     (["generate", "x", "--seed", "-3"], "deepseek-model generate", "argument --seed: must be an integer in [0, "),
+    (["generate", "x", "--prompt", "a", "--prompt", "b"], "deepseek-model generate",
+     "argument --prompt: given more than once (pass one value)"),
     (["nope"], "deepseek-model", "invalid choice: 'nope'"),
 ])
 def test_usage_errors_are_one_line(capsys, args, prog, needle):

@@ -85,13 +85,15 @@ def test_text_chat_file_interactive(tiny_ckpt, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("extra, needle", [
     (["--token-ids", "1", "2", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--token-ids", "1", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--token-ids", "1", "--temperature", "-1"], "--temperature must be >= 0 (0 = greedy), got -1"),
+    (["--token-ids", "1", "--top-k", "-2"], "--top-k must be >= 0 (0 = no top-k filter), got -2"),
+    (["--token-ids", "1", "--top-p", "0"], "--top-p must be in (0, 1], got 0"),
     (["--token-ids", "1", "--temperature", "nan"], "--temperature must be a finite number, got nan"),
     (["--token-ids", "1", "--top-p", "nan"], "--top-p must be a finite number"),
-    (["--token-ids", "1", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--token-ids", "1", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["--input-file", "/no/such/file.txt"], "No such file"),
     (["--token-ids", "1", "--chat"], "--chat applies to text prompts"),
-    (["--token-ids", "1", "--cpu-pack", "--batch-invariant"], "cpu_pack=True and batch_invariant=True exclude"),
+    (["--token-ids", "1", "--cpu-pack", "--batch-invariant"], "--cpu-pack and --batch-invariant exclude each other"),
 ])
 def test_bad_input_exits_2(tiny_ckpt, capsys, extra, needle):
     code, _, err = _inprocess(capsys, tiny_ckpt, *extra)
