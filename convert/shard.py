@@ -15,18 +15,19 @@ import os
 from typing import Any
 
 from deepseek_model.checkpoint import schema
-from deepseek_model.checkpoint.reader import CONFIG_FILE, INDEX_FILE, CheckpointReader
+from deepseek_model.checkpoint.reader import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointReader
+from deepseek_model.checkpoint.schema import SCHEMA, SPLIT_COLUMN, SPLIT_EXPERT, SPLIT_ROW, Schema
+from deepseek_model.checkpoint.sharded import (MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, SAFETENSORS_SUFFIX,
+                                               ShardedSource, part_shape, rank_file_name)
+from deepseek_model.checkpoint.stream import (DTYPE_CODES, DTYPE_OF_CODE, ShardWriter, SourceReader, TensorSpec,
+                                              check_written_file, row_bands)
+from deepseek_model.config import ModelConfig
 from deepseek_model.convert.fp8 import FP8_DTYPES, block_size_of, check_fp8_pairs
 from deepseek_model.convert.io import AtomicOutputDir, ConvertError, check_paths, copy_other_files, write_json
 from deepseek_model.convert.mtp import tensors_by_file
 from deepseek_model.convert.pipeline import (Advance, TensorJob, check_against_config, check_hf_output, write_index,
                                              write_shards)
-from deepseek_model.checkpoint import schema
-from deepseek_model.checkpoint.schema import SCHEMA, SPLIT_COLUMN, SPLIT_EXPERT, SPLIT_ROW, Schema
-from deepseek_model.checkpoint.sharded import (MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, ShardedSource,
-                                               rank_file_name, read_manifest)
-from deepseek_model.checkpoint.stream import (DTYPE_CODES, DTYPE_OF_CODE, ShardWriter, SourceReader, TensorSpec,
-                                           check_written_file, row_bands)
+
 
 def plan_splits(reader: CheckpointReader, world_size: int, layout: Schema = SCHEMA) -> dict[str, dict[str, Any]]:
     """How each tensor is split for `world_size` ranks, after checking that the split is legal.
@@ -75,10 +76,7 @@ def plan_splits(reader: CheckpointReader, world_size: int, layout: Schema = SCHE
 
 def rank_spec(name: str, info: dict[str, Any], world_size: int) -> TensorSpec:
     """The shape one rank holds of a split tensor."""
-    shape = list(info["shape"])
-    if info["dim"] is not None:
-        shape[info["dim"]] //= world_size
-    return TensorSpec(name, DTYPE_OF_CODE[info["dtype"]], tuple(shape))
+    return TensorSpec(name, DTYPE_OF_CODE[info["dtype"]], part_shape(info, world_size))
 
 
 def rank_job(source: SourceReader, name: str, info: dict[str, Any], rank: int, world_size: int) -> TensorJob:
@@ -133,10 +131,7 @@ def shard(src: str, dst: str, world_size: int, *, overwrite: bool = False, quiet
         for rank in range(world_size):
             held = [n for n in order if plan[n]["split"] != SPLIT_EXPERT or plan[n]["rank"] == rank]
             files[rank_file_name(rank, world_size)] = [rank_job(source, n, plan[n], rank, world_size) for n in held]
-        hf_index = None
-        if os.path.exists(os.path.join(src, INDEX_FILE)):
-            with open(os.path.join(src, INDEX_FILE), encoding="utf-8") as f:
-                hf_index = json.load(f)
+        hf_index = _source_index(reader)
         with AtomicOutputDir(dst) as out:
             written = write_shards(out.tmp, files, f"shard x{world_size}", quiet)
             ranks = [{"rank": r, "weight_map": {s.name: fname for s in written[fname]},
@@ -152,7 +147,7 @@ def shard(src: str, dst: str, world_size: int, *, overwrite: bool = False, quiet
             def check(tmp: str) -> None:
                 for fname, specs in written.items():
                     check_written_file(os.path.join(tmp, fname), specs)
-                read_manifest(tmp)
+                ShardedSource(tmp).close()  # the manifest validates and agrees with the rank files
 
             out.commit(check)
     finally:
@@ -162,38 +157,110 @@ def shard(src: str, dst: str, world_size: int, *, overwrite: bool = False, quiet
             "total_size": sum(r["total_size"] for r in ranks)}
 
 
-def merge(src: str, dst: str, *, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
+def _source_index(reader: CheckpointReader) -> dict[str, Any] | None:
+    """The source's index as the manifest keeps it for merge (None for a single-file source).
+
+    Raises:
+        ConvertError: a shard name merge could not write back (not a `.safetensors` name).
+    """
+    index_path = os.path.join(reader.path, INDEX_FILE)
+    if not os.path.exists(index_path):
+        return None
+    for name, fname in reader.weight_map.items():
+        if not fname.endswith(SAFETENSORS_SUFFIX):
+            raise ConvertError(f"{index_path}: tensor '{name}' is in {fname!r}, not a {SAFETENSORS_SUFFIX} shard "
+                               f"(merge could not write that name back)")
+    with open(index_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def merge(src: str, dst: str, *, overwrite: bool = False, quiet: bool = False,
+          layout: Schema | None = None) -> dict[str, Any]:
     """Merge a sharded directory back to the HF layout (the source's shard names and split).
+
+    Nothing is written before the manifest is validated, every rank file's tensors match the parts
+    the manifest describes (dtype and shape), and the manifest's config is valid and agrees with its
+    tensors.
 
     Args:
         src: sharded directory written by `shard` (read-only).
         dst: output HF directory (created atomically).
         overwrite: replace a non-empty DST.
         quiet: no progress bar.
+        layout: the schema the shard was written with. None: the default one, where tensors of
+            families it does not know (a shard written with extra families) are checked against the
+            rank files only.
 
     Returns:
         The conversion summary.
+
+    Raises:
+        CheckpointError: bad manifest, or rank files that disagree with it.
+        ConfigError: the manifest's config is invalid.
+        ConvertError: the manifest's config and tensors disagree.
     """
     src, dst = check_paths(src, dst, overwrite)
     source = ShardedSource(src)
     try:
+        check_manifest_against_config(source, layout)
+        files = _merge_plan(source)
         manifest = source.manifest
-        weight_map = (manifest.get("hf_index") or {}).get("weight_map") or {}
-        if set(weight_map) != set(source.names()):
-            weight_map = {n: "model.safetensors" for n in source.names()}
-        files: dict[str, list[TensorJob]] = {}
-        for name in source.names():  # manifest order = source on-disk order
-            files.setdefault(weight_map[name], []).append(_merge_job(source, name))
         rank_files = {f for r in manifest["ranks"] for f in r["weight_map"].values()}
         with AtomicOutputDir(dst) as out:
-            written = write_shards(out.tmp, dict(sorted(files.items())), "merge", quiet)
+            written = write_shards(out.tmp, files, "merge", quiet)
             total = write_index(out.tmp, written)
             write_json(out.path(CONFIG_FILE), manifest["config"])
-            copy_other_files(src, out.tmp, skip=rank_files | {MANIFEST_FILE, CONFIG_FILE})
+            copy_other_files(src, out.tmp, skip=rank_files | set(files) | {MANIFEST_FILE, CONFIG_FILE, INDEX_FILE})
             out.commit(lambda tmp: check_hf_output(tmp, written))
     finally:
         source.close()
     return {"dst": dst, "files": len(written), "tensors": sum(len(s) for s in written.values()), "total_size": total}
+
+
+def check_manifest_against_config(source: ShardedSource, layout: Schema | None = None) -> None:
+    """Refuse a manifest whose config is invalid or contradicts its tensors (as `check_against_config`
+    does for an HF source; the shapes are the manifest's full shapes, already matched to the rank files).
+
+    Args:
+        source: the opened sharded directory.
+        layout: the schema to check against; None: the default one, skipping names it does not know.
+
+    Raises:
+        ConfigError: the manifest's "config" is invalid.
+        ConvertError: a tensor is not floating point, unexpected, mis-shaped or missing for that config.
+    """
+    mpath = os.path.join(source.path, MANIFEST_FILE)
+    cfg = ModelConfig.from_dict(source.manifest["config"], source=f"{mpath}: config")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in source.names():
+        spec = source.spec(name)
+        if not spec.dtype.is_floating_point:
+            raise ConvertError(f"{mpath}: tensor '{name}' is {str(spec.dtype).replace('torch.', '')}; "
+                               f"weights must be floating point")
+        shapes[name] = spec.shape
+    if layout is None:
+        layout = SCHEMA
+        shapes = {n: s for n, s in shapes.items() if _known_to(SCHEMA, n)}
+    problem = layout.inventory_problem(cfg, shapes)
+    if problem:
+        raise ConvertError(f"{mpath}: {problem} (its 'config' and the tensors disagree)")
+
+
+def _known_to(layout: Schema, name: str) -> bool:
+    """Whether a tensor (or the weight of a block scale) belongs to a family of `layout`, in any layer."""
+    base = schema.weight_of_scale(name) if schema.is_scale_name(name) else name
+    return layout.match(base) is not None
+
+
+def _merge_plan(source: ShardedSource) -> dict[str, list[TensorJob]]:
+    """{output shard: jobs} in the source's layout (hf_index), or one model.safetensors without one."""
+    names = source.names()
+    hf_index = source.manifest.get("hf_index")
+    weight_map = hf_index["weight_map"] if hf_index is not None else {n: SINGLE_FILE for n in names}
+    files: dict[str, list[TensorJob]] = {}
+    for name in names:  # manifest order = source on-disk order
+        files.setdefault(weight_map[name], []).append(_merge_job(source, name))
+    return dict(sorted(files.items()))
 
 
 def _merge_job(source: ShardedSource, name: str) -> TensorJob:
