@@ -331,6 +331,17 @@ class Corpus(Protocol):
     def sample(self, batch: int, seq_len: int, gen: torch.Generator) -> Batch: ...
 
 
+class TrainingDiverged(ValueError):
+    """A training step met a NaN or infinite loss or gradient norm (the weights are left as they were)."""
+
+
+def _target_shares(batches: list[Batch], shift: int) -> list[float]:
+    """Each micro-batch's share of the counted targets `shift` ahead (1/n each when none are counted)."""
+    counts = [int((shifted_targets(b.ids, shift, b.doc_ids) != IGNORE_INDEX).sum()) for b in batches]
+    total = sum(counts)
+    return [c / total for c in counts] if total else [1.0 / len(batches)] * len(batches)
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of `train`."""
@@ -377,7 +388,9 @@ def check_rates(lr: float, gamma: float, alpha: float, mtp_lambda: float, error:
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to tc.lr, then cosine decay to tc.lr·MIN_LR_RATIO at the last step.
+    """Linear warm-up to tc.lr, then a cosine from tc.lr towards tc.lr·MIN_LR_RATIO, which it
+    would reach one step after the last (the last step runs slightly above it: 0.134·lr of a
+    10-step run, 0.101·lr of 50 steps).
 
     The warm-up is capped at a fifth of the run, so short runs reach the peak rate.
     """
@@ -445,19 +458,31 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, balancer: BiasUpd
     for g in opt.param_groups:
         g["lr"] = lr
     terms = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-    for _ in range(tc.micro_batches):
-        batch = corpus.sample(tc.batch_size, tc.seq_len, gen)
+    batches = [corpus.sample(tc.batch_size, tc.seq_len, gen) for _ in range(tc.micro_batches)]
+    # Each micro-batch's CE is a mean over its own counted targets: weighted by its share of all of
+    # them, the accumulated loss is the one large batch's (documents make the counts unequal).
+    weights = {shift: _target_shares(batches, shift) for shift in (1, 2)}  # shift 1: next token, 2: MTP
+    for i, batch in enumerate(batches):
         ids, docs = batch.ids.to(device), batch.doc_ids.to(device)
         out = forward_train_outputs(model, ids)
         balancer.record(out.router)
         lm = lm_loss(out.logits, ids, docs)
         mt = mtp_loss(out.mtp_logits, ids, docs, lam=tc.mtp_lambda) if out.mtp_logits is not None else lm * 0.0
         bal = balance_loss(out.router, tc.alpha) if out.router else lm * 0.0
-        loss = lm + mt + bal
-        (loss / tc.micro_batches).backward()
-        for key, v in (("loss", loss), ("lm_loss", lm), ("mtp_loss", mt), ("balance_loss", bal)):
-            terms[key] += v.item() / tc.micro_batches
+        parts = {"lm_loss": lm * weights[1][i], "mtp_loss": mt * weights[2][i], "balance_loss": bal / tc.micro_batches}
+        loss = parts["lm_loss"] + parts["mtp_loss"] + parts["balance_loss"]
+        if not bool(torch.isfinite(loss)):
+            raise TrainingDiverged(f"step {step}: the loss is {loss.item()} (next-token {lm.item():.4g}, MTP "
+                                   f"{mt.item():.4g}, balance {bal.item():.4g}) at learning rate {lr:.3g}: training "
+                                   f"diverged; nothing was updated or saved (try a lower --lr)")
+        loss.backward()
+        for key, v in parts.items():
+            terms[key] += v.item()
+        terms["loss"] += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+    if not math.isfinite(grad_norm):  # clipping by a NaN norm would write NaN into every weight
+        raise TrainingDiverged(f"step {step}: the gradient norm is {grad_norm} at learning rate {lr:.3g}: training "
+                               f"diverged; nothing was updated or saved (try a lower --lr)")
     opt.step()
     opt.zero_grad(set_to_none=True)
     return _step_record(step, terms, lr, grad_norm, balancer.step())
@@ -472,13 +497,19 @@ def train(model: Transformer, corpus: Corpus, tc: TrainConfig, log: Callable[[di
         corpus: batch source.
         tc: hyper-parameters.
         log: called with the record of every tc.log_every-th step and of the last step.
-        group: data-parallel process group for the expert counts (None: single process).
+        group: process group over which the expert counts of the bias update are summed (None: this
+            process only). Gradients are not reduced over it, and every rank draws the same batches
+            from tc.seed: a caller that trains data-parallel averages the gradients and splits the data itself.
 
     Returns:
         The history and the held-out losses.
     """
-    if tc.steps < 1 or tc.micro_batches < 1:
-        raise ValueError(f"tc: steps and micro_batches must be >= 1, got {tc.steps} and {tc.micro_batches}")
+    for name in ("steps", "micro_batches", "batch_size"):
+        if getattr(tc, name) < 1:
+            raise ValueError(f"tc.{name} must be >= 1, got {getattr(tc, name)}")
+    shortest, why = (3, "MTP targets are two ahead") if model.mtp is not None else (2, "targets are one ahead")
+    if tc.seq_len < shortest:
+        raise ValueError(f"tc.seq_len must be >= {shortest} ({why}), got {tc.seq_len}")
     gen = torch.Generator().manual_seed(tc.seed)
     eval_gen = torch.Generator().manual_seed(tc.seed + 1_000_003)
     held_out = [corpus.sample(tc.batch_size, tc.seq_len, eval_gen) for _ in range(tc.eval_batches)]
