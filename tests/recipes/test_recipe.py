@@ -137,17 +137,21 @@ def test_cli_recipe_run_with_overrides(tmp_path, sample_dir):
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, "-m", "deepseek_model.cli", "train", "--recipe", "mini-shakespeare",
                         "--corpus", sample_dir, "--out", str(out), "--steps", "2", "--batch-size", "1", "--gamma", "0.01",
-                        "--threads", "1", "--quiet"], capture_output=True, text=True, timeout=300)
+                        "--lr", "3e-3", "--threads", "1", "--quiet"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     log = json.loads((out / LOG_FILE).read_text())
     assert log["recipe"]["steps"] == 2 and log["recipe"]["batch_size"] == 1 and log["recipe"]["gamma"] == 0.01
+    assert log["recipe"]["lr"] == 3e-3  # the plain run's default value, given: an override, not ignored
     assert log["steps_done"] == 2 and (out / CHECKPOINT_DIR / "config.json").is_file()
     assert "held-out bits/byte" in r.stdout
 
 
 @pytest.mark.parametrize("extra, message", [(["--text", "x.txt"], "--text does not apply to --recipe runs"),
                                             (["--gamma", "-1"], "--gamma must be a non-negative number, got -1"),
-                                            (["--lr", "0"], "--lr must be a positive number, got 0")])
+                                            (["--lr", "0"], "--lr must be a positive number, got 0"),
+                                            (["--config", "tiny"], "--config does not apply to --recipe runs"),
+                                            (["--seq-len", "64"], "--seq-len does not apply to --recipe runs"),
+                                            (["--save-dtype", "fp32"], "--save-dtype does not apply to --recipe runs")])
 def test_cli_recipe_refuses_options(tmp_path, sample_dir, extra, message):
     r = subprocess.run([sys.executable, "-m", "deepseek_model.cli", "train", "--recipe", "mini-shakespeare",
                         "--corpus", sample_dir, "--out", str(tmp_path / "o")] + extra,
