@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "w8a8: FP8 activations too; auto (default): w8a8 on a GPU with native FP8 GEMMs, else fp8 "
                         "for an FP8 checkpoint, bf16 for a dense one")
     p.add_argument("--attn", choices=["absorb", "naive", "auto"], default="absorb",
-                   help="attention math (auto: naive for the prompt, absorbed for decoding)")
+                   help="attention math (default absorb; auto: naive for the prompt, absorbed for decoding)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--fp8-cache", action="store_true",
                    help="float8 latent cache (per-token scale); a V3.2 model keeps its index keys in float8 too")

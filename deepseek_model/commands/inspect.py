@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     for par in s.get("parallel", []):
         _print_parallel(par)
     if s.get("parallel"):
-        print("  (an FP8 checkpoint needs the fp8 split rule even when dequantized at load: its scales are sliced)")
+        print("  (bf16: weights dequantized at load, from an FP8 checkpoint too: a rank reads the scale blocks covering "
+              "its slice, so a split may cut a 128-block; fp8/w8a8 keep the blocks, so a split must not cut one)")
     return 0
 
 

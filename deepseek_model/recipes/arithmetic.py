@@ -43,6 +43,7 @@ from deepseek_model.rl.loop import CONTROLS, GRPOConfig, GRPOTrainer, greedy_pas
 from deepseek_model.rl.rewards import accuracy_reward, format_reward, rule_reward
 from deepseek_model.training import BiasUpdater, TrainConfig, build_model, make_optimizer, train_step
 from deepseek_model.training_data import Batch
+from deepseek_model.recipes import check_run_dir
 
 RECIPE_NAME = "arithmetic"
 STATE_FILE = "rl_state.pt"
@@ -270,21 +271,8 @@ def _save_state(path: str, payload: dict[str, Any]) -> None:
 
 
 def check_out_dir(out: str, resume: bool) -> str:
-    """OUT must be new or empty (judged as the path resolves), or hold a state to resume from.
-    Returns its absolute path, which the run then writes to."""
-    from deepseek_model.convert.io import check_new_dir  # noqa: PLC0415
-
-    if resume:
-        if not out or not out.strip():
-            raise RecipeError("--out: an empty path names no directory")
-        if not os.path.isfile(os.path.join(out, STATE_FILE)):
-            raise RecipeError(f"{out}: no {STATE_FILE} to resume from")
-        return os.path.abspath(out)
-    try:
-        return check_new_dir(out, "--out")
-    except ValueError as e:
-        hint = " (pass --resume to continue a run)" if out.strip() and os.path.lexists(os.path.abspath(out)) else ""
-        raise RecipeError(f"{e}{hint}") from None
+    """OUT must be new or empty, or hold a state to resume from; returns its absolute path."""
+    return check_run_dir(out, resume, STATE_FILE, RecipeError)
 
 
 def plot_log(log: dict[str, Any], path: str) -> str | None:

@@ -36,6 +36,7 @@ from deepseek_model.tokenizer import Tokenizer
 from deepseek_model.training import (ALPHA, GAMMA, MTP_LAMBDA, BiasUpdater, TrainConfig, build_model, check_rates,
                                      make_optimizer, save_checkpoint, train_step)
 from deepseek_model.training_data import Batch
+from deepseek_model.recipes import check_run_dir
 
 RECIPE_NAME = "mini-shakespeare"
 STATE_FILE = "train_state.pt"
@@ -169,21 +170,8 @@ def _load_state(path: str, recipe: Recipe) -> dict[str, Any]:
 
 
 def check_out_dir(out: str, resume: bool) -> str:
-    """OUT must be new or empty (judged as the path resolves), or hold a state to resume from.
-    Returns its absolute path, which the run then writes to."""
-    from deepseek_model.convert.io import check_new_dir  # noqa: PLC0415
-
-    if resume:
-        if not out or not out.strip():
-            raise RecipeError("--out: an empty path names no directory")
-        if not os.path.isfile(os.path.join(out, STATE_FILE)):
-            raise RecipeError(f"{out}: no {STATE_FILE} to resume from")
-        return os.path.abspath(out)
-    try:
-        return check_new_dir(out, "--out")
-    except ValueError as e:
-        hint = " (pass --resume to continue a run)" if out.strip() and os.path.lexists(os.path.abspath(out)) else ""
-        raise RecipeError(f"{e}{hint}") from None
+    """OUT must be new or empty, or hold a state to resume from; returns its absolute path."""
+    return check_run_dir(out, resume, STATE_FILE, RecipeError)
 
 
 def export_checkpoint(model: torch.nn.Module, tokenizer_dir: str, dst: str, bf16_dst: str) -> str:
