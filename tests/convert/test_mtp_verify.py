@@ -115,3 +115,19 @@ def test_verify_passes_the_converters_own_output_at_rounding_ties(tmp_path):
 def test_verify_refuses_a_nan_threshold(tiny_fp8):
     proc = run_inproc("verify", tiny_fp8, tiny_fp8, "--max-rel", "nan")
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --max-rel must be a finite number >= 0, got nan"
+
+
+def test_verify_flags_a_nan_copied_unread(tmp_path):
+    """shard/merge/strip-mtp copy tensors byte for byte; verify is where a NaN among them shows."""
+    cfg = ModelConfig.builtin("tiny")
+    tensors = make_tiny_tensors(cfg, fp8=False, seed=4)
+    good = write_checkpoint(tmp_path / "good", tensors, cfg.to_dict())
+    name = "model.layers.0.input_layernorm.weight"
+    tensors[name] = tensors[name].clone()
+    tensors[name][3] = float("nan")
+    bad = write_checkpoint(tmp_path / "bad", tensors, cfg.to_dict())
+    assert run_inproc("strip-mtp", bad, tmp_path / "copy", "-q").returncode == 0  # copied unread
+    result = verify(good, str(tmp_path / "copy"))
+    assert result["tensors"][name]["status"] == "nonfinite" and not result["summary"]["ok"]
+    assert name in result["summary"]["first_not_ok"]
+    assert run_inproc("verify", good, tmp_path / "copy", "-q", "--json", tmp_path / "r.json").returncode == 1
