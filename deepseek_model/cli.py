@@ -58,6 +58,26 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
     return parser, modules
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is an allocation failure (Python's MemoryError, torch's CPU or CUDA allocator)."""
+    if isinstance(e, MemoryError):
+        return True
+    oom = getattr(_torch_module(), "OutOfMemoryError", None)
+    if oom is not None and isinstance(e, oom):
+        return True
+    return "can't allocate memory" in str(e) or "out of memory" in str(e).lower()
+
+
+def _torch_module():
+    """torch if this process imported it (light commands never do), else None."""
+    return sys.modules.get("torch")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -77,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except (ValueError, OSError) as e:  # CheckpointError, ConfigError and ConvertError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (MemoryError, RuntimeError) as e:  # an allocation the estimates did not foresee: one line, no traceback
+        if not _out_of_memory(e):
+            raise
+        print(f"error: out of memory: {_first_line(e)} (ask for less: fewer or shorter prompts, a smaller batch)",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from deepseek_model import memory
 from deepseek_model.model import Cache, Transformer
 
 SPECULATIVE_MODES = (None, "mtp")
@@ -200,9 +201,10 @@ def _finish(tokens: list[int], eos: set[int], max_new: int) -> tuple[list[int], 
     return tokens[:max_new], False
 
 
-def encode_prompts(prompts, tokenizer=None, chat: bool = False):
+def encode_prompts(prompts, tokenizer=None, chat: bool = False, max_tokens: int | None = None):
     """Text prompts → token ids with `tokenizer` (chat: through its chat template, one user turn);
-    token-id prompts pass through unchanged."""
+    token-id prompts pass through unchanged. With `max_tokens`, a text too long to fit in that many
+    tokens (more UTF-8 bytes than max_tokens tokens can spell) is refused before it is tokenized."""
     texts = [prompts] if isinstance(prompts, str) else prompts
     if not isinstance(texts, (list, tuple)) or not texts or not any(isinstance(p, str) for p in texts):
         return prompts
@@ -210,6 +212,13 @@ def encode_prompts(prompts, tokenizer=None, chat: bool = False):
         raise ValueError("prompts: text prompts need a tokenizer (tokenizer=load_tokenizer(checkpoint_dir))")
     if not all(isinstance(p, str) for p in texts):
         raise ValueError("prompts: mix of text and token ids; pass one kind")
+    if max_tokens is not None:
+        limit = max_tokens * tokenizer.max_token_bytes
+        for i, text in enumerate(texts):
+            if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+                raise ValueError(f"prompts: prompt {i} has {len(text.encode('utf-8', 'surrogatepass'))} bytes of text, "
+                                 f"more than {max_tokens} tokens of at most {tokenizer.max_token_bytes} bytes each "
+                                 f"can hold (max_seq_len {max_tokens})")
     if chat:
         return [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in texts]
     return [tokenizer.encode(p) for p in texts]
@@ -251,13 +260,18 @@ def generate(model: Transformer, prompts, max_new_tokens: int = 32, temperature:
     if batch_invariant and not model.spec.batch_invariant:
         raise ValueError("batch_invariant: the model was loaded without it (from_pretrained(..., batch_invariant=True))")
     sampling = _check_sampling(temperature, top_p, top_k, max_new_tokens, speculative)
-    rows = normalize_prompts(encode_prompts(prompts, tokenizer, chat), model.cfg.vocab_size)
+    rows = normalize_prompts(encode_prompts(prompts, tokenizer, chat, model.max_seq_len), model.cfg.vocab_size)
     longest = max(len(r) for r in rows)
     if longest > model.max_seq_len:
         raise ValueError(f"prompts: a prompt has {longest} tokens, longer than max_seq_len {model.max_seq_len}")
     if longest + max_new_tokens > model.max_seq_len:
         raise ValueError(f"max_new_tokens: {longest} prompt tokens + {max_new_tokens} new tokens exceed "
                          f"max_seq_len {model.max_seq_len}")
+    rows_at_once = 1 if speculative == "mtp" else len(rows)  # speculation decodes one prompt at a time
+    memory.require(memory.generation_bytes(model.cfg, rows_at_once, longest, longest + max_new_tokens,
+                                           model.spec.dtype.itemsize, cache_fp8),
+                   f"generating {max_new_tokens} tokens for {rows_at_once} prompt(s) of up to {longest} tokens "
+                   f"(latent cache and prefill)")
     if speculative == "mtp" and not model.has_mtp:
         raise ValueError("speculative: 'mtp' needs an MTP module: the checkpoint has none, or it was loaded with mtp=False")
     seed = _integer(seed, "seed")

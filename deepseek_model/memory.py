@@ -16,6 +16,8 @@ from deepseek_model.constants import FP8_BLOCK, SCALE_DTYPE_BYTES, block_grid
 
 HEADROOM = 1.10  # activations, temporaries and the allocator's slack on top of the weights
 FP8_BYTES = 1
+CACHE_PEAK = 3  # a cache growing by doubling holds up to 2x its content, plus the old copy while it grows
+ACTIVATION_COPIES = 16  # live (tokens, width) activations of a forward: residual, norms, projections, MLP halves
 
 
 class InsufficientMemory(ValueError):
@@ -79,3 +81,30 @@ def require(nbytes: int, what: str) -> None:
     if have is not None and need > have:
         raise InsufficientMemory(f"{what} needs about {need / 2**30:.1f} GiB, but only {have / 2**30:.1f} GiB "
                                  f"is available to this process")
+
+
+def generation_bytes(cfg: Any, batch: int, prompt_len: int, total_len: int, value_bytes: int,
+                     cache_fp8: bool = False) -> int:
+    """Working memory of generating `total_len` positions for `batch` rows after a `prompt_len`
+    prefill: the latent caches of every layer (and a V3.2 model's index keys) at their growth peak,
+    the prefill's additive (T, S) float32 mask, and its activations.
+
+    Args:
+        cfg: the model config.
+        batch: rows decoded together.
+        prompt_len: the longest prompt.
+        total_len: prompt plus new tokens.
+        value_bytes: bytes of the compute dtype.
+        cache_fp8: latents (and index keys) stored in float8 with one fp32 scale per token.
+    """
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    stored = FP8_BYTES if cache_fp8 else value_bytes
+    scale = SCALE_DTYPE_BYTES if cache_fp8 else 0
+    per_token = cfg.kv_lora_rank * stored + scale + cfg.qk_rope_head_dim * value_bytes
+    if cfg.has_indexer:
+        per_token += cfg.index_head_dim * stored + scale
+    cache = CACHE_PEAK * batch * total_len * layers * per_token
+    mask = 4 * batch * prompt_len * prompt_len
+    width = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.qk_head_dim)
+    activations = ACTIVATION_COPIES * batch * prompt_len * width * 4
+    return cache + mask + activations

@@ -8,6 +8,7 @@ jinja2 is not installed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -138,6 +139,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of token ids (added tokens included)."""
         return self._tok.get_vocab_size(with_added_tokens=True) if self._tok is not None else len(self._hf)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes a token's vocabulary entry spells (a bound on the text one token covers:
+        a byte-level token's symbols are 1–2 bytes each for one byte of text)."""
+        vocab = self._tok.get_vocab(with_added_tokens=True) if self._tok is not None else self._hf.get_vocab()
+        return max((len(t.encode("utf-8")) for t in vocab), default=1)
 
     def token_to_id(self, token: str | None) -> int | None:
         """The id of a token string (None when absent)."""

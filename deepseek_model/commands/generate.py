@@ -86,7 +86,9 @@ def _prompts(args: argparse.Namespace) -> list[str] | list[list[int]]:
         except UnicodeEncodeError:  # undecodable argv bytes arrive as surrogates
             raise ValueError("--prompt: not UTF-8 text") from None
         return [args.prompt]
-    lines = [line for line in read_text(args.input_file, "--input-file").splitlines() if line.strip()]
+    text = read_text(args.input_file, "--input-file")
+    lines = [line.removesuffix("\r") for line in text.split("\n")]  # lines end at \n (or \r\n) only
+    lines = [line for line in lines if line.strip()]
     if not lines:
         raise ValueError(f"--input-file {args.input_file}: no prompts in it")
     return lines

@@ -52,9 +52,9 @@ def read_text(path: str, flag: str) -> str:
     source = "stdin" if path == "-" else path
     try:
         if path == "-":
-            return sys.stdin.buffer.read().decode("utf-8")
+            return sys.stdin.buffer.read().decode("utf-8-sig")  # a leading byte-order mark is not text
         with open(path, "rb") as f:
-            return f.read().decode("utf-8")
+            return f.read().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{flag} {source}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
 
@@ -68,6 +68,6 @@ def utf8_lines(stream: TextIO, source: str) -> Iterator[str]:
         return
     for number, line in enumerate(raw, 1):
         try:
-            yield line.decode("utf-8")
+            yield line.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading byte-order mark is not text
         except UnicodeDecodeError as e:
             raise ValueError(f"{source} line {number}: not UTF-8 text (byte 0x{line[e.start]:02x})") from None
