@@ -108,3 +108,15 @@ def generation_bytes(cfg: Any, batch: int, prompt_len: int, total_len: int, valu
     width = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.qk_head_dim)
     activations = ACTIVATION_COPIES * batch * prompt_len * width * 4
     return cache + mask + activations
+
+
+def training_bytes(cfg: Any, params: int, batch: int, seq_len: int) -> int:
+    """Working memory of a training step: fp32 weights, gradients and AdamW's two moments
+    (16 bytes a parameter), and one micro-batch's saved activations: per layer (and the MTP layer)
+    ACTIVATION_COPIES (tokens, width) fp32 tensors, and the next-token and MTP logits with their
+    gradients."""
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    width = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.qk_head_dim)
+    tokens = batch * seq_len
+    logits = (1 + cfg.num_nextn_predict_layers) * 3 * tokens * cfg.vocab_size * 4
+    return 16 * params + layers * ACTIVATION_COPIES * tokens * width * 4 + logits

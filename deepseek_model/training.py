@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from deepseek_model import memory
 from deepseek_model.config import ModelConfig
 from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.writer import DEFAULT_SHARDS, write_checkpoint
@@ -510,6 +511,10 @@ def train(model: Transformer, corpus: Corpus, tc: TrainConfig, log: Callable[[di
     shortest, why = (3, "MTP targets are two ahead") if model.mtp is not None else (2, "targets are one ahead")
     if tc.seq_len < shortest:
         raise ValueError(f"tc.seq_len must be >= {shortest} ({why}), got {tc.seq_len}")
+    memory.require(memory.training_bytes(model.cfg, sum(p.numel() for p in model.parameters()), tc.batch_size,
+                                         tc.seq_len),
+                   f"training with micro-batches of {tc.batch_size} x {tc.seq_len} tokens (weights, AdamW state, "
+                   f"activations)")
     gen = torch.Generator().manual_seed(tc.seed)
     eval_gen = torch.Generator().manual_seed(tc.seed + 1_000_003)
     held_out = [corpus.sample(tc.batch_size, tc.seq_len, eval_gen) for _ in range(tc.eval_batches)]

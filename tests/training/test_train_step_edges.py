@@ -87,3 +87,12 @@ def test_configurations_without_targets_are_refused(micro_cfg, changes, needle):
     model = build_model(micro_cfg, seed=0)
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         train(model, SyntheticCorpus(micro_cfg.vocab_size), TrainConfig(**{"steps": 1, "batch_size": 2, **changes}))
+
+
+def test_a_batch_beyond_memory_is_refused_before_training(tmp_path, capsys):
+    code = cli_main(["train", "--config", "tiny", "--steps", "1", "--batch-size", "100000", "--seq-len", "64",
+                     "--threads", "1", "--out", str(tmp_path / "run")])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(err) == 1
+    assert "training with micro-batches of 100000 x 64 tokens" in err[0] and "needs about" in err[0]
+    assert not (tmp_path / "run").exists()
