@@ -310,11 +310,19 @@ def _load(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | st
                       scale_fmt=scale_fmt, backend=backend, batch_invariant=batch_invariant)
     if torch.device(device).type == "cpu":  # before any parameter is allocated
         need = memory.model_bytes(cfg, dtype.itemsize, fp8=use_fp8, mtp=mtp, block=block) // ctx.world_size
-        memory.require(need, f"loading {reader.path} ({mode} weights, {str(dtype).replace('torch.', '')})")
+        mapped = _mapped_bytes(reader) if memory.address_space_limited() else 0  # shards are memory-mapped
+        memory.require(need + mapped, f"loading {reader.path} ({mode} weights, {str(dtype).replace('torch.', '')}"
+                                      f"{', with its memory-mapped shards' if mapped else ''})")
     model = Transformer(cfg, spec, ctx, attn=attn, mtp=mtp, max_seq_len=max_seq_len)
     with reader:
         _Loader(reader, model, block, scale_fmt, split_info, check_values).run()
     return model.eval()
+
+
+def _mapped_bytes(reader) -> int:
+    """Bytes of the files a load maps: every shard its weight map names."""
+    files = set(getattr(reader, "weight_map", {}).values())
+    return sum(os.path.getsize(os.path.join(reader.path, f)) for f in files if os.path.isfile(os.path.join(reader.path, f)))
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,

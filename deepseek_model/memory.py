@@ -47,6 +47,12 @@ def _address_space_room() -> int | None:
     return max(soft - used, 0)
 
 
+def address_space_limited() -> bool:
+    """Whether this process runs under an address-space limit (`ulimit -v`), where memory-mapped
+    files count against the room as much as allocations do."""
+    return _address_space_room() is not None
+
+
 def available_bytes() -> int | None:
     """Bytes this process can still allocate (None when the system does not say)."""
     known = [b for b in (_meminfo_available(), _address_space_room()) if b is not None]

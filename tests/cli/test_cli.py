@@ -218,9 +218,20 @@ def test_loading_under_an_address_space_limit_is_refused_with_the_estimate(tmp_p
 
     path = make_tiny_checkpoint(tmp_path / "tiny", "tiny")
     monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)  # 1 MiB left
-    with pytest.raises(memory.InsufficientMemory, match=r"^loading .*tiny \(bf16 weights, float32\) needs about "
-                                                         r"0\.0 GiB, but only 0\.0 GiB is available"):
+    with pytest.raises(memory.InsufficientMemory, match=r"^loading .*tiny \(bf16 weights, float32(, with its "
+                                                         r"memory-mapped shards)?\) needs about 0\.0 GiB, but only "
+                                                         r"0\.0 GiB is available"):
         dsm.from_pretrained(path)
+
+
+def test_mapped_shards_count_under_an_address_space_limit(tmp_path):
+    """Under `ulimit -v` a load maps its shards into the same address space: a load whose weights fit
+    but whose mapped shards do not is refused with the estimate, not with an mmap error on a shard."""
+    path = make_tiny_checkpoint(tmp_path / "small", "small")
+    proc = _cli_limited("generate", str(path), "--token-ids", "3", "4", "--max-new-tokens", "2", limit_as=1_600_000 * 1024)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "with its memory-mapped shards) needs about" in line
 
 
 def test_a_closed_pipe_ends_quietly():
