@@ -3,10 +3,14 @@
 Numerics (FACTS §3): for each K block kb, acc += (A_blk·W_blkᵀ) · a_s[m, kb] · w_s[n // 128, kb],
 multiplied and added in exactly that order as separate fp32 operations (the launch passes
 `enable_fp_fusion=False`, so a GPU does not contract them into an FMA); bf16 output is rounded
-with integer RNE. The result therefore equals the torch twin bit for bit whenever each K-block
-dot product is exact in fp32 (its summation order is the hardware's); otherwise to fp32 round-off.
-Small-M shapes may split K across programs: each split writes an fp32 partial to a workspace and
-`_splitk_reduce_kernel` sums the splits in a fixed order (deterministic, no atomics).
+with integer RNE. Without split-K the result therefore equals the torch twin bit for bit whenever
+each K-block dot product is exact in fp32 (its summation order is the hardware's); otherwise to
+fp32 round-off. Small-M shapes may split K across programs: each split writes an fp32 partial to a
+workspace and `_splitk_reduce_kernel` sums the splits in a fixed order (deterministic, no atomics),
+which is not the twin's left-to-right order over K blocks: split-K results agree with the twin to
+fp32 round-off, bit for bit only where the partial sums are exact (e.g. power-of-two scales).
+The CPU interpreter reads fp8 NaN bytes in `tl.dot` operands as ±480 (a GPU reads NaN); the
+model refuses NaN weights at load, and `act_quant` maps NaN activations to NaN codes only where they are.
 """
 
 from __future__ import annotations
@@ -115,6 +119,8 @@ def _splitk_reduce_kernel(ws_ptr, c_ptr, M, N, S, stride_ws, stride_wm, stride_c
 def check_gemm_inputs(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor,
                       block_size: int) -> None:
     """Raise ValueError naming the bad argument unless (a, a_s, w, w_s) form a block-fp8 GEMM."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     for name, t in (("a", a), ("w", w)):
         if t.dtype != FP8_DTYPE:
             raise ValueError(f"{name}: expected {FP8_DTYPE}, got {t.dtype}")
@@ -163,6 +169,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Ten
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
+    if k == 0:  # an empty sum
+        return c.zero_()
     kb = triton.cdiv(k, block_size)
     kb_per_split = triton.cdiv(kb, min(cfg.SPLIT_K, kb))
     splits = triton.cdiv(kb, kb_per_split)  # no empty split

@@ -241,6 +241,8 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_ro
     """
     reference.check_mla_inputs(q_lat, q_rope, kv, k_rope, cache_seqlens, cache_starts)
     check_operands(q_lat, q_rope, kv, k_rope)
+    if q_lat.shape[0] == 0:  # no rows: nothing to launch
+        return q_lat.new_empty(q_lat.shape, dtype=torch.float32)  # (0, H, C)
     splits = num_splits if num_splits is not None else default_num_splits(int(cache_seqlens.max()))
     lens = cache_seqlens.to(device=q_lat.device, dtype=torch.int32)
     starts = (torch.zeros_like(lens) if cache_starts is None

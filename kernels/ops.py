@@ -111,7 +111,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     Returns:
         [..., N] in x.dtype.
     """
+    if not x.dtype.is_floating_point or x.dtype == FP8_DTYPE:
+        raise ValueError(f"linear: x must be a float tensor, got {x.dtype}")
+    if weight.dtype == FP8_DTYPE and scale is None:
+        raise ValueError("linear: an fp8 weight needs its block scale")
     if row_tile is not None:
+        if isinstance(row_tile, bool) or not isinstance(row_tile, int) or row_tile < 1:
+            raise ValueError(f"linear: row_tile must be a positive integer or None, got {row_tile!r}")
         return _tiled_linear(x, weight, scale, bias, backend, block_size, scale_fmt, w8a8, row_tile)
     if weight.dtype == FP8_DTYPE and not w8a8:
         if scale is None:

@@ -19,6 +19,17 @@ ACT_AMAX_FLOOR = 1e-4  # keeps the scale of an all-zero activation group finite
 SCALE_ROW_ALIGN = 4  # column-major activation scales: rows padded to 16 bytes (TMA alignment)
 
 
+def _check_block(block_size: int) -> None:
+    """block_size must be a positive integer (the width of a scale group)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+
+
+def _check_fp8(t: torch.Tensor, name: str) -> None:
+    if t.dtype != FP8_DTYPE:
+        raise ValueError(f"{name}: expected float8_e4m3fn, got {t.dtype}")
+
+
 def _check_scale_fmt(scale_fmt: str | None) -> None:
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
@@ -47,6 +58,10 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = 
         (y, s): y float8_e4m3fn [..., K]; s fp32 [..., ceil(K/block_size)] with x ≈ y · s.
     """
     _check_scale_fmt(scale_fmt)
+    _check_block(block_size)
+    if x.dim() < 1 or not x.dtype.is_floating_point or x.dtype == FP8_DTYPE:
+        raise ValueError(f"x: expected a float tensor with a last (channel) dimension, got {x.dtype} of shape "
+                         f"{tuple(x.shape)}")
     if column_major_scales and x.dim() != 2:
         raise ValueError(f"x: column_major_scales needs a 2-D x, got shape {tuple(x.shape)}")
     *lead, k = x.shape
@@ -119,13 +134,15 @@ def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK,
         `w.float() * scale` (the e4m3 bytes are decoded by bit placement: torch's own fp8 cast is a
         scalar loop on CPU, ~5x slower).
     """
+    _check_block(block_size)
+    _check_fp8(w, "w")
     check_weight_scale(w, s, block_size)
     rows, k = w.shape
     if w.numel() == 0:
         return torch.empty(rows, k, dtype=dtype, device=w.device)
     v = _e4m3_raw(w)  # (R, K) = fp8 · 2^-120
     lo, hi = torch.aminmax(v)
-    if max(-lo.item(), hi.item()) >= _E4M3_NAN_RAW or float(s.abs().max()) >= _E4M3_SCALE_LIMIT:
+    if max(-lo.item(), hi.item()) >= _E4M3_NAN_RAW or not float(s.abs().max()) < _E4M3_SCALE_LIMIT:  # NaN too
         # NaN bytes present, or a scale so large that scale · 2^120 would overflow: torch's cast
         v = w.float()
         s_cols = s.float().repeat_interleave(block_size, dim=1)[:, :k]  # (ceil(R/b), K)
@@ -179,6 +196,7 @@ def weight_quant(w: torch.Tensor, block_size: int = BLOCK,
         (q, scale_inv): q float8_e4m3fn [N, K]; scale_inv fp32 [ceil(N/b), ceil(K/b)].
     """
     _check_scale_fmt(scale_fmt)
+    _check_block(block_size)
     if w.dim() != 2:
         raise ValueError(f"weight_quant expects a 2-D weight, got shape {tuple(w.shape)}")
     rows, k = w.shape
@@ -217,6 +235,11 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Ten
     Returns:
         [M, N] tensor of out_dtype.
     """
+    _check_block(block_size)
+    _check_fp8(a, "a")
+    _check_fp8(w, "w")
+    if not out_dtype.is_floating_point:
+        raise ValueError(f"out_dtype: expected a float dtype, got {out_dtype}")
     m, k = a.shape
     n = w.shape[0]
     check_weight_scale(w, w_s, block_size)
@@ -237,8 +260,12 @@ def check_moe_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
                      w13: torch.Tensor, w13_s: torch.Tensor, w2: torch.Tensor, w2_s: torch.Tensor,
                      block_size: int = BLOCK) -> None:
     """Raise ValueError naming the argument unless the routed-expert inputs fit together."""
-    if x.dim() != 2:
-        raise ValueError(f"x: expected [T, H], got shape {tuple(x.shape)}")
+    _check_block(block_size)
+    if x.dim() != 2 or not x.dtype.is_floating_point or x.dtype == FP8_DTYPE:
+        raise ValueError(f"x: expected float [T, H] activations, got {x.dtype} of shape {tuple(x.shape)}")
+    for name, sc in (("w13_s", w13_s), ("w2_s", w2_s)):
+        if sc.dtype != torch.float32:
+            raise ValueError(f"{name}: expected float32 block scales, got {sc.dtype}")
     t, h = x.shape
     if topk_ids.dim() != 2 or topk_ids.shape[0] != t or topk_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_ids: expected int [T={t}, topk], got {topk_ids.dtype} {tuple(topk_ids.shape)}")

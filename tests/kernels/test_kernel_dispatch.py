@@ -57,3 +57,15 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="needs TRITON_INTERPRET=1"):
         ops.act_quant(torch.randn(2, 128), backend="triton")
     assert ops.resolve_backend("auto", "cpu") == "torch"
+
+
+def test_linear_arguments_are_checked_on_every_path():
+    x, w = torch.randn(3, 256), torch.randn(4, 256)
+    q = w.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="linear: an fp8 weight needs its block scale"):
+        ops.linear(x, q, None, w8a8=False, row_tile=2)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"linear: row_tile must be a positive integer or None, got {bad}"):
+            ops.linear(x, w, row_tile=bad)
+    with pytest.raises(ValueError, match="linear: x must be a float tensor, got torch.int32"):
+        ops.linear(x.to(torch.int32), w)

@@ -215,3 +215,30 @@ def test_weight_dequant_decodes_nan_codes_as_nan():
         want = reference.weight_dequant(w, s, 128, dtype)
         assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) == 2
         assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+def test_twins_refuse_what_the_kernels_refuse():
+    """The torch twins name a wrong dtype or block size as the Triton kernels do, instead of
+    reinterpreting bytes or dividing by zero."""
+    w = torch.randn(4, 8)
+    s = torch.ones(1, 1)
+    with pytest.raises(ValueError, match="w: expected float8_e4m3fn, got torch.float32"):
+        reference.weight_dequant(w, s)
+    with pytest.raises(ValueError, match="block_size must be a positive integer, got 0"):
+        reference.act_quant(w, 0)
+    with pytest.raises(ValueError, match="block_size must be a positive integer, got -128"):
+        reference.weight_quant(w, -128)
+    with pytest.raises(ValueError, match="x: expected a float tensor"):
+        reference.act_quant(torch.tensor(3.0).to(torch.int32))
+    q = w.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="a: expected float8_e4m3fn"):
+        reference.fp8_gemm(w, torch.ones(4, 1), q, s)
+
+
+def test_a_nan_block_scale_does_not_overflow_the_others():
+    w = torch.full((256, 8), 1.0).to(torch.float8_e4m3fn)
+    s = torch.tensor([[1e30], [float("nan")]])
+    out = reference.weight_dequant(w, s, 128)
+    assert out[0, 0].item() == pytest.approx(1e30, rel=1e-6) and torch.isnan(out[128:]).all()
+    got = weight_dequant(w, s, 128)  # the kernel under the interpreter
+    assert torch.equal(got[:128], out[:128]) and torch.isnan(got[128:]).all()
