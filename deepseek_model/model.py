@@ -12,7 +12,7 @@ from deepseek_model.attention import MLA, IndexKeyCache, LatentCache
 from deepseek_model.config import ModelConfig
 from deepseek_model.kernels import cpu_pack
 from deepseek_model.layers import Linear, LinearSpec, ParallelEmbedding, ParallelHead, RMSNorm
-from deepseek_model.moe import MLP, MoE, Routing
+from deepseek_model.moe import MLP, Gate, MoE, Routing
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext
 from deepseek_model.rope import attention_factor, inv_frequencies, rotary_table
 
@@ -28,9 +28,13 @@ class Cache:
             with one scale per token, "float" exactly in the compute dtype, None: no indexer.
     """
 
-    def __init__(self, num_layers: int, mtp: bool, fp8: bool = False, index: str | None = None):
+    def __init__(self, num_layers: int, mtp: bool, fp8: bool = False, index: str | None = None,
+                 shape: tuple | None = None):
         if index not in (None, "float", "fp8"):
             raise ValueError(f"index must be None, 'float' or 'fp8', got {index!r}")
+        if not isinstance(fp8, bool):
+            raise ValueError(f"fp8 must be True or False, got {fp8!r}")
+        self.shape = shape  # what the model that made it caches (Transformer.cache_shape), checked on use
 
         def layer() -> LatentCache:
             return LatentCache(fp8, IndexKeyCache(index == "fp8") if index else None)
@@ -242,6 +246,20 @@ class Transformer(nn.Module):
         memory.require(need, "packing the weights for CPU GEMMs (a second copy of every float projection)")
         return sum(p.pack() for p in packers)
 
+    def _apply(self, fn, recurse: bool = True):
+        """As nn.Module._apply (`.to`, `.bfloat16()`, ...), keeping the buffers that stay float32 in any
+        compute dtype (the rotary frequencies, the routers' correction biases) at least that precise."""
+        low = (torch.bfloat16, torch.float16)
+        gates = [m for m in self.modules() if isinstance(m, Gate) and m.bias is not None]
+        kept = (self.inv_freq, [g.bias for g in gates])  # the float32 originals: a round trip through bf16 would lose bits
+        out = super()._apply(fn, recurse)
+        if self.inv_freq.dtype in low:
+            self.inv_freq = kept[0].to(device=self.inv_freq.device)
+        for gate, bias in zip(gates, kept[1]):
+            if gate.bias.dtype in low:
+                gate.bias = bias.to(device=gate.bias.device)
+        return out
+
     def new_cache(self, fp8: bool = False, index_fp8: bool | None = None) -> Cache:
         """An empty latent cache; it grows as tokens are written.
 
@@ -250,10 +268,27 @@ class Transformer(nn.Module):
             index_fp8: (DeepSeek-V3.2) float8 index keys with a per-token scale, as DeepSeek's
                 inference kernels keep them; default: as `fp8`. False keeps them exact.
         """
+        if index_fp8 is not None and not isinstance(index_fp8, bool):
+            raise ValueError(f"index_fp8 must be True, False or None, got {index_fp8!r}")
         index = None
         if self.cfg.has_indexer:
             index = "fp8" if (fp8 if index_fp8 is None else index_fp8) else "float"
-        return Cache(len(self.layers), self.has_mtp, fp8, index)
+        return Cache(len(self.layers), self.has_mtp, fp8, index, self.cache_shape())
+
+    def cache_shape(self) -> tuple:
+        """What this model's caches hold: (layers, MTP cache, latent width, rope width, index-key width)."""
+        cfg = self.cfg
+        return (len(self.layers), self.has_mtp, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                cfg.index_head_dim if cfg.has_indexer else None)
+
+    def _check_cache(self, cache: Cache | None) -> None:
+        if cache is None:
+            return
+        if not isinstance(cache, Cache):
+            raise ValueError(f"cache must be a Cache from model.new_cache(), got {type(cache).__name__}")
+        if cache.shape != self.cache_shape():
+            raise ValueError(f"cache: made for a model that caches {cache.shape} (layers, MTP, latent, rope, index "
+                             f"keys), this one caches {self.cache_shape()}: make caches with this model's new_cache()")
 
     def _check_input(self, input_ids: torch.Tensor, start_pos: int) -> None:
         if input_ids.dim() != 2:
@@ -311,6 +346,7 @@ class Transformer(nn.Module):
         """The decoder stack: (B, T) ids → (B, T, hidden) after the final norm; per-layer hidden states
         and routings are appended to `states` / `router` when given."""
         self._check_input(input_ids, start_pos)
+        self._check_cache(cache)
         bsz, t = input_ids.shape
         rotary, mask = self._rotary_and_mask(t, start_pos, positions, valid, bsz)
         x = self.embed(input_ids)  # (B, T, hidden)
@@ -397,5 +433,13 @@ class Transformer(nn.Module):
         """
         if self.mtp is None:
             raise ValueError("this model has no MTP module")
+        self._check_cache(cache)
+        if cache is None or cache.mtp is None:
+            raise ValueError("cache: mtp_step needs a cache with an MTP layer (this model's new_cache())")
+        if h.dim() != 3 or h.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"h must be (batch, seq, hidden_size={self.cfg.hidden_size}), got shape {tuple(h.shape)}")
+        if tuple(next_ids.shape) != tuple(h.shape[:2]):
+            raise ValueError(f"next_ids must be (batch, seq) = {tuple(h.shape[:2])} like h, got {tuple(next_ids.shape)}")
+        self._check_input(next_ids, start_pos)
         rotary, mask = self._rotary_and_mask(h.shape[1], start_pos, positions, valid, h.shape[0])
         return self.mtp(h, next_ids, start_pos, rotary, mask, cache.mtp, last_only)
