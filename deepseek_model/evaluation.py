@@ -83,8 +83,8 @@ def windows(token_lists: Sequence[Sequence[int]], context: int) -> list[torch.Te
     Returns:
         1-D int64 tensors.
     """
-    if context < 2:
-        raise ValueError(f"context must be >= 2, got {context}")
+    if isinstance(context, bool) or not isinstance(context, int) or context < 2:
+        raise ValueError(f"context must be an integer >= 2, got {context!r}")
     out = []
     for ids in token_lists:
         t = torch.as_tensor(list(ids), dtype=torch.int64)
@@ -106,6 +106,8 @@ def bits_per_byte(forward: Forward, wins: Sequence[torch.Tensor], byte_lengths: 
     Returns:
         The summed NLL, token and byte counts.
     """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     nll, tokens, nbytes = 0.0, 0, 0
     by_len: dict[int, list[torch.Tensor]] = {}
     for w in wins:
@@ -113,9 +115,12 @@ def bits_per_byte(forward: Forward, wins: Sequence[torch.Tensor], byte_lengths: 
     with torch.no_grad():
         for group in by_len.values():
             for i in range(0, len(group), batch):
-                ids = torch.stack(group[i:i + batch])  # (B, T)
+                ids = torch.stack(group[i:i + batch]).long()  # (B, T)
                 logits = forward(ids).float()  # (B, T, V)
                 targets = ids[:, 1:]  # (B, T-1)
+                if int(targets.max()) >= byte_lengths.shape[0] or int(targets.min()) < 0:
+                    raise ValueError(f"byte_lengths: covers token ids [0, {byte_lengths.shape[0]}), a window holds "
+                                     f"{int(targets.max())}")
                 nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                        reduction="sum").item()
                 tokens += targets.numel()

@@ -190,7 +190,11 @@ def _eos_set(model: Transformer, eos) -> set[int]:
         eos = model.cfg.eos_token_id
     if eos is None:
         return set()
-    return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+    if isinstance(eos, numbers.Integral) and not isinstance(eos, bool):
+        return {int(eos)}
+    if not isinstance(eos, (list, tuple, set, frozenset)):
+        raise ValueError(f"eos must be a token id, a list of them, [] or None, got {eos!r}")
+    return {_integer(e, "eos") for e in eos}
 
 
 def _finish(tokens: list[int], eos: set[int], max_new: int) -> tuple[list[int], bool]:
@@ -260,6 +264,11 @@ def generate(model: Transformer, prompts, max_new_tokens: int = 32, temperature:
     if batch_invariant and not model.spec.batch_invariant:
         raise ValueError("batch_invariant: the model was loaded without it (from_pretrained(..., batch_invariant=True))")
     sampling = _check_sampling(temperature, top_p, top_k, max_new_tokens, speculative)
+    for name, flag in (("cache_fp8", cache_fp8), ("chat", chat)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if step_fn is not None and not callable(step_fn):
+        raise ValueError(f"step_fn must be callable like the model, got {step_fn!r}")
     rows = normalize_prompts(encode_prompts(prompts, tokenizer, chat, model.max_seq_len), model.cfg.vocab_size)
     longest = max(len(r) for r in rows)
     if longest > model.max_seq_len:

@@ -291,6 +291,10 @@ class Transformer(nn.Module):
                              f"keys), this one caches {self.cache_shape()}: make caches with this model's new_cache()")
 
     def _check_input(self, input_ids: torch.Tensor, start_pos: int) -> None:
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int):
+            raise ValueError(f"start_pos must be an integer, got {start_pos!r}")
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -312,6 +316,9 @@ class Transformer(nn.Module):
         elif positions is None:
             rotary = rotary_table(self.inv_freq, start_pos, t, self.rope_magnitude)  # (T, rope/2)
         else:
+            if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"positions must be an integer tensor of shape {(bsz, t)}, got "
+                                 f"{getattr(positions, 'dtype', type(positions).__name__)}")
             if tuple(positions.shape) != (bsz, t):
                 raise ValueError(f"positions must have shape {(bsz, t)}, got {tuple(positions.shape)}")
             if self.spec.batch_invariant:  # each position alone, as rotary_table computes it
@@ -321,9 +328,9 @@ class Transformer(nn.Module):
                 rotary = row_rotary(self.inv_freq, positions.to(self.inv_freq.device), self.rope_magnitude)  # (B, T, rope/2)
         if valid is None:
             return rotary, causal_mask(t, start_pos, self.spec.dtype, self.inv_freq.device)
-        if tuple(valid.shape) != (bsz, start_pos + t) or valid.dtype != torch.bool:
+        if not isinstance(valid, torch.Tensor) or tuple(valid.shape) != (bsz, start_pos + t) or valid.dtype != torch.bool:
             raise ValueError(f"valid must be a bool tensor of shape {(bsz, start_pos + t)}, got "
-                             f"{valid.dtype} {tuple(valid.shape)}")
+                             f"{getattr(valid, 'dtype', type(valid).__name__)} {tuple(getattr(valid, 'shape', ()))}")
         return rotary, row_mask(valid.to(self.inv_freq.device), t, start_pos, self.spec.dtype)
 
     def hidden(self, input_ids: torch.Tensor, start_pos: int = 0, cache: Cache | None = None, *,
@@ -379,6 +386,8 @@ class Transformer(nn.Module):
         """
         if not outputs:
             return self.head(self.hidden(input_ids, start_pos, cache, positions=positions, valid=valid))
+        if isinstance(outputs, str):
+            raise ValueError(f"outputs must be a set of names, e.g. {{{outputs!r}}}, got the string {outputs!r}")
         unknown = set(outputs) - set(OUTPUTS)
         if unknown:
             raise ValueError(f"outputs: unknown {sorted(unknown)} (choose from {list(OUTPUTS)})")

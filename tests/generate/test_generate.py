@@ -129,6 +129,11 @@ def test_fp8_cache_logit_error(model):
     (dict(prompts=[[1, 2]], seed=None), "seed must be an integer, got None"),
     (dict(prompts=[[1, 2], [3]], seed=2**64 - 1), "seed must be in [-9223372036854775808, 18446744073709551614] for 2"),
     (dict(prompts=[[1, 2]], seed=-(2**63) - 1), "seed must be in"),
+    (dict(prompts=[[1, 2]], eos="a"), "eos must be a token id, a list of them, [] or None, got 'a'"),
+    (dict(prompts=[[1, 2]], eos=1.5), "eos must be a token id"),
+    (dict(prompts=[[1, 2]], eos=[1, "x"]), "eos must be an integer, got 'x'"),
+    (dict(prompts=[[1, 2]], cache_fp8="no"), "cache_fp8 must be True or False, got 'no'"),
+    (dict(prompts=[[1, 2]], step_fn=5), "step_fn must be callable like the model, got 5"),
 ])
 def test_one_line_errors(model, kwargs, needle):
     kwargs.setdefault("max_new_tokens", 4)

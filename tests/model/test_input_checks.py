@@ -84,3 +84,18 @@ def test_to_bfloat16_keeps_the_float32_buffers(tiny_bf16):
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(converted(ids), loaded(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda m: m(torch.tensor([[1, 2]]), 0.0), "start_pos must be an integer, got 0.0"),
+    (lambda m: m([[1, 2]]), "input_ids must be a (batch, seq) integer tensor, got list"),
+    (lambda m: m(torch.tensor([[1, 2]]), positions=torch.tensor([[0.0, 0.5]])),
+     "positions must be an integer tensor of shape (1, 2), got torch.float32"),
+    (lambda m: m(torch.tensor([[1, 2]]), positions=[[0, 1]]), "positions must be an integer tensor"),
+    (lambda m: m(torch.tensor([[1, 2]]), valid=[[True, True]]), "valid must be a bool tensor of shape (1, 2)"),
+    (lambda m: m(torch.tensor([[1, 2]]), outputs="router"), "outputs must be a set of names, e.g. {'router'}"),
+])
+def test_bad_forward_arguments_name_themselves(model, call, needle):
+    with torch.inference_mode(), pytest.raises(ValueError) as e:
+        call(model)
+    assert needle in str(e.value) and "\n" not in str(e.value)
