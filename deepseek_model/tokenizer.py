@@ -86,6 +86,20 @@ def _bounded_sandbox(jinja2, sandbox_cls):
     return env
 
 
+def _template_bos(tok_file: str) -> str | None:
+    """The special token tokenizer.json's TemplateProcessing post-processor puts before a single
+    sequence (where tokenizer_config.json names no bos_token, transformers adds it), or None."""
+    try:
+        with open(tok_file, encoding="utf-8") as f:
+            post = json.load(f).get("post_processor") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    single = post.get("single") if isinstance(post, dict) and post.get("type") == "TemplateProcessing" else None
+    first = single[0] if isinstance(single, list) and single else None
+    special = first.get("SpecialToken") if isinstance(first, dict) else None
+    return special.get("id") if isinstance(special, dict) and isinstance(special.get("id"), str) else None
+
+
 class Tokenizer:
     """Text ⇄ token ids for one checkpoint, plus its chat template.
 
@@ -113,7 +127,7 @@ class Tokenizer:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
         self._tok, self._hf = self._load(tok_file)
-        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.bos_token = _token_text(self.config.get("bos_token")) or _template_bos(tok_file)
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.bos_id = self.token_to_id(self.bos_token)
         self.eos_id = self.token_to_id(self.eos_token)

@@ -75,3 +75,21 @@ def test_hostile_chat_templates_fail_fast(tmp_path, template, message):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=f"^chat template: .*{message}"):
         load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("config", [None, "without bos_token"])
+def test_bos_from_the_template_without_a_configured_bos_token(tiny_ckpt, tmp_path, config):
+    """A tokenizer.json alone (or a tokenizer_config.json naming no bos_token): the BOS comes from its
+    TemplateProcessing post-processor, as transformers' AutoTokenizer adds it."""
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    shutil.copy(os.path.join(tiny_ckpt, "tokenizer.json"), tmp_path / "tokenizer.json")
+    if config is not None:
+        with open(os.path.join(tiny_ckpt, "tokenizer_config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        cfg.pop("bos_token", None)
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    tok = load_tokenizer(tmp_path)
+    want = transformers.AutoTokenizer.from_pretrained(str(tmp_path))(TEXT).input_ids
+    assert tok.encode(TEXT) == want and want[0] == tok.token_to_id(BOS_TOKEN)
