@@ -67,15 +67,10 @@ def _out_of_memory(e: BaseException) -> bool:
     """Whether an exception is an allocation failure (Python's MemoryError, torch's CPU or CUDA allocator)."""
     if isinstance(e, MemoryError):
         return True
-    oom = getattr(_torch_module(), "OutOfMemoryError", None)
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # light commands never import torch
     if oom is not None and isinstance(e, oom):
         return True
     return "can't allocate memory" in str(e) or "out of memory" in str(e).lower()
-
-
-def _torch_module():
-    """torch if this process imported it (light commands never do), else None."""
-    return sys.modules.get("torch")
 
 
 def main(argv: list[str] | None = None) -> int:

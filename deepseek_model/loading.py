@@ -30,7 +30,7 @@ from deepseek_model.checkpoint.sharded import RankReader, is_sharded_dir, read_m
 from deepseek_model.kernels import ops, reference
 from deepseek_model.constants import FP8_DTYPE, block_grid, ceil_div
 from deepseek_model.layers import LinearSpec
-from deepseek_model.model import Transformer
+from deepseek_model.model import Transformer, check_max_seq_len
 from deepseek_model.parallel import SINGLE_PROCESS, ParallelContext, check_splits
 from deepseek_model.pretrained import resolve_checkpoint
 
@@ -376,8 +376,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     if backend not in ops.BACKENDS:
         raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1):
-        raise ValueError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
+    check_max_seq_len(max_seq_len)  # before any file is read
     device = _as_device(device)
     if cpu_pack and device.type != "cpu":
         raise ValueError(f"cpu_pack=True packs weights for CPU GEMMs; the model is loaded on device={str(device)!r}")

@@ -52,6 +52,12 @@ class Cache:
         return sum(c.nbytes() for c in self.layers) + (self.mtp.nbytes() if self.mtp else 0)
 
 
+def check_max_seq_len(max_seq_len: int | None) -> None:
+    """max_seq_len must be None (the config's max_position_embeddings) or a positive integer."""
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1):
+        raise ValueError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
+
+
 def causal_mask(t: int, start_pos: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     """Additive mask (T, start_pos + T): query i (position start_pos + i) sees keys 0..start_pos + i."""
     if t == 1:
@@ -203,8 +209,7 @@ class Transformer(nn.Module):
         super().__init__()
         spec = spec or LinearSpec()
         self.cfg, self.spec, self.ctx = cfg, spec, ctx
-        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1):
-            raise ValueError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
+        check_max_seq_len(max_seq_len)
         self.max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
         self.embed = ParallelEmbedding(cfg.vocab_size, cfg.hidden_size, spec.dtype, spec.device, ctx)
         self.layers = nn.ModuleList(Block(i, cfg, spec, ctx, attn) for i in range(cfg.num_hidden_layers))

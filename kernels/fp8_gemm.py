@@ -119,8 +119,7 @@ def _splitk_reduce_kernel(ws_ptr, c_ptr, M, N, S, stride_ws, stride_wm, stride_c
 def check_gemm_inputs(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor,
                       block_size: int) -> None:
     """Raise ValueError naming the bad argument unless (a, a_s, w, w_s) form a block-fp8 GEMM."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    reference.check_block_size(block_size)
     for name, t in (("a", a), ("w", w)):
         if t.dtype != FP8_DTYPE:
             raise ValueError(f"{name}: expected {FP8_DTYPE}, got {t.dtype}")

@@ -19,7 +19,7 @@ ACT_AMAX_FLOOR = 1e-4  # keeps the scale of an all-zero activation group finite
 SCALE_ROW_ALIGN = 4  # column-major activation scales: rows padded to 16 bytes (TMA alignment)
 
 
-def _check_block(block_size: int) -> None:
+def check_block_size(block_size: int) -> None:
     """block_size must be a positive integer (the width of a scale group)."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
@@ -58,7 +58,7 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = 
         (y, s): y float8_e4m3fn [..., K]; s fp32 [..., ceil(K/block_size)] with x ≈ y · s.
     """
     _check_scale_fmt(scale_fmt)
-    _check_block(block_size)
+    check_block_size(block_size)
     if x.dim() < 1 or not x.dtype.is_floating_point or x.dtype == FP8_DTYPE:
         raise ValueError(f"x: expected a float tensor with a last (channel) dimension, got {x.dtype} of shape "
                          f"{tuple(x.shape)}")
@@ -134,7 +134,7 @@ def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK,
         `w.float() * scale` (the e4m3 bytes are decoded by bit placement: torch's own fp8 cast is a
         scalar loop on CPU, ~5x slower).
     """
-    _check_block(block_size)
+    check_block_size(block_size)
     _check_fp8(w, "w")
     check_weight_scale(w, s, block_size)
     rows, k = w.shape
@@ -196,7 +196,7 @@ def weight_quant(w: torch.Tensor, block_size: int = BLOCK,
         (q, scale_inv): q float8_e4m3fn [N, K]; scale_inv fp32 [ceil(N/b), ceil(K/b)].
     """
     _check_scale_fmt(scale_fmt)
-    _check_block(block_size)
+    check_block_size(block_size)
     if w.dim() != 2:
         raise ValueError(f"weight_quant expects a 2-D weight, got shape {tuple(w.shape)}")
     rows, k = w.shape
@@ -235,7 +235,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Ten
     Returns:
         [M, N] tensor of out_dtype.
     """
-    _check_block(block_size)
+    check_block_size(block_size)
     _check_fp8(a, "a")
     _check_fp8(w, "w")
     if not out_dtype.is_floating_point:
@@ -260,7 +260,7 @@ def check_moe_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
                      w13: torch.Tensor, w13_s: torch.Tensor, w2: torch.Tensor, w2_s: torch.Tensor,
                      block_size: int = BLOCK) -> None:
     """Raise ValueError naming the argument unless the routed-expert inputs fit together."""
-    _check_block(block_size)
+    check_block_size(block_size)
     if x.dim() != 2 or not x.dtype.is_floating_point or x.dtype == FP8_DTYPE:
         raise ValueError(f"x: expected float [T, H] activations, got {x.dtype} of shape {tuple(x.shape)}")
     for name, sc in (("w13_s", w13_s), ("w2_s", w2_s)):

@@ -61,11 +61,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=DEMO_THREADS, help="torch CPU threads")
 
 
+def converted_dir(path: str) -> str:
+    """Where the demo writes the bf16 conversion of the checkpoint at `path`: PATH-bf16 beside it."""
+    return path.rstrip(os.sep) + "-bf16"
+
+
 def _convert(path: str, prompt: torch.Tensor) -> tuple[str, bool]:
     """fp8→bf16 with the converter; the converted checkpoint's logits vs dequantizing at load."""
     from deepseek_model.convert.fp8 import fp8_to_bf16  # noqa: PLC0415 (the command layer, only here)
 
-    dst = os.path.join(os.path.dirname(path), os.path.basename(path) + "-bf16")
+    dst = converted_dir(path)
     t0 = time.perf_counter()
     try:
         fp8_to_bf16(path, dst, quiet=True)
@@ -224,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         from deepseek_model.convert.io import check_new_dir  # noqa: PLC0415
 
         keep = check_new_dir(args.keep, "--keep")
-        check_new_dir(keep + "-bf16", "--keep's conversion directory")
+        check_new_dir(converted_dir(keep), "--keep's conversion directory")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.keep is not None:
