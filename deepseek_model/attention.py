@@ -685,7 +685,7 @@ class MLA(nn.Module):
                                           backend="triton")  # (B, H, c)
             return self._expand_values(o_lat.to(q_lat.dtype).unsqueeze(1))  # (B, 1, H, v)
         k = selected.shape[-1]
-        step = min(t, max(1, GATHER_BYTES // max(bsz * k * (c + self.rope) * kv.element_size(), 1)))  # queries
+        step = max(1, min(t, GATHER_BYTES // max(bsz * k * (c + self.rope) * kv.element_size(), 1)))  # queries
         buf_c, buf_r = kv.new_empty(bsz * step * k * c), k_pe.new_empty(bsz * step * k * self.rope)  # reused
         o_lat = q_lat.new_empty(bsz, t, heads, c)  # (B, T, H, c)
         for lo in range(0, t, step):
@@ -696,7 +696,9 @@ class MLA(nn.Module):
             ql = q_lat[:, lo:lo + step].reshape(n, heads, c)  # (B·t', H, c)
             qr = q_pe[:, lo:lo + step].reshape(n, heads, self.rope)  # (B·t', H, rope)
             scores = torch.baddbmm(torch.bmm(qr, r_sel.transpose(1, 2)), ql, c_sel.transpose(1, 2))  # (B·t', H, K)
-            scores = (scores * self.scale).masked_fill((idx < 0).reshape(n, 1, k), float("-inf"))
+            scores.mul_(self.scale)
+            if bool((idx < 0).any()):  # fewer visible keys than K
+                scores.masked_fill_((idx < 0).reshape(n, 1, k), float("-inf"))
             probs = self._softmax(scores, q_lat.dtype)  # (B·t', H, K)
             o_lat[:, lo:lo + step] = torch.bmm(probs, c_sel).view(*idx.shape[:2], heads, c)  # (B, t', H, c)
         return self._expand_values(o_lat)  # (B, T, H, v)

@@ -124,7 +124,7 @@ class Indexer(nn.Module):
             q_scale = None
         logits = ops.index_logits(q, q_scale, keys, key_scale, w, backend=self.backend)  # (B, T, S)
         if mask is not None:
-            logits = logits + (mask if mask.dim() == 2 else mask[:, 0]).float()  # (B, T, S)
+            logits.add_(mask if mask.dim() == 2 else mask[:, 0])  # (B, T, S)
         return logits
 
     def select(self, scores: torch.Tensor, ordered: bool = False) -> torch.Tensor:

@@ -90,9 +90,31 @@ def test_index_twin_equals_fp64_loop(monkeypatch):
                                    rtol=1e-5, atol=1e-5 * float(_index_fp64(*args).abs().max()))
     args = _index_inputs(2, 5, 3, 16, 20, seed=8)
     whole = reference.index_logits(*args)
-    monkeypatch.setattr(reference, "INDEX_TWIN_ELEMS", 2 * 3 * 20 * 2)  # two tokens per chunk: 2, 2, 1
+    monkeypatch.setattr(reference, "INDEX_TWIN_ELEMS", 3 * 20 * 2)  # two tokens (of 3 heads x 20 keys) per chunk: 2, 2, 1
     chunked = reference.index_logits(*args)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_index_twin_autograd_and_empty_shapes():
+    """With a gradient wanted the twin takes its differentiable path: the same logits, and gradients
+    that match float64; zero queries or keys give empty logits."""
+    for dtype in (FP8, torch.float32):
+        q, qs, k, ks, w = _index_inputs(2, 4, 3, 16, 9, seed=11, dtype=dtype)
+        with torch.no_grad():
+            plain = reference.index_logits(q, qs, k, ks, w)
+        w = w.clone().requires_grad_(True)
+        traced = reference.index_logits(q, qs, k, ks, w)
+        assert traced.requires_grad
+        torch.testing.assert_close(traced.detach(), plain, rtol=1e-6, atol=1e-6)
+        traced.sum().backward()
+        # d(Σ logits)/dw[b, t, h] = Σ_s ReLU(q·k)·q_scale·k_scale, in float64
+        qd = q.double() * (1.0 if qs is None else qs.double()[..., None])  # (B, T, H, D)
+        kd = k.double() * (1.0 if ks is None else ks.double()[..., None])  # (B, S, D)
+        expect = torch.einsum("bthd,bsd->bths", qd, kd).relu().sum(-1)  # (B, T, H)
+        torch.testing.assert_close(w.grad.double(), expect, rtol=1e-5, atol=1e-5 * float(expect.abs().max()))
+    q, qs, k, ks, w = _index_inputs(1, 3, 2, 16, 5, seed=12)
+    assert reference.index_logits(q[:, :0], qs, k, ks, w[:, :0]).shape == (1, 0, 5)
+    assert reference.index_logits(q, qs, k[:, :0], ks, w).shape == (1, 3, 0)
 
 
 def test_index_ops_dispatch():
