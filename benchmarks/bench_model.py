@@ -27,9 +27,10 @@ Reported as ratios against the peer measured in the same run:
   SPARSE_TOPK) against the same weights run as V3 (indexer dropped, every token attended), at
   contexts of 4x (and 8x) index_topk, batch 1: prefill, a decode step of the whole model, and a
   decode step of one layer's attention alone (indexer + selection + attention vs dense attention),
-  as ratios (goal: sparse faster); and the prefill crossover: whole-model prefill of the same
-  weights with a smaller index_topk (--crossover-topk) at 4x and 16x it, where a sparse prefill
-  starts to pay off on this CPU.
+  as ratios (goal: sparse faster); and the prefill crossover: whole-model prefill, and one layer's
+  attention over the prefill chunk, of the same weights with a smaller index_topk
+  (--crossover-topk) at 4x, 16x and 32x it, where a sparse prefill starts to pay off on this CPU;
+  each ratio is reported as a goal met / NOT met. `--sparse-only` runs this comparison alone.
 Writes results.json, results.md and results.png (matplotlib Agg) into --out.
 
 Usage: python -m deepseek_model.benchmarks.bench_model [--quick] [--out DIR] [--threads N]
@@ -90,8 +91,8 @@ SPARSE_CONTEXTS = (8192, 16384)  # 4 and 8 x SPARSE_TOPK
 QUICK_SPARSE_CONTEXTS = (8192,)
 SPARSE_DECODE_STEPS = 16  # decode steps are short: more of them per trial keep the ratio steady
 SPARSE_LAYER = 1  # the layer whose attention is also timed alone
-CROSSOVER_TOPK = 256  # the prefill crossover's index_topk: small, so that 16 x it stays a quick prefill
-CROSSOVER_MULTIPLES = (4, 16)  # the crossover's prefill contexts, in multiples of its index_topk
+CROSSOVER_TOPK = 256  # the prefill crossover's index_topk: small, so that 32 x it stays a quick prefill
+CROSSOVER_MULTIPLES = (4, 16, 32)  # the crossover's prefill contexts, in multiples of its index_topk
 CROSSOVER_TRIALS = 2
 
 
@@ -110,6 +111,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help=f"contexts of the V3.2 sparse-vs-dense comparison (index_topk {SPARSE_TOPK}; default "
                         f"{' '.join(map(str, SPARSE_CONTEXTS))}, --quick {' '.join(map(str, QUICK_SPARSE_CONTEXTS))})")
     p.add_argument("--no-sparse", action="store_true", help="skip the V3.2 sparse-vs-dense comparison")
+    p.add_argument("--sparse-only", action="store_true",
+                   help="run the V3.2 sparse-vs-dense comparison alone (no V3 grid, transformers or extras)")
     p.add_argument("--crossover-topk", type=int, default=CROSSOVER_TOPK,
                    help=f"index_topk of the V3.2 prefill crossover rows (contexts "
                         f"{' and '.join(map(str, CROSSOVER_MULTIPLES))} x it; default {CROSSOVER_TOPK})")
@@ -125,6 +128,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--threads: expected a positive integer")
     if args.crossover_topk < 1:
         p.error("--crossover-topk: expected a positive integer")
+    if args.sparse_only and args.no_sparse:
+        p.error("--sparse-only and --no-sparse exclude each other")
     for name in ("contexts", "batches", "sparse_contexts"):
         vals = getattr(args, name)
         if vals is not None and (not vals or min(vals) < 1):
@@ -442,6 +447,22 @@ def _attention_seconds(model, cache, ctx: int, gen: torch.Generator, steps: int)
     return (time.perf_counter() - t0) / steps
 
 
+def _prefill_attention_seconds(model, ctx: int, gen: torch.Generator) -> float:
+    """Seconds of layer SPARSE_LAYER's attention alone over a fresh ctx-token prefill chunk (its
+    indexer, selection and attention; dense: the attention), from a random normed input."""
+    from deepseek_model.model import causal_mask  # noqa: PLC0415
+    from deepseek_model.rope import rotary_table  # noqa: PLC0415
+
+    attn, dtype = model.layers[SPARSE_LAYER].attn, model.spec.dtype
+    x = torch.randn(1, ctx, model.cfg.hidden_size, generator=gen).to(dtype)  # (1, T, hidden): unit RMS, as normed
+    rotary = rotary_table(model.inv_freq, 0, ctx, model.rope_magnitude)  # (T, rope/2)
+    mask = causal_mask(ctx, 0, dtype, x.device)  # (T, T)
+    cache = model.new_cache().layers[SPARSE_LAYER]
+    t0 = time.perf_counter()
+    attn(x, 0, rotary, mask, cache)
+    return time.perf_counter() - t0
+
+
 def _with_index_topk(src: str, out: str, topk: int) -> str:
     """A copy of the V3.2 checkpoint `src` in `out` that differs only in config.json's index_topk (the
     other files are hard links). Returns out."""
@@ -504,17 +525,22 @@ def _prefill_crossover(tmp: str, sparse_path: str, dense, args: argparse.Namespa
     for mult in CROSSOVER_MULTIPLES:
         ids = torch.randint(0, dense.cfg.vocab_size, (1, mult * topk), generator=gen)
         times: dict[str, list[float]] = {"sparse": [], "dense": []}
+        attn: dict[str, list[float]] = {"sparse": [], "dense": []}
         for _ in range(CROSSOVER_TRIALS):
             for name, model in (("sparse", sparse), ("dense", dense)):
                 t0 = time.perf_counter()
                 model.head(model.hidden(ids, 0, model.new_cache())[:, -1])  # as generation prefills
                 times[name].append(time.perf_counter() - t0)
+                attn[name].append(_prefill_attention_seconds(model, mult * topk, gen))
         med = {name: statistics.median(ts) for name, ts in times.items()}
+        med_attn = {name: statistics.median(ts) for name, ts in attn.items()}
         row = {"context": mult * topk, "index_topk": topk, "multiple": mult, "batch": 1, "prefill_s": med,
-               "prefill_ratio": med["dense"] / med["sparse"]}
+               "prefill_ratio": med["dense"] / med["sparse"], "attention_prefill_s": med_attn,
+               "attention_ratio": med_attn["dense"] / med_attn["sparse"]}
         rows.append(row)
         print(f"V3.2 prefill crossover (top {topk}, ctx {mult * topk} = {mult}x): {med['sparse']:.2f} vs "
-              f"{med['dense']:.2f} s ({row['prefill_ratio']:.2f}x)", flush=True)
+              f"{med['dense']:.2f} s ({row['prefill_ratio']:.2f}x); one layer's attention "
+              f"{med_attn['sparse']:.3f} vs {med_attn['dense']:.3f} s ({row['attention_ratio']:.2f}x)", flush=True)
     return {"rows": rows, "gather_penalty": _gather_penalty(sparse, max(CROSSOVER_MULTIPLES) * topk, gen)}
 
 
@@ -537,6 +563,9 @@ def _sparse_vs_dense(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen
     pack = not args.no_cpu_pack
     models = {"sparse": from_pretrained(sparse_path, dtype=dtype, mtp=False, attn=args.attn, cpu_pack=pack),
               "dense": from_pretrained(dense_path, dtype=dtype, mtp=False, attn=args.attn, cpu_pack=pack)}
+    warm = torch.randint(0, v32["vocab_size"], (1, WARMUP_CONTEXT), generator=gen)
+    for model in models.values():  # first-call costs (stacking the experts' weights) stay out of the timings
+        model.hidden(warm, 0, model.new_cache())
     rows = []
     for ctx in contexts:
         ids = torch.randint(0, v32["vocab_size"], (1, ctx), generator=gen)
@@ -655,21 +684,89 @@ def _table(report: dict) -> str:
               f"- CPU: {report.get('cpu')}",
               *([f"- bfloat16 vs float32 prefill, same weights, both ours: {report['bf16_vs_fp32_prefill']}"]
                 if "bf16_vs_fp32_prefill" in report else []),
-              *[f"- DeepSeek-V3.2 sparse attention (index_topk {r['index_topk']}) vs the same weights as V3, context "
-                f"{r['context']}, batch 1 (ratios: dense time / sparse time): prefill {r['prefill_s']['sparse']:.1f} vs "
-                f"{r['prefill_s']['dense']:.1f} s ({r['prefill_ratio']:.2f}x), decode step "
-                f"{r['decode_step_s']['sparse'] * 1e3:.1f} vs {r['decode_step_s']['dense'] * 1e3:.1f} ms "
-                f"({r['decode_ratio']:.2f}x), one layer's attention {r['attention_step_s']['sparse'] * 1e3:.2f} vs "
-                f"{r['attention_step_s']['dense'] * 1e3:.2f} ms ({r['attention_ratio']:.2f}x)"
-                for r in report["sparse_attention"]],
-              *[f"- V3.2 prefill crossover (index_topk {r['index_topk']}, context {r['context']} = {r['multiple']} x "
-                f"index_topk, batch 1): {r['prefill_s']['sparse']:.2f} vs {r['prefill_s']['dense']:.2f} s "
-                f"({r['prefill_ratio']:.2f}x)" for r in report["sparse_prefill_crossover"].get("rows", [])],
-              *([f"- gather penalty (the cost ratio behind auto's masked / gathered split, per pair and FLOP): "
-                 f"{report['sparse_prefill_crossover']['gather_penalty']}"]
-                if "gather_penalty" in report["sparse_prefill_crossover"] else []),
+              *_sparse_lines(report),
               f"- same weights check (logits max diff vs transformers): {report.get('hf_logit_max_diff')}"]
     return "\n".join(lines) + "\n"
+
+
+def _sparse_lines(report: dict) -> list[str]:
+    """The V3.2 sparse-vs-dense lines of the markdown report (none without that comparison)."""
+    cross = report.get("sparse_prefill_crossover") or {}
+    lines = [f"- DeepSeek-V3.2 sparse attention (index_topk {r['index_topk']}) vs the same weights as V3, context "
+             f"{r['context']}, batch 1 (ratios: dense time / sparse time): prefill {r['prefill_s']['sparse']:.1f} vs "
+             f"{r['prefill_s']['dense']:.1f} s ({r['prefill_ratio']:.2f}x), decode step "
+             f"{r['decode_step_s']['sparse'] * 1e3:.1f} vs {r['decode_step_s']['dense'] * 1e3:.1f} ms "
+             f"({r['decode_ratio']:.2f}x), one layer's attention {r['attention_step_s']['sparse'] * 1e3:.2f} vs "
+             f"{r['attention_step_s']['dense'] * 1e3:.2f} ms ({r['attention_ratio']:.2f}x)"
+             for r in report.get("sparse_attention", [])]
+    lines += [f"- V3.2 prefill crossover (index_topk {r['index_topk']}, context {r['context']} = {r['multiple']} x "
+              f"index_topk, batch 1): {r['prefill_s']['sparse']:.2f} vs {r['prefill_s']['dense']:.2f} s "
+              f"({r['prefill_ratio']:.2f}x)"
+              + (f"; one layer's attention over the chunk {r['attention_prefill_s']['sparse']:.3f} vs "
+                 f"{r['attention_prefill_s']['dense']:.3f} s ({r['attention_ratio']:.2f}x)" if "attention_ratio" in r else "")
+              for r in cross.get("rows", [])]
+    if "gather_penalty" in cross:
+        lines.append(f"- gather penalty (the cost ratio behind auto's masked / gathered split, per pair and FLOP): "
+                     f"{cross['gather_penalty']}")
+    return lines
+
+
+def _sparse_goals(report: dict) -> dict:
+    """Goal "sparse faster than dense" (ratio > 1) per V3.2 measurement: met / NOT met."""
+    def verdict(ratio: float) -> str:
+        return f"{ratio:.2f}× ({'met' if ratio > 1 else 'NOT met'})"
+    goals = {}
+    for r in report.get("sparse_attention", []):
+        where = f"context {r['context']} = {r['context'] / r['index_topk']:.3g} x index_topk {r['index_topk']}"
+        goals[f"V3.2 decode step faster than dense, {where}"] = verdict(r["decode_ratio"])
+        goals[f"V3.2 prefill faster than dense, {where}"] = verdict(r["prefill_ratio"])
+    for r in (report.get("sparse_prefill_crossover") or {}).get("rows", []):
+        where = f"context {r['context']} = {r['multiple']} x index_topk {r['index_topk']}"
+        goals[f"V3.2 prefill faster than dense, {where}"] = verdict(r["prefill_ratio"])
+        if "attention_ratio" in r:
+            goals[f"V3.2 prefill attention faster than dense, {where}"] = verdict(r["attention_ratio"])
+    return goals
+
+
+def _sparse_table(report: dict) -> str:
+    """The markdown report of a --sparse-only run."""
+    lines = [f"# bench_model --sparse-only ({report['config']} config with a lightning indexer, {report['dtype']}, "
+             f"{report['threads']} thread{'s' if report['threads'] != 1 else ''}, attn={report['attn']})", "",
+             "## Goals", ""]
+    lines += [f"- {k}: {v}" for k, v in report["goals"].items()]
+    lines += ["", "## Measurements", "", *_sparse_lines(report), f"- CPU: {report.get('cpu')}"]
+    return "\n".join(lines) + "\n"
+
+
+def _sparse_plot(report: dict, path: Path) -> bool:
+    """Plot the V3.2 prefill ratios (dense time / sparse time) against context / index_topk; False
+    when matplotlib is missing."""
+    plt = plotting.pyplot(str(path))
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    cross = (report.get("sparse_prefill_crossover") or {}).get("rows", [])
+    if cross:
+        mult = [r["multiple"] for r in cross]
+        ax.plot(mult, [r["prefill_ratio"] for r in cross], "o-",
+                label=f"whole-model prefill, index_topk {cross[0]['index_topk']}")
+        if all("attention_ratio" in r for r in cross):
+            ax.plot(mult, [r["attention_ratio"] for r in cross], "s--", label="one layer's attention, prefill")
+    for r in report.get("sparse_attention", []):
+        m = r["context"] / r["index_topk"]
+        ax.plot([m], [r["prefill_ratio"]], "^", label=f"whole-model prefill, index_topk {r['index_topk']}")
+        ax.plot([m], [r["decode_ratio"]], "v", label=f"decode step, index_topk {r['index_topk']}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context / index_topk")
+    ax.set_ylabel("dense time / sparse time")
+    threads = f"{report['threads']} thread{'s' if report['threads'] != 1 else ''}"
+    ax.set_title(f"DeepSeek-V3.2 sparse vs dense ({report['dtype']}, {threads}, CPU)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _plot(report: dict, path: Path) -> bool:
@@ -724,6 +821,36 @@ def _goals(rows: list[dict]) -> dict:
     return goals
 
 
+def _write(report: dict, out_dir: Path, json_path: str | None, table: str, plot) -> None:
+    """Write results.json, results.md and results.png (when matplotlib is there) into out_dir, and the
+    JSON also to json_path when given."""
+    text = json.dumps(report, indent=2)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(text)
+    if json_path:
+        Path(json_path).write_text(text)
+    (out_dir / "results.md").write_text(table)
+    png = plot(report, out_dir / "results.png")
+    print(f"wrote {out_dir}/results.json, results.md{', results.png' if png else ''}")
+
+
+def _sparse_only(args: argparse.Namespace, dtype: torch.dtype, gen: torch.Generator, trials: int,
+                 out_dir: Path) -> int:
+    """--sparse-only: the V3.2 sparse-vs-dense comparison and its goals, written as the full run's are."""
+    report: dict = {"config": args.config, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                    "quick": args.quick, "attn": args.attn, "cpu_pack": not args.no_cpu_pack,
+                    "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                                 "platform": platform.platform()},
+                    "cpu": cpu_features()}
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp, torch.inference_mode():
+        report["sparse_attention"], report["sparse_prefill_crossover"] = _sparse_vs_dense(tmp, args, dtype, gen, trials)
+    report["goals"] = _sparse_goals(report)
+    for k, v in report["goals"].items():
+        print(f"goal: {k}: {v}")
+    _write(report, out_dir, args.json, _sparse_table(report), _sparse_plot)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 0 (goals are reported, not enforced)."""
     args = _parse(argv)
@@ -737,6 +864,8 @@ def main(argv: list[str] | None = None) -> int:
     trials = QUICK_TRIALS if args.quick else TRIALS
     gen = torch.Generator().manual_seed(args.seed)
     out_dir = Path(args.out)  # made when the results are written: a failed run leaves no empty one
+    if args.sparse_only:
+        return _sparse_only(args, dtype, gen, trials, out_dir)
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         t0 = time.perf_counter()
         path = make_tiny_checkpoint(tmp, args.config, fp8=False, seed=args.seed)
@@ -819,6 +948,7 @@ def main(argv: list[str] | None = None) -> int:
                     _bf16_goal(bf)
             report["sparse_attention"], report["sparse_prefill_crossover"] = \
                 ([], {}) if args.no_sparse else _sparse_vs_dense(tmp, args, dtype, gen, trials)
+            report["goals"].update(_sparse_goals(report))
         report["compile"] = {"skipped": True} if args.no_compile else _compile_check(ours_model, list(range(1, 65)))
     for k, v in report["goals"].items():
         print(f"goal: {k}: {v}")
@@ -826,14 +956,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({model_c['ratio']:.1f}x); V3 {v3_c['latent']} vs {v3_c['per_head_kv']} ({v3_c['ratio']:.1f}x)")
     print(f"fp8 latent cache: {report['fp8_cache']}")
     print(f"torch.compile decode: {report['compile']}")
-    text = json.dumps(report, indent=2)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    (out_dir / "results.md").write_text(_table(report))
-    png = _plot(report, out_dir / "results.png")
-    print(f"wrote {out_dir}/results.json, results.md{', results.png' if png else ''}")
+    _write(report, out_dir, args.json, _table(report), _plot)
     return 0
 
 

@@ -16,6 +16,7 @@ from deepseek_model.cli import main
     (["kernels", "--trials", "0"], "--trials: expected a positive integer"),
     (["model", "--contexts", "0"], "--contexts: expected positive integers"),
     (["model", "--crossover-topk", "0"], "--crossover-topk: expected a positive integer"),
+    (["model", "--sparse-only", "--no-sparse"], "--sparse-only and --no-sparse exclude each other"),
     (["mini", "--prompts", "0"], "--threads, --train-threads and --prompts must be >= 1"),
 ])
 def test_bad_benchmark_arguments(capsys, args, needle):
