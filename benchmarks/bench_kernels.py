@@ -1,7 +1,7 @@
 """Kernel benchmark: block-fp8 GEMM, act_quant, fused MoE and MLA decode → JSON + markdown + PNG.
 
 On CUDA: the Triton kernels timed with triton.testing.do_bench (L2 flushed between repetitions,
-warm-up first) at the DeepSeek-V3 shapes and M values of FACTS §4, in TFLOP/s, GB/s and % of the
+warm-up first) at DeepSeek-V3's GEMM shapes and decode/prefill M values, in TFLOP/s, GB/s and % of the
 H100 roofline floor, next to torch bf16 F.linear (and torch._scaled_mm with per-row scales where
 it runs) measured in the same run.
 On CPU (no GPU present): the same table for the pure-torch twins at restricted shapes, with the
@@ -53,7 +53,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="run the Triton kernels in the CPU interpreter on small shapes vs their twins")
     p.add_argument("--n-div", type=int, default=16, help="CPU: divide every N by this (default 16)")
     p.add_argument("--k-div", type=int, default=1, help="CPU: divide every K by this (default 1)")
-    p.add_argument("--m", type=int, nargs="*", default=None, help="M values (default: FACTS §4 on GPU)")
+    p.add_argument("--m", type=int, nargs="*", default=None, help="M values (default on a GPU: DeepSeek-V3's decode and prefill row counts)")
     p.add_argument("--trials", type=int, default=None,
                    help=f"CPU timing trials (default {TRIALS}, quick {QUICK_TRIALS})")
     p.add_argument("--threads", type=int, default=None,

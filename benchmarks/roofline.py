@@ -52,7 +52,7 @@ def gemm_flops(m: int, n: int, k: int) -> float:
 
 
 def fp8_gemm_bytes(m: int, n: int, k: int) -> float:
-    """Compulsory HBM traffic of the block-fp8 GEMM with bf16 output (FACTS §4 formula)."""
+    """Compulsory HBM traffic of the block-fp8 GEMM with bf16 output (A, W and their fp32 scales read once, C written once)."""
     kb = _cdiv(k, BLOCK)
     return (m * k * FP8_BYTES + FP32_BYTES * m * kb + n * k * FP8_BYTES
             + FP32_BYTES * _cdiv(n, BLOCK) * kb + BF16_BYTES * m * n)

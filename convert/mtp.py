@@ -1,6 +1,6 @@
 """The multi-token-prediction (MTP) layer of a checkpoint: find it, strip it, dedupe its copies.
 
-The MTP module is stored as decoder layer `num_hidden_layers` (FACTS §1). Its `embed_tokens` and
+The MTP module is stored as decoder layer `num_hidden_layers`, after the main stack. Its `embed_tokens` and
 `shared_head.head` are byte-identical copies of the main `model.embed_tokens` / `lm_head`; a loader
 that finds them missing must use the main tensors instead.
 """

@@ -1,6 +1,6 @@
 """Triton block-scaled FP8 GEMM: C = A·Wᵀ with fp32 accumulation, scales applied per 128-wide K block.
 
-Numerics (FACTS §3): for each K block kb, acc += (A_blk·W_blkᵀ) · a_s[m, kb] · w_s[n // 128, kb],
+Numerics (DeepSeek-V3's block-FP8 inference): for each K block kb, acc += (A_blk·W_blkᵀ) · a_s[m, kb] · w_s[n // 128, kb],
 multiplied and added in exactly that order as separate fp32 operations (the launch passes
 `enable_fp_fusion=False`, so a GPU does not contract them into an FMA); bf16 output is rounded
 with integer RNE. Without split-K the result therefore equals the torch twin bit for bit whenever

@@ -1,6 +1,6 @@
 """Triton fused MoE over fp8 routed experts: one grouped GEMM per projection over expert-sorted tokens.
 
-Pipeline (W8A8 like every other fp8 projection, FACTS §3):
+Pipeline (W8A8 like every other fp8 projection: 1x128 activation tiles, 128x128 weight blocks):
   1. moe_align_block_size (torch): sort the (token, slot) pairs by expert, pad each expert's run
      to a multiple of BLOCK_M; one expert id per BLOCK_M block (experts with no tokens get none);
   2. act_quant(x) once per token (Triton);

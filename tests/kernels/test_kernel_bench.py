@@ -34,5 +34,5 @@ def test_roofline_formula_and_memory_bound_claim():
     assert roofline.fp8_gemm_bytes(m, n, k) == m * k + 4 * m * 56 + n * k + 4 * 17 * 56 + 2 * m * n
     for _, n, k in roofline.V3_GEMM_SHAPES:
         for m in (1, 16, 64, 128):
-            assert roofline.is_memory_bound(m, n, k)  # FACTS §4: every V3 GEMM at M <= 128
+            assert roofline.is_memory_bound(m, n, k)  # every DeepSeek-V3 GEMM at M <= 128
     assert not roofline.is_memory_bound(4096, 7168, 18432)

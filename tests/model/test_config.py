@@ -1,4 +1,4 @@
-"""ModelConfig parsing and validation against the published values (FACTS §1, §2)."""
+"""ModelConfig parsing and validation against the published configs' values."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Interleaved YaRN RoPE against an fp64 re-derivation of FACTS §2."""
+"""Interleaved YaRN RoPE against an fp64 re-derivation of the YaRN formulas."""
 
 import math
 
