@@ -31,7 +31,8 @@ Reported as ratios against the peer measured in the same run:
   attention over the prefill chunk, of the same weights with a smaller index_topk
   (--crossover-topk) at 4x, 16x and 32x it, where a sparse prefill starts to pay off on this CPU;
   each ratio is reported as a goal met / NOT met. `--sparse-only` runs this comparison alone.
-Writes results.json, results.md and results.png (matplotlib Agg) into --out.
+Writes results.json, results.md and results.png (matplotlib Agg) into --out. The memory a run needs
+is estimated from its arguments before anything is built, and a run that would not fit is refused.
 
 Usage: python -m deepseek_model.benchmarks.bench_model [--quick] [--out DIR] [--threads N]
 """
@@ -49,9 +50,9 @@ from pathlib import Path
 
 import torch
 
-from deepseek_model import plotting
+from deepseek_model import memory, plotting
 from deepseek_model.commands.parser import Parser
-from deepseek_model.config import ModelConfig
+from deepseek_model.config import ConfigError, ModelConfig
 from deepseek_model.generate import generate
 from deepseek_model.kernels import cpu_pack
 from deepseek_model.kernels.cpu_pack import PackedWeight
@@ -141,11 +142,63 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         if ctx + 1 > longest:  # the prefill, then decode steps at position ctx
             p.error(f"--contexts: {ctx} leaves no position for a decode step within the {args.config} config's "
                     f"max_position_embeddings {longest}")
+    try:
+        need = _run_bytes(args)
+    except ConfigError as e:  # a V3.2 context past the config's sanity bounds
+        p.error(f"--sparse-contexts/--crossover-topk: {e}")
+    try:
+        memory.require(need, f"bench model (the {args.config} config at the largest context and batch)")
+    except memory.InsufficientMemory as e:
+        p.error(f"--contexts/--batches/--sparse-contexts: {e}")
     if os.path.isfile(args.out):
         p.error(f"--out {args.out}: is a file")
     if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its directory does not exist")
     return args
+
+
+def _sparse_contexts(args: argparse.Namespace) -> tuple[int, ...]:
+    """The contexts of the V3.2 comparison at index_topk SPARSE_TOPK."""
+    return tuple(args.sparse_contexts or (QUICK_SPARSE_CONTEXTS if args.quick else SPARSE_CONTEXTS))
+
+
+def _v32_config_dict(args: argparse.Namespace) -> dict:
+    """The V3.2 comparison's config: --config with a lightning indexer (SPARSE_INDEX, index_topk
+    SPARSE_TOPK), its positions reaching the longest V3.2 context (crossover included)."""
+    from deepseek_model.config import builtin_config_dict  # noqa: PLC0415
+
+    base = builtin_config_dict(args.config)
+    longest = max(*_sparse_contexts(args), max(CROSSOVER_MULTIPLES) * args.crossover_topk)
+    return dict(base, model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"], index_topk=SPARSE_TOPK,
+                max_position_embeddings=max(base["max_position_embeddings"], longest + 1), **SPARSE_INDEX)
+
+
+def _run_bytes(args: argparse.Namespace) -> int:
+    """Memory a run needs at once, estimated before anything is built: the largest of the V3 grid (our
+    weights and their packed copies, transformers' weights and its per-head K/V cache, and our
+    generation working memory at the longest context and largest batch) and of the V3.2 comparison
+    (two models' weights, the working memory of a batch-1 prefill at its longest context, and the
+    (T, index_topk) selection)."""
+    cfg = ModelConfig.builtin(args.config)
+    esize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    weights = memory.model_bytes(cfg, esize, mtp=False)
+    copies = 1 + (not args.no_cpu_pack)  # the weights and their oneDNN-blocked copies
+    grid = 0
+    if not args.sparse_only:
+        longest = max(args.contexts or (QUICK_CONTEXTS if args.quick else CONTEXTS))
+        widest = max(args.batches or (QUICK_BATCHES if args.quick else BATCHES))
+        total = longest + DECODE_STEPS
+        hf_cache = 0 if args.no_hf else (widest * total * cfg.num_hidden_layers * cfg.num_attention_heads
+                                         * (cfg.qk_head_dim + cfg.v_head_dim) * esize)
+        grid = (weights * (copies + (not args.no_hf)) + hf_cache
+                + memory.generation_bytes(cfg, widest, longest, total, esize))
+    sparse = 0
+    if not args.no_sparse:
+        v32 = ModelConfig.from_dict(_v32_config_dict(args))
+        ctx = v32.max_position_embeddings
+        sparse = (3 * memory.model_bytes(v32, esize, mtp=False) * copies  # V3.2, its V3 twin, the crossover copy
+                  + memory.generation_bytes(v32, 1, ctx, ctx + 1, esize) + ctx * SPARSE_TOPK * 8)
+    return max(grid, sparse)
 
 
 def _best_seconds(fn, trials: int = CROSSOVER_TRIALS + 1) -> float:
@@ -551,13 +604,8 @@ def _sparse_vs_dense(tmp: str, args: argparse.Namespace, dtype: torch.dtype, gen
     then alternating trials of decode steps from that cache, of the whole model and of one layer's
     attention alone; medians of the trials, ratios dense time / sparse time. Returns those rows and
     the prefill crossover's (`_prefill_crossover`)."""
-    from deepseek_model.config import builtin_config_dict  # noqa: PLC0415
-
-    contexts = args.sparse_contexts or (QUICK_SPARSE_CONTEXTS if args.quick else SPARSE_CONTEXTS)
-    base = builtin_config_dict(args.config)
-    v32 = dict(base, model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"], index_topk=SPARSE_TOPK,
-               max_position_embeddings=max(base["max_position_embeddings"], max(contexts) + 1,
-                                           max(CROSSOVER_MULTIPLES) * args.crossover_topk + 1), **SPARSE_INDEX)
+    contexts = _sparse_contexts(args)
+    v32 = _v32_config_dict(args)
     sparse_path = make_tiny_checkpoint(os.path.join(tmp, "v32"), v32, fp8=False, seed=args.seed, mtp=False)
     dense_path = write_dense_twin(sparse_path, os.path.join(tmp, "v3"))
     pack = not args.no_cpu_pack

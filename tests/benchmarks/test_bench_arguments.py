@@ -17,6 +17,10 @@ from deepseek_model.cli import main
     (["model", "--contexts", "0"], "--contexts: expected positive integers"),
     (["model", "--crossover-topk", "0"], "--crossover-topk: expected a positive integer"),
     (["model", "--sparse-only", "--no-sparse"], "--sparse-only and --no-sparse exclude each other"),
+    (["model", "--batches", "100000"], "--contexts/--batches/--sparse-contexts: bench model (the small config at the "
+                                       "largest context and batch) needs about"),
+    (["model", "--sparse-only", "--sparse-contexts", "10000000"], "--contexts/--batches/--sparse-contexts: "),
+    (["model", "--sparse-contexts", "100000000"], "--sparse-contexts/--crossover-topk: config: 'max_position_embeddings'"),
     (["mini", "--prompts", "0"], "--threads, --train-threads and --prompts must be >= 1"),
 ])
 def test_bad_benchmark_arguments(capsys, args, needle):
