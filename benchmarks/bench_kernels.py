@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from deepseek_model import plotting
+from deepseek_model import memory, plotting
 from deepseek_model.benchmarks import roofline
 from deepseek_model.commands.parser import Parser
 from deepseek_model.kernels import reference
@@ -53,7 +53,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="run the Triton kernels in the CPU interpreter on small shapes vs their twins")
     p.add_argument("--n-div", type=int, default=16, help="CPU: divide every N by this (default 16)")
     p.add_argument("--k-div", type=int, default=1, help="CPU: divide every K by this (default 1)")
-    p.add_argument("--m", type=int, nargs="*", default=None, help="M values (default on a GPU: DeepSeek-V3's decode and prefill row counts)")
+    p.add_argument("--m", type=int, nargs="*", default=None,
+                   help="M values (default on a GPU: DeepSeek-V3's decode and prefill row counts)")
     p.add_argument("--trials", type=int, default=None,
                    help=f"CPU timing trials (default {TRIALS}, quick {QUICK_TRIALS})")
     p.add_argument("--threads", type=int, default=None,
@@ -70,7 +71,32 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--trials: expected a positive integer")
     if args.threads is not None and args.threads < 1:
         p.error("--threads: expected a positive integer")
+    try:
+        memory.require(gemm_bytes(args, torch.cuda.is_available() and not args.interpret),
+                       "bench kernels (the largest GEMM's operands, their copies and outputs)")
+    except memory.InsufficientMemory as e:
+        p.error(f"--m/--n-div/--k-div: {e}")
     return args
+
+
+GEMM_COPY_BYTES = 16  # bytes per operand/output element across a GEMM row's copies: fp32 source,
+# bf16 and fp8 copies, the twin's fp32 dequantized operands and fp32/bf16 outputs
+
+
+def _gemm_shapes(args: argparse.Namespace, on_gpu: bool) -> list[tuple[str, int, int, int]]:
+    """The (shape name, M, N, K) of every fp8 GEMM row the run times: DeepSeek-V3's shapes, N and K
+    divided by --n-div/--k-div on a CPU."""
+    shapes = roofline.V3_GEMM_SHAPES[:3] if args.quick else roofline.V3_GEMM_SHAPES
+    ms = args.m or (roofline.V3_M_VALUES if on_gpu else (QUICK_M_VALUES if args.quick else CPU_M_VALUES))
+    n_div, k_div = (64, 16) if args.quick and not on_gpu else (args.n_div, args.k_div)
+    return [(name, m, n_full if on_gpu else max(reference.BLOCK, n_full // n_div),
+             k_full if on_gpu else max(reference.BLOCK, k_full // k_div))
+            for name, n_full, k_full in shapes for m in ms]
+
+
+def gemm_bytes(args: argparse.Namespace, on_gpu: bool) -> int:
+    """Host memory of the largest GEMM row (its operands are made on the host first)."""
+    return max(GEMM_COPY_BYTES * (m * k + n * k + m * n) for _, m, n, k in _gemm_shapes(args, on_gpu))
 
 
 def versions() -> dict:
@@ -117,34 +143,28 @@ def _fp8_operands(m: int, n: int, k: int, device: torch.device, gen: torch.Gener
 
 def _gemm_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> list[dict]:
     gen = torch.Generator().manual_seed(args.seed)
-    shapes = roofline.V3_GEMM_SHAPES[:3] if args.quick else roofline.V3_GEMM_SHAPES
-    ms = args.m or (roofline.V3_M_VALUES if on_gpu else (QUICK_M_VALUES if args.quick else CPU_M_VALUES))
-    n_div, k_div = (64, 16) if args.quick and not on_gpu else (args.n_div, args.k_div)
     rows = []
-    for name, n_full, k_full in shapes:
-        n = n_full if on_gpu else max(reference.BLOCK, n_full // n_div)
-        k = k_full if on_gpu else max(reference.BLOCK, k_full // k_div)
-        for m in ms:
-            xb, wb, a, a_s, q, w_s = _fp8_operands(m, n, k, device, gen)
-            flops, nbytes = roofline.gemm_flops(m, n, k), roofline.fp8_gemm_bytes(m, n, k)
-            row = {"op": "fp8_gemm", "shape": name, "M": m, "N": n, "K": k}
-            bf16_fn = lambda: F.linear(xb, wb)  # noqa: E731
-            t_bf16 = time_gpu(bf16_fn) if on_gpu else time_cpu(bf16_fn, args.trials)
-            row["bf16_linear_s"] = t_bf16
-            if on_gpu:
-                from deepseek_model.kernels import triton_ops  # noqa: PLC0415
+    for name, m, n, k in _gemm_shapes(args, on_gpu):
+        xb, wb, a, a_s, q, w_s = _fp8_operands(m, n, k, device, gen)
+        flops, nbytes = roofline.gemm_flops(m, n, k), roofline.fp8_gemm_bytes(m, n, k)
+        row = {"op": "fp8_gemm", "shape": name, "M": m, "N": n, "K": k}
+        bf16_fn = lambda: F.linear(xb, wb)  # noqa: E731
+        t_bf16 = time_gpu(bf16_fn) if on_gpu else time_cpu(bf16_fn, args.trials)
+        row["bf16_linear_s"] = t_bf16
+        if on_gpu:
+            from deepseek_model.kernels import triton_ops  # noqa: PLC0415
 
-                t = time_gpu(lambda: triton_ops.fp8_gemm(a, a_s, q, w_s, torch.bfloat16))
-                floor = roofline.fp8_gemm_floor(m, n, k)
-                row.update(triton_s=t, tflops=flops / t / 1e12, gbps=nbytes / t / 1e9,
-                           pct_of_floor=100.0 * floor / t,
-                           bf16_pct_of_floor=100.0 * roofline.bf16_gemm_floor(m, n, k) / t_bf16,
-                           speedup_vs_bf16=t_bf16 / t, scaled_mm_s=_scaled_mm_time(a, q, m, n))
-            else:
-                t = time_cpu(lambda: reference.fp8_gemm(a, a_s, q, w_s, torch.bfloat16), args.trials)
-                row.update(twin_s=t, gflops=flops / t / 1e9, gbps=nbytes / t / 1e9,
-                           ratio_vs_bf16=t / t_bf16)
-            rows.append(row)
+            t = time_gpu(lambda: triton_ops.fp8_gemm(a, a_s, q, w_s, torch.bfloat16))
+            floor = roofline.fp8_gemm_floor(m, n, k)
+            row.update(triton_s=t, tflops=flops / t / 1e12, gbps=nbytes / t / 1e9,
+                       pct_of_floor=100.0 * floor / t,
+                       bf16_pct_of_floor=100.0 * roofline.bf16_gemm_floor(m, n, k) / t_bf16,
+                       speedup_vs_bf16=t_bf16 / t, scaled_mm_s=_scaled_mm_time(a, q, m, n))
+        else:
+            t = time_cpu(lambda: reference.fp8_gemm(a, a_s, q, w_s, torch.bfloat16), args.trials)
+            row.update(twin_s=t, gflops=flops / t / 1e9, gbps=nbytes / t / 1e9,
+                       ratio_vs_bf16=t / t_bf16)
+        rows.append(row)
     return rows
 
 

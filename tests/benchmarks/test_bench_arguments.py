@@ -14,6 +14,8 @@ from deepseek_model.cli import main
     (["rl", "--threads", "0"], "--threads: expected a positive integer, got 0"),
     (["gpu", "--tune-seconds", "nan"], "--max-seconds/--tune-seconds: expected a non-negative number"),
     (["kernels", "--trials", "0"], "--trials: expected a positive integer"),
+    (["kernels", "--m", "100000000"], "--m/--n-div/--k-div: bench kernels (the largest GEMM's operands, their copies "
+                                      "and outputs) needs about"),
     (["model", "--contexts", "0"], "--contexts: expected positive integers"),
     (["model", "--crossover-topk", "0"], "--crossover-topk: expected a positive integer"),
     (["model", "--sparse-only", "--no-sparse"], "--sparse-only and --no-sparse exclude each other"),
