@@ -433,12 +433,13 @@ def index_logits(q: torch.Tensor, q_scale: torch.Tensor | None, k: torch.Tensor,
         logits [B, T, S] fp32.
     """
     check_index_inputs(q, q_scale, k, k_scale, weights)
-    b, t, h, _ = q.shape
+    b, t, h, d = q.shape
     s = k.shape[1]
     head_w = weights if q_scale is None else weights * q_scale  # (B, T, H)
     kf = k.float()  # (B, S, D): exact for fp8
     rows = max(1, min(t, INDEX_TWIN_ELEMS // max(1, h * s)))  # query tokens per chunk
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, weights)):  # out= has no backward
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                       for x in (q, q_scale, k, k_scale, weights)):  # out= has no backward
         out = torch.cat([torch.einsum("bths,bth->bts",
                                       torch.einsum("bthd,bsd->bths", q[:, t0:t0 + rows].float(), kf).relu(),
                                       head_w[:, t0:t0 + rows])
@@ -450,7 +451,7 @@ def index_logits(q: torch.Tensor, q_scale: torch.Tensor | None, k: torch.Tensor,
         for t0 in range(0, t, rows):
             r = min(rows, t - t0)
             scores = buf[: r * h * s].view(r * h, s)  # (t'·H, S)
-            torch.mm(q[i, t0:t0 + r].reshape(r * h, -1).float(), kf[i].T, out=scores).relu_()  # (t'·H, S)
+            torch.mm(q[i, t0:t0 + r].reshape(r * h, d).float(), kf[i].T, out=scores).relu_()  # (t'·H, S)
             torch.bmm(head_w[i, t0:t0 + r, None, :], scores.view(r, h, s),
                       out=out[i, t0:t0 + r, None, :])  # (t', 1, H) @ (t', H, S) → (t', 1, S)
     if k_scale is not None:

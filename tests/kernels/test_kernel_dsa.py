@@ -112,9 +112,20 @@ def test_index_twin_autograd_and_empty_shapes():
         kd = k.double() * (1.0 if ks is None else ks.double()[..., None])  # (B, S, D)
         expect = torch.einsum("bthd,bsd->bths", qd, kd).relu().sum(-1)  # (B, T, H)
         torch.testing.assert_close(w.grad.double(), expect, rtol=1e-5, atol=1e-5 * float(expect.abs().max()))
+    q, qs, k, ks, w = _index_inputs(2, 3, 2, 16, 5, seed=12, dtype=FP8)
+    plain = reference.index_logits(q, qs, k, ks, w)
+    for name in ("q_scale", "k_scale"):  # a gradient of a scale alone also takes the differentiable path
+        scales = {"q_scale": qs.clone(), "k_scale": ks.clone()}
+        scales[name].requires_grad_(True)
+        traced = reference.index_logits(q, scales["q_scale"], k, scales["k_scale"], w)
+        traced.sum().backward()
+        torch.testing.assert_close(traced.detach(), plain, rtol=1e-6, atol=1e-6)
+        assert torch.isfinite(scales[name].grad).all() and scales[name].grad.abs().sum() > 0
     q, qs, k, ks, w = _index_inputs(1, 3, 2, 16, 5, seed=12)
     assert reference.index_logits(q[:, :0], qs, k, ks, w[:, :0]).shape == (1, 0, 5)
     assert reference.index_logits(q, qs, k[:, :0], ks, w).shape == (1, 3, 0)
+    no_heads = reference.index_logits(q[:, :, :0], qs, k, ks, w[:, :, :0])  # zero index heads: zero logits
+    assert no_heads.shape == (1, 3, 5) and not no_heads.any()
 
 
 def test_index_ops_dispatch():

@@ -48,6 +48,23 @@ def test_naive_chunks_through_gemms_or_the_fused_kernel_equal_absorbed(models, m
         torch.testing.assert_close(naive(ids[:, 9:], 9, caches[0]), absorb(ids[:, 9:], 9, caches[1]), rtol=0, atol=1e-5)
 
 
+def test_values_wider_than_keys_through_the_fused_kernel(tmp_path, monkeypatch):
+    """v_head_dim > qk_nope + qk_rope (a config the loader accepts): the fused kernel, which needs
+    equal head dims, gets q and k zero-padded to the value width; naive equals absorbed."""
+    from deepseek_model.config import builtin_config_dict
+    from deepseek_model.testing import make_tiny_checkpoint
+
+    cfg = builtin_config_dict("tiny")
+    wide = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + 32
+    path = make_tiny_checkpoint(str(tmp_path / "wide"), dict(cfg, v_head_dim=wide), seed=1)
+    ids = torch.randint(2, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(attention, "GEMM_ATTENTION_MAX_KEYS", 4)  # stands in for a chunk over > 2048 keys
+    with torch.no_grad():
+        ref = dsm.from_pretrained(str(path), dtype=torch.float32, attn="absorb")(ids)
+        out = dsm.from_pretrained(str(path), dtype=torch.float32, attn="naive")(ids)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("mode", ["absorb", "naive"])
 def test_cached_decoding_equals_recompute(models, mode):
     """Prefill 6 tokens, then a 3-token chunk at start_pos=6, then single tokens: every step's
