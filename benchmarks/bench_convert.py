@@ -30,6 +30,7 @@ from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.reader import INDEX_FILE, CheckpointReader
 from deepseek_model.convert.io import write_json
 from deepseek_model.checkpoint.stream import ShardWriter, TensorSpec, row_bands
+from deepseek_model.benchmarks import results_io
 from deepseek_model.commands.parser import Parser
 from deepseek_model.constants import FP8_DTYPE, SCALE_DTYPE, block_grid
 
@@ -216,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.path is None and not (math.isfinite(args.size_gb) and args.size_gb > 0):
         p.error(f"--size-gb: expected a positive size, got {args.size_gb}")
+    for flag, path in (("--json", args.json), ("--md", args.md)):
+        if path is not None:
+            try:
+                results_io.check_results_file(path, flag)
+            except ValueError as e:
+                p.error(str(e))
     tmpdir = args.tmpdir or tempfile.gettempdir()
     if not os.path.isdir(tmpdir):
         p.error(f"--tmpdir {tmpdir}: not a directory")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from deepseek_model import memory, plotting
-from deepseek_model.benchmarks import roofline
+from deepseek_model.benchmarks import results_io, roofline
 from deepseek_model.commands.parser import Parser
 from deepseek_model.kernels import reference
 
@@ -76,6 +76,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                        "bench kernels (the largest GEMM's operands, their copies and outputs)")
     except memory.InsufficientMemory as e:
         p.error(f"--m/--n-div/--k-div: {e}")
+    try:
+        results_io.check_results_dir(args.out, "--out")
+        if args.json is not None:
+            results_io.check_results_file(args.json, "--json")
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -294,14 +300,16 @@ def _mla_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> l
     return rows
 
 
-def _write_outputs(report: dict, out_dir: Path, json_file: str | None) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _write_outputs(report: dict, out_dir: Path, json_file: str | None) -> list[Path]:
+    """results.json, results.md and results.png in out_dir (and the JSON at json_file), all or none."""
     text = json.dumps(report, indent=2)
-    (out_dir / "results.json").write_text(text, encoding="utf-8")
+    md = _markdown(report)
+    files = [(out_dir / "results.json", lambda path: path.write_text(text, encoding="utf-8")),
+             (out_dir / "results.md", lambda path: path.write_text(md, encoding="utf-8")),
+             (out_dir / "results.png", lambda path: _plot(report, path))]
     if json_file:
-        Path(json_file).write_text(text, encoding="utf-8")
-    (out_dir / "results.md").write_text(_markdown(report), encoding="utf-8")
-    _plot(report, out_dir / "results.png")
+        files.append((Path(json_file).absolute(), lambda path: path.write_text(text, encoding="utf-8")))
+    return results_io.write_results(files)
 
 
 def _fmt(v: object) -> str:
@@ -458,9 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         report["interpret_checks"] = checks
         ok = all(c["ok"] for c in checks)
     out_dir = Path(args.out)
-    _write_outputs(report, out_dir, args.json)
+    wrote = _write_outputs(report, out_dir, args.json)
     print(_markdown(report))
-    print(f"wrote {out_dir / 'results.json'}, results.md, results.png")
+    print("wrote " + ", ".join(str(path) for path in wrote))
     return 0 if ok else 1
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from deepseek_model import plotting
+from deepseek_model.benchmarks import results_io
 from deepseek_model.commands.parser import Parser
 from deepseek_model.evaluation import bits_per_byte, token_byte_lengths, windows
 from deepseek_model.generate import generate
@@ -406,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads < 1 or args.train_threads < 1 or args.prompts < 1:
         raise ValueError("--threads, --train-threads and --prompts must be >= 1")
+    results_io.check_results_dir(args.out, "--out")
     ckpt = resolve_checkpoint(args.checkpoint)
     if not os.path.isdir(ckpt):
         raise ValueError(f"{args.checkpoint}: --checkpoint is not a checkpoint directory or a shipped model name")

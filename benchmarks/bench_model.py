@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from deepseek_model import memory, plotting
+from deepseek_model.benchmarks import results_io
 from deepseek_model.commands.parser import Parser
 from deepseek_model.config import ConfigError, ModelConfig
 from deepseek_model.generate import generate
@@ -101,7 +102,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="deepseek-model bench model", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory for results.{json,md,png}")
     p.add_argument("--json", default=None, help="also write the JSON report to this file")
-    p.add_argument("--quick", action="store_true", help="contexts 128/1024, fewer steps and trials")
+    p.add_argument("--quick", action="store_true", help="contexts 128/1024 (V3.2: 8192), fewer decode steps")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both models (default: torch's)")
     p.add_argument("--config", choices=BENCH_CONFIGS, default=BENCH_CONFIGS[0],
                    help="the benchmarked architecture (random weights; tiny: a quick check of the mechanics)")
@@ -135,25 +136,31 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         vals = getattr(args, name)
         if vals is not None and (not vals or min(vals) < 1):
             p.error(f"--{name.replace('_', '-')}: expected positive integers")
+    try:
+        results_io.check_results_dir(args.out, "--out")
+        if args.json is not None:
+            results_io.check_results_file(args.json, "--json")
+    except ValueError as e:
+        p.error(str(e))
     from deepseek_model.config import builtin_config_dict  # noqa: PLC0415
 
     longest = builtin_config_dict(args.config)["max_position_embeddings"]
+    steps = QUICK_DECODE_STEPS if args.quick else DECODE_STEPS
     for ctx in args.contexts or ():
-        if ctx + 1 > longest:  # the prefill, then decode steps at position ctx
-            p.error(f"--contexts: {ctx} leaves no position for a decode step within the {args.config} config's "
+        if ctx + steps + 1 > longest:  # the prefill, then its token and `steps` decode steps
+            p.error(f"--contexts: {ctx} + {steps + 1} decoded positions exceed the {args.config} config's "
                     f"max_position_embeddings {longest}")
+    if args.sparse_contexts:
+        args.sparse_contexts = list(dict.fromkeys(args.sparse_contexts))  # each context once
     try:
-        need = _run_bytes(args)
+        grid, sparse = _run_bytes(args)
     except ConfigError as e:  # a V3.2 context past the config's sanity bounds
         p.error(f"--sparse-contexts/--crossover-topk: {e}")
+    flags = "--sparse-contexts/--crossover-topk" if sparse > grid else "--contexts/--batches"
     try:
-        memory.require(need, f"bench model (the {args.config} config at the largest context and batch)")
+        memory.require(max(grid, sparse), f"bench model (the {args.config} config at the largest context and batch)")
     except memory.InsufficientMemory as e:
-        p.error(f"--contexts/--batches/--sparse-contexts: {e}")
-    if os.path.isfile(args.out):
-        p.error(f"--out {args.out}: is a file")
-    if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        p.error(f"--json {args.json}: its directory does not exist")
+        p.error(f"{flags}: {e}")
     return args
 
 
@@ -173,12 +180,13 @@ def _v32_config_dict(args: argparse.Namespace) -> dict:
                 max_position_embeddings=max(base["max_position_embeddings"], longest + 1), **SPARSE_INDEX)
 
 
-def _run_bytes(args: argparse.Namespace) -> int:
-    """Memory a run needs at once, estimated before anything is built: the largest of the V3 grid (our
-    weights and their packed copies, transformers' weights and its per-head K/V cache, and our
-    generation working memory at the longest context and largest batch) and of the V3.2 comparison
-    (two models' weights, the working memory of a batch-1 prefill at its longest context, and the
-    (T, index_topk) selection)."""
+def _run_bytes(args: argparse.Namespace) -> tuple[int, int]:
+    """Memory a run needs at once, estimated before anything is built, for its two parts: the V3 grid
+    (our weights and their packed copies, transformers' weights and its per-head K/V cache, and our
+    generation working memory at the longest context and largest batch) and the V3.2 comparison (its
+    three models' weights, the working memory of a batch-1 prefill at its longest context, and the
+    (T, index_topk) selection, on top of the grid's models, which stay loaded). 0 for a part the run
+    skips."""
     cfg = ModelConfig.builtin(args.config)
     esize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     weights = memory.model_bytes(cfg, esize, mtp=False)
@@ -190,15 +198,17 @@ def _run_bytes(args: argparse.Namespace) -> int:
         total = longest + DECODE_STEPS
         hf_cache = 0 if args.no_hf else (widest * total * cfg.num_hidden_layers * cfg.num_attention_heads
                                          * (cfg.qk_head_dim + cfg.v_head_dim) * esize)
-        grid = (weights * (copies + (not args.no_hf)) + hf_cache
-                + memory.generation_bytes(cfg, widest, longest, total, esize))
+        resident = weights * (copies + (not args.no_hf))
+        grid = resident + hf_cache + memory.generation_bytes(cfg, widest, longest, total, esize)
+    else:
+        resident = 0
     sparse = 0
     if not args.no_sparse:
         v32 = ModelConfig.from_dict(_v32_config_dict(args))
         ctx = v32.max_position_embeddings
-        sparse = (3 * memory.model_bytes(v32, esize, mtp=False) * copies  # V3.2, its V3 twin, the crossover copy
+        sparse = (resident + 3 * memory.model_bytes(v32, esize, mtp=False) * copies  # V3.2, its V3 twin, a copy
                   + memory.generation_bytes(v32, 1, ctx, ctx + 1, esize) + ctx * SPARSE_TOPK * 8)
-    return max(grid, sparse)
+    return grid, sparse
 
 
 def _best_seconds(fn, trials: int = CROSSOVER_TRIALS + 1) -> float:
@@ -760,19 +770,27 @@ def _sparse_lines(report: dict) -> list[str]:
 
 
 def _sparse_goals(report: dict) -> dict:
-    """Goal "sparse faster than dense" (ratio > 1) per V3.2 measurement: met / NOT met."""
-    def verdict(ratio: float) -> str:
+    """Goal "sparse faster than dense" (ratio > 1) per V3.2 measurement: met / NOT met; "not
+    applicable" where the context holds at most index_topk tokens (every key is selected, the
+    layer runs the dense computation)."""
+    def verdict(ratio: float, ctx: int, topk: int) -> str:
+        if ctx <= topk:
+            return f"{ratio:.2f}× (not applicable: context ≤ index_topk, nothing is left out)"
         return f"{ratio:.2f}× ({'met' if ratio > 1 else 'NOT met'})"
     goals = {}
     for r in report.get("sparse_attention", []):
-        where = f"context {r['context']} = {r['context'] / r['index_topk']:.3g} x index_topk {r['index_topk']}"
-        goals[f"V3.2 decode step faster than dense, {where}"] = verdict(r["decode_ratio"])
-        goals[f"V3.2 prefill faster than dense, {where}"] = verdict(r["prefill_ratio"])
+        ctx, topk = r["context"], r["index_topk"]
+        where = f"context {ctx} = {ctx / topk:.3g} x index_topk {topk}"
+        goals[f"V3.2 decode step faster than dense, {where}"] = verdict(r["decode_ratio"], ctx, topk)
+        goals[f"V3.2 decode attention faster than dense, {where}"] = verdict(r["attention_ratio"], ctx, topk)
+        goals[f"V3.2 prefill faster than dense, {where}"] = verdict(r["prefill_ratio"], ctx, topk)
     for r in (report.get("sparse_prefill_crossover") or {}).get("rows", []):
-        where = f"context {r['context']} = {r['multiple']} x index_topk {r['index_topk']}"
-        goals[f"V3.2 prefill faster than dense, {where}"] = verdict(r["prefill_ratio"])
+        ctx, topk = r["context"], r["index_topk"]
+        where = f"context {ctx} = {r['multiple']} x index_topk {topk}"
+        goals[f"V3.2 crossover prefill faster than dense, {where}"] = verdict(r["prefill_ratio"], ctx, topk)
         if "attention_ratio" in r:
-            goals[f"V3.2 prefill attention faster than dense, {where}"] = verdict(r["attention_ratio"])
+            goals[f"V3.2 crossover prefill attention faster than dense, {where}"] = \
+                verdict(r["attention_ratio"], ctx, topk)
     return goals
 
 
@@ -873,13 +891,13 @@ def _write(report: dict, out_dir: Path, json_path: str | None, table: str, plot)
     """Write results.json, results.md and results.png (when matplotlib is there) into out_dir, and the
     JSON also to json_path when given."""
     text = json.dumps(report, indent=2)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(text)
+    files = [(out_dir / "results.json", lambda path: path.write_text(text)),
+             (out_dir / "results.md", lambda path: path.write_text(table)),
+             (out_dir / "results.png", lambda path: plot(report, path))]
     if json_path:
-        Path(json_path).write_text(text)
-    (out_dir / "results.md").write_text(table)
-    png = plot(report, out_dir / "results.png")
-    print(f"wrote {out_dir}/results.json, results.md{', results.png' if png else ''}")
+        files.append((Path(json_path).absolute(), lambda path: path.write_text(text)))
+    wrote = results_io.write_results(files)
+    print("wrote " + ", ".join(str(path) for path in wrote))
 
 
 def _sparse_only(args: argparse.Namespace, dtype: torch.dtype, gen: torch.Generator, trials: int,

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from deepseek_model import plotting
+from deepseek_model.benchmarks import results_io
 from deepseek_model.commands.parser import Parser
-from deepseek_model.recipes.arithmetic import Recipe, run_recipe
+from deepseek_model.recipes.arithmetic import LOG_FILE, STATE_FILE, Recipe, run_recipe
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 NAME = "rl-arithmetic"
@@ -94,6 +95,19 @@ def plot(path: str, runs: dict[str, dict[str, Any]]) -> bool:
     return True
 
 
+def _check_replaceable(run_dir: str) -> None:
+    """A run directory this benchmark may delete and recreate: absent, empty, or an earlier run of
+    the recipe (it holds the recipe's state or log file); anything else is refused, naming --work."""
+    if not os.path.lexists(run_dir):
+        return
+    if os.path.islink(run_dir) or not os.path.isdir(run_dir):
+        raise ValueError(f"--work: {run_dir} exists and is not a run directory (remove it or choose another --work)")
+    held = os.listdir(run_dir)
+    if held and not {STATE_FILE, LOG_FILE} & set(held):
+        raise ValueError(f"--work: {run_dir} holds files that are not an earlier run of this benchmark "
+                         f"(no {STATE_FILE} or {LOG_FILE}); it is not deleted: choose another --work")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both, write the results."""
     p = Parser(prog="deepseek-model bench rl", description=__doc__.splitlines()[0])
@@ -106,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error(f"--threads: expected a positive integer, got {args.threads}")
+    try:
+        results_io.check_results_dir(args.results, "--results")
+        if not args.render:
+            for name in ("real", "control"):
+                _check_replaceable(os.path.join(args.work, name))
+    except ValueError as e:
+        p.error(str(e))
     base = os.path.join(args.results, NAME)
     if args.render:
         with open(base + ".json", encoding="utf-8") as f:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from deepseek_model.benchmarks import results_io
 from deepseek_model.commands.parser import Parser
 from deepseek_model.config import ModelConfig
 from deepseek_model.training import GAMMA, TrainConfig, build_model, train
@@ -86,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--seq-len: expected at least 3 (MTP targets are two ahead), got {args.seq_len}")
     if not (math.isfinite(args.gamma) and args.gamma >= 0):
         p.error(f"--gamma: expected a finite number >= 0, got {args.gamma}")
+    if args.json is not None:
+        try:
+            results_io.check_results_file(args.json, "--json")
+        except ValueError as e:
+            p.error(str(e))
     torch.set_num_threads(args.threads)
     cfg = ModelConfig.builtin(args.config)
     window = min(args.window, args.steps)

@@ -12,7 +12,7 @@ from deepseek_model.cli import main
 def test_sparse_only_writes_ratios_and_goals(tmp_path, capsys):
     out = tmp_path / "v32"
     code = main(["bench", "model", "--sparse-only", "--config", "tiny", "--threads", "1", "--quick",
-                 "--sparse-contexts", "24", "--crossover-topk", "2", "--out", str(out)])
+                 "--sparse-contexts", "24", "24", "--crossover-topk", "2", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     assert {p.name for p in out.iterdir()} >= {"results.json", "results.md"}
@@ -27,12 +27,17 @@ def test_sparse_only_writes_ratios_and_goals(tmp_path, capsys):
         assert r["prefill_ratio"] == pytest.approx(r["prefill_s"]["dense"] / r["prefill_s"]["sparse"])
         assert r["attention_ratio"] == pytest.approx(r["attention_prefill_s"]["dense"] / r["attention_prefill_s"]["sparse"])
     goals = report["goals"]
-    assert len(goals) == 2 + 2 * len(cross)
+    assert len(goals) == 3 + 2 * len(cross)
     for r in cross:
         where = f"context {r['context']} = {r['multiple']} x index_topk 2"
-        for goal, ratio in ((f"V3.2 prefill faster than dense, {where}", r["prefill_ratio"]),
-                            (f"V3.2 prefill attention faster than dense, {where}", r["attention_ratio"])):
+        for goal, ratio in ((f"V3.2 crossover prefill faster than dense, {where}", r["prefill_ratio"]),
+                            (f"V3.2 crossover prefill attention faster than dense, {where}", r["attention_ratio"])):
             assert goals[goal] == f"{ratio:.2f}× ({'met' if ratio > 1 else 'NOT met'})"
+    # context 24 <= index_topk: every key is selected, so no verdict on speed
+    where = f"context 24 = {24 / bench_model.SPARSE_TOPK:.3g} x index_topk {bench_model.SPARSE_TOPK}"
+    for kind, key in (("decode step", "decode_ratio"), ("decode attention", "attention_ratio"),
+                      ("prefill", "prefill_ratio")):
+        assert goals[f"V3.2 {kind} faster than dense, {where}"].startswith(f"{row[key]:.2f}× (not applicable")
     md = (out / "results.md").read_text()
     assert "## Goals" in md and "prefill crossover" in md and "32 x index_topk" in md
-    assert "goal: V3.2 prefill faster than dense" in capsys.readouterr().out
+    assert "goal: V3.2 crossover prefill faster than dense" in capsys.readouterr().out
