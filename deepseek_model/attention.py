@@ -42,7 +42,10 @@ GEMM_ATTENTION_MAX_KEYS = 2048
 GEMM_ATTENTION_QUERIES = 128
 SPARSE_PREFILL_CHUNK = 256  # queries per masked-attention call of a sparse prefill (causal key cut per chunk)
 NARROW_QUERY_ROWS = 4  # absorbed attention of at most this many query rows: per-head float32 W·qᵀ (packed copies)
-GATHER_BYTES = 64 << 20  # sparse absorbed attention gathers the selected latents of this many bytes of queries at once
+# sparse absorbed attention gathers the selected latents of this many bytes of queries at once: small
+# enough that its GEMMs read them back from cache (1 thread, small config, 256 of 4096 / 8192 keys
+# selected: 0.76 -> 0.64 s / 1.55 -> 1.25 s a layer against 64 MiB; 0.5 MiB was slower again)
+GATHER_BYTES = 4 << 20
 # A gathered (absorbed) query-key pair costs this many times its FLOPs relative to a pair of the fused
 # masked kernel: on one AVX-512 core (fp32, 16 heads, 1024 of 8192 keys selected) the gathered GEMMs
 # ran at ~23 GFLOP/s, the masked kernel at ~48. Sets where "auto" starts gathering (~4.7 x index_topk
