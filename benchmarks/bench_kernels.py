@@ -76,12 +76,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                        "bench kernels (the largest GEMM's operands, their copies and outputs)")
     except memory.InsufficientMemory as e:
         p.error(f"--m/--n-div/--k-div: {e}")
-    try:
-        results_io.check_results_dir(args.out, "--out")
-        if args.json is not None:
-            results_io.check_results_file(args.json, "--json")
-    except ValueError as e:
-        p.error(str(e))
+    results_io.check_outputs(p, args.out, args.json)
     return args
 
 

@@ -136,12 +136,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         vals = getattr(args, name)
         if vals is not None and (not vals or min(vals) < 1):
             p.error(f"--{name.replace('_', '-')}: expected positive integers")
-    try:
-        results_io.check_results_dir(args.out, "--out")
-        if args.json is not None:
-            results_io.check_results_file(args.json, "--json")
-    except ValueError as e:
-        p.error(str(e))
+    results_io.check_outputs(p, args.out, args.json)
     from deepseek_model.config import builtin_config_dict  # noqa: PLC0415
 
     longest = builtin_config_dict(args.config)["max_position_embeddings"]

@@ -10,9 +10,12 @@ as they were and no partial new ones.
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Callable
+
+from deepseek_model.convert.io import check_new_file
 
 
 def _writable_dir(path: str) -> bool:
@@ -56,18 +59,21 @@ def check_results_dir(path: str | os.PathLike, what: str) -> Path:
 def check_results_file(path: str | os.PathLike, what: str) -> Path:
     """A file a benchmark may write: not a directory, in an existing writable directory (an
     existing file is replaced). Returns the absolute path; raises ValueError naming `what`."""
-    text = os.fspath(path)
-    if not text.strip():
-        raise ValueError(f"{what}: an empty path names no file")
-    dst = os.path.abspath(text)
-    if os.path.isdir(dst):
-        raise ValueError(f"{what} {text}: is a directory")
-    parent = os.path.dirname(dst)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{what} {text}: its directory {parent} does not exist")
-    if not _writable_dir(parent):
-        raise ValueError(f"{what} {text}: its directory {parent} is not writable")
+    dst = check_new_file(path, what)
+    if not _writable_dir(os.path.dirname(dst)):
+        raise ValueError(f"{what} {os.fspath(path)}: its directory {os.path.dirname(dst)} is not writable")
     return Path(dst)
+
+
+def check_outputs(parser: argparse.ArgumentParser, out: str, json_file: str | None) -> None:
+    """A benchmark's --out directory and optional --json file, judged before any work: a bad one
+    ends the command through `parser.error` (one line, exit status 2)."""
+    try:
+        check_results_dir(out, "--out")
+        if json_file is not None:
+            check_results_file(json_file, "--json")
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def write_results(files: list[tuple[Path, Callable[[Path], object]]]) -> list[Path]:
