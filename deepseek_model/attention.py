@@ -47,10 +47,10 @@ NARROW_QUERY_ROWS = 4  # absorbed attention of at most this many query rows: per
 # selected: 0.76 -> 0.64 s / 1.55 -> 1.25 s a layer against 64 MiB; 0.5 MiB was slower again)
 GATHER_BYTES = 4 << 20
 # A gathered (absorbed) query-key pair costs this many times its FLOPs relative to a pair of the fused
-# masked kernel: on one AVX-512 core (fp32, 16 heads, 1024 of 8192 keys selected) the gathered GEMMs
-# ran at ~23 GFLOP/s, the masked kernel at ~48. Sets where "auto" starts gathering (~4.7 x index_topk
-# keys at the `small` benchmark config's dims).
-GATHER_PENALTY = 2.1
+# masked kernel: `bench model` measures it on the `small` config (one AVX-512 core, fp32, 16 heads, 256
+# of 8192 keys selected): 1.56 with 4 MiB gathers (2.1-3.8 with the 64 MiB ones before). Sets where
+# "auto" starts gathering (~3.6 x index_topk keys at that config's dims).
+GATHER_PENALTY = 1.6
 INDEX_SCORE_BYTES = 64 << 20  # a long prefill scores this many bytes of (query, key) index logits at once
 
 
