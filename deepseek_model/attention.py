@@ -509,7 +509,6 @@ class MLA(nn.Module):
 
         q (B, T, H, D), k (B, S, H|1, D), v (B, S, H|1, Dv ≤ D); a single K/V head is shared by all
         heads (the absorbed latent). mask: additive (T, S) or (B, 1, T, S). Returns (B, T, H, Dv).
-        v is zero-padded to D: the CPU flash kernel needs equal q/k/v head dims.
         """
         bsz, t, heads, d = q.shape
         s, dv = k.shape[1], v.shape[-1]
@@ -517,28 +516,23 @@ class MLA(nn.Module):
             v = F.pad(v, (0, d - dv))  # (B, S, H|1, D)
         k = k.transpose(1, 2).expand(bsz, heads, s, d)  # (B, H, S, D)
         v = v.transpose(1, 2).expand(bsz, heads, s, d)  # (B, H, S, D)
-        if mask.dim() == 2 and mask.shape[0] == mask.shape[1]:  # plain causal from slot 0: skip masked blocks
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=self.scale)
-        else:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask.to(q.dtype),
-                                                 scale=self.scale)  # (B, H, T, D)
-        return out.transpose(1, 2)[..., :dv]  # (B, T, H, Dv)
+        return self._fused(q, k, v, mask)[..., :dv]  # (B, T, H, Dv)
 
-    def _fused_heads_first(self, q: torch.Tensor, kh: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The fused kernel over heads-first keys: q (B, T, H, d), kh (B, H, S, d) and values vp
-        (B, H, S, D ≥ d) zero-padded past v_head_dim (q and k are zero-padded to D when the values
-        are wider: a zero column adds nothing to a dot product); mask additive (T, S) or
-        (B, 1, T, S). The heads-first layout lets the kernel read each head's keys as one run (1
-        thread, 16 heads x 128, 8192 keys: 3-7 % faster than (B, S, H, d) views). Returns (B, T, H, v)."""
-        wide = vp.shape[-1]
-        if kh.shape[-1] < wide:
-            q, kh = F.pad(q, (0, wide - q.shape[-1])), F.pad(kh, (0, wide - kh.shape[-1]))  # (.., D)
+    def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The CPU fused kernel: q (B, T, H, d), heads-first keys k (B, H, S, d) and values v
+        (B, H, S, D ≥ d), zero-padded to equal widths (q and k are padded to D when the values are
+        wider: a zero column adds nothing to a dot product); mask additive (T, S) or (B, 1, T, S).
+        Contiguous heads-first keys are read as one run per head (1 thread, 16 heads x 128, 8192
+        keys: 3-7 % faster than (B, S, H, d) views). Returns (B, T, H, D)."""
+        wide = v.shape[-1]
+        if k.shape[-1] < wide:
+            q, k = F.pad(q, (0, wide - q.shape[-1])), F.pad(k, (0, wide - k.shape[-1]))  # (.., D)
         qh = q.transpose(1, 2)  # (B, H, T, D)
         if mask.dim() == 2 and mask.shape[0] == mask.shape[1]:  # plain causal from slot 0: skip masked blocks
-            out = F.scaled_dot_product_attention(qh, kh, vp, is_causal=True, scale=self.scale)
+            out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(qh, kh, vp, attn_mask=mask.to(q.dtype), scale=self.scale)  # (B, H, T, D)
-        return out.transpose(1, 2)[..., :self.v_dim]  # (B, T, H, v)
+            out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask.to(q.dtype), scale=self.scale)  # (B, H, T, D)
+        return out.transpose(1, 2)  # (B, T, H, D)
 
     def _naive(self, q_nope, q_pe, kv, k_pe, mask, causal_chunk: int | None = None,
                selected: torch.Tensor | None = None) -> torch.Tensor:
@@ -558,7 +552,7 @@ class MLA(nn.Module):
                            -1)  # (B, H, S, nope+rope)
             t = q.shape[1]
             if causal_chunk is None and s > GEMM_ATTENTION_MAX_KEYS:
-                return self._fused_heads_first(q, kh, _heads_first_padded(v, kh.shape[-1]), mask)  # (B, T, H, v)
+                return self._fused(q, kh, _heads_first_padded(v, kh.shape[-1]), mask)[..., :self.v_dim]  # (B, T, H, v)
             vh = padded = None  # the values laid out for each path, made once
             out = q_nope.new_empty(bsz, t, self.n_heads, self.v_dim)  # (B, T, H, v)
             block = causal_chunk or GEMM_ATTENTION_QUERIES
@@ -578,7 +572,7 @@ class MLA(nn.Module):
                 else:
                     if padded is None:
                         padded = _heads_first_padded(v, kh.shape[-1])  # (B, H, S, max(nope+rope, v))
-                    out[:, lo:hi] = self._fused_heads_first(q[:, lo:hi], kh[:, :, :end], padded[:, :, :end], part)
+                    out[:, lo:hi] = self._fused(q[:, lo:hi], kh[:, :, :end], padded[:, :, :end], part)[..., :self.v_dim]
             return out
         scores = (torch.einsum("bthd,bshd->bths", q_nope, k_nope)
                   + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale  # (B, T, H, S)
