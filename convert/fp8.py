@@ -16,6 +16,7 @@ import torch
 
 from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.reader import CheckpointReader
+from deepseek_model.checkpoint.values import all_finite
 from deepseek_model.convert.io import ConvertError
 from deepseek_model.convert.mtp import select_tensors, tensors_by_file
 from deepseek_model.convert.pipeline import Advance, TensorJob, copy_job, run_hf_conversion
@@ -100,7 +101,7 @@ def dequant_job(source: SourceReader, name: str, scale: str, block: int) -> Tens
         for start, stop in row_bands(spec.rows, spec.row_bytes, align=block):
             q = source.read_rows(name, start, stop)  # (stop-start, K) fp8
             band = dequant_band(q, s[start // block: math.ceil(stop / block)], block)  # (stop-start, K) bf16
-            if not bool(torch.isfinite(band).all()):
+            if not all_finite(band):
                 raise ConvertError(f"{name}: NaN or infinite values in rows {start}..{stop - 1} (a corrupt checkpoint)")
             writer.write_rows(name, start, band)
             advance(q.numel())
@@ -160,7 +161,7 @@ def quant_job(source: SourceReader, name: str, block: int, scale_fmt: str | None
     def fill(writer: ShardWriter, advance: Advance) -> None:
         for start, stop in row_bands(spec.rows, spec.row_bytes, align=block):
             w = source.read_rows(name, start, stop)  # (stop-start, K)
-            if not bool(torch.isfinite(w).all()):
+            if not all_finite(w):
                 raise ConvertError(f"{name}: NaN or infinite values in rows {start}..{stop - 1} (a corrupt checkpoint)")
             q, s = weight_quant(w, block, scale_fmt)  # a band starts a block row: its blocks are the tensor's
             writer.write_rows(name, start, q)

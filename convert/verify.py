@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.reader import CheckpointReader
+from deepseek_model.checkpoint.values import all_finite
 from deepseek_model.convert.fp8 import FP8_DTYPES, block_size_of, check_fp8_pairs, dequant_band
 from deepseek_model.convert.mtp import MTP_COPIES
 from deepseek_model.checkpoint.sharded import ShardedSource, is_sharded_dir
@@ -98,7 +99,7 @@ def compare_tensor(a: Source, b: Source, name: str, name_a: str, name_b: str, bl
         xa, scale_a = _band_f32(a, name_a, start, stop, block)
         xb, scale_b = _band_f32(b, name_b, start, stop, block)
         err = (xa - xb).abs()
-        finite = finite and bool(torch.isfinite(err).all())
+        finite = finite and all_finite(err)
         if err.numel():
             max_abs = max(max_abs, float(err.max()))
             ref_max = max(ref_max, float(xa.abs().max()))

@@ -27,6 +27,7 @@ from deepseek_model.checkpoint import schema
 from deepseek_model.checkpoint.reader import CONFIG_FILE, DTYPE_CODES, CheckpointError, CheckpointReader
 from deepseek_model.checkpoint.schema import SPLIT_COLUMN, SPLIT_ROW
 from deepseek_model.checkpoint.sharded import RankReader, is_sharded_dir, read_manifest
+from deepseek_model.checkpoint.values import all_finite, nonfinite_mask
 from deepseek_model.kernels import ops, reference
 from deepseek_model.constants import FP8_DTYPE, block_grid, ceil_div
 from deepseek_model.layers import LinearSpec
@@ -218,15 +219,11 @@ class _Loader:
 
     def _check_finite(self, hf_name: str, t: torch.Tensor) -> None:
         """Refuse NaN or infinite values (fp8: the NaN codes) unless the check was turned off."""
-        if not self.check_values:
+        if not self.check_values or all_finite(t):
             return
-        if t.dtype == FP8_DTYPE:
-            bad = (t.view(torch.uint8) & 0x7F) == 0x7F  # S.1111.111: e4m3fn has no infinities
-        else:
-            bad = ~torch.isfinite(t)
-        if bool(bad.any()):
-            raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' holds {int(bad.sum())} NaN or infinite "
-                                  f"values (check_values=False loads it anyway)")
+        bad = int(nonfinite_mask(t).sum())
+        raise CheckpointError(f"{self.where(hf_name)}: tensor '{hf_name}' holds {bad} NaN or infinite "
+                              f"values (check_values=False loads it anyway)")
 
     def _check_scale(self, s_name: str, s: torch.Tensor) -> None:
         """Block scales must be finite and >= 0 (0 is the scale of an all-zero block)."""
