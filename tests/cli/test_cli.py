@@ -112,7 +112,7 @@ def test_bad_input_one_line(args, needle):
     (["bench", "kernels", "--m", "0"], "deepseek-model bench kernels", "--m: expected positive integers, got [0]"),
     (["bench", "train", "--seq-len", "1"], "deepseek-model bench train", "--seq-len: expected at least 3"),
     (["bench", "model", "--contexts", "100000000"], "deepseek-model bench model",
-     "--contexts: 100000000 leaves no position for a decode step within the small config's max_position_embeddings"),
+     "--contexts: 100000000 + 9 decoded positions exceed the small config's max_position_embeddings"),
     (["generate", "x", "--seed", "-3"], "deepseek-model generate", "argument --seed: must be an integer in [0, "),
     (["generate", "x", "--prompt", "a", "--prompt", "b"], "deepseek-model generate",
      "argument --prompt: given more than once (pass one value)"),

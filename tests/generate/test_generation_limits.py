@@ -62,9 +62,12 @@ def test_a_text_too_long_for_the_context_is_refused_before_tokenizing(tiny_ckpt,
         dsm.generate(model, "ab " * (model.max_seq_len // 2), tokenizer=tok, max_new_tokens=1)
 
 
-def test_an_allocation_failure_is_one_line_not_a_traceback(capsys):
-    """The last line of defence: an allocation nothing estimated (a benchmark's operand) ends the
-    command with one line and exit 2."""
+def test_an_allocation_failure_is_one_line_not_a_traceback(capsys, monkeypatch):
+    """The last line of defence: an allocation nothing estimated (a benchmark operand, its estimate
+    switched off here) ends the command with one line and exit 2."""
+    from deepseek_model.benchmarks import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "gemm_bytes", lambda args, on_gpu: 0)
     code = cli_main(["bench", "kernels", "--m", "100000000", "--trials", "1", "--threads", "1", "--quick"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: out of memory: "), err
