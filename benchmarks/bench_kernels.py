@@ -299,9 +299,10 @@ def _write_outputs(report: dict, out_dir: Path, json_file: str | None) -> list[P
     """results.json, results.md and results.png in out_dir (and the JSON at json_file), all or none."""
     text = json.dumps(report, indent=2)
     md = _markdown(report)
-    files = [(out_dir / "results.json", lambda path: path.write_text(text, encoding="utf-8")),
-             (out_dir / "results.md", lambda path: path.write_text(md, encoding="utf-8")),
-             (out_dir / "results.png", lambda path: _plot(report, path))]
+    json_name, md_name, png_name = results_io.RESULT_FILES
+    files = [(out_dir / json_name, lambda path: path.write_text(text, encoding="utf-8")),
+             (out_dir / md_name, lambda path: path.write_text(md, encoding="utf-8")),
+             (out_dir / png_name, lambda path: _plot(report, path))]
     if json_file:
         files.append((Path(json_file).absolute(), lambda path: path.write_text(text, encoding="utf-8")))
     return results_io.write_results(files)

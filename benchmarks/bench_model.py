@@ -886,9 +886,10 @@ def _write(report: dict, out_dir: Path, json_path: str | None, table: str, plot)
     """Write results.json, results.md and results.png (when matplotlib is there) into out_dir, and the
     JSON also to json_path when given."""
     text = json.dumps(report, indent=2)
-    files = [(out_dir / "results.json", lambda path: path.write_text(text)),
-             (out_dir / "results.md", lambda path: path.write_text(table)),
-             (out_dir / "results.png", lambda path: plot(report, path))]
+    json_name, md_name, png_name = results_io.RESULT_FILES
+    files = [(out_dir / json_name, lambda path: path.write_text(text)),
+             (out_dir / md_name, lambda path: path.write_text(table)),
+             (out_dir / png_name, lambda path: plot(report, path))]
     if json_path:
         files.append((Path(json_path).absolute(), lambda path: path.write_text(text)))
     wrote = results_io.write_results(files)

@@ -59,19 +59,30 @@ def check_results_dir(path: str | os.PathLike, what: str) -> Path:
 def check_results_file(path: str | os.PathLike, what: str) -> Path:
     """A file a benchmark may write: not a directory, in an existing writable directory (an
     existing file is replaced). Returns the absolute path; raises ValueError naming `what`."""
+    if os.fspath(path).endswith(os.sep):
+        raise ValueError(f"{what} {os.fspath(path)}: names a directory (a trailing {os.sep}), not a file")
     dst = check_new_file(path, what)
     if not _writable_dir(os.path.dirname(dst)):
         raise ValueError(f"{what} {os.fspath(path)}: its directory {os.path.dirname(dst)} is not writable")
     return Path(dst)
 
 
-def check_outputs(parser: argparse.ArgumentParser, out: str, json_file: str | None) -> None:
-    """A benchmark's --out directory and optional --json file, judged before any work: a bad one
-    ends the command through `parser.error` (one line, exit status 2)."""
+RESULT_FILES = ("results.json", "results.md", "results.png")  # what bench model and kernels write into --out
+
+
+def check_outputs(parser: argparse.ArgumentParser, out: str, json_file: str | None,
+                  names: tuple[str, ...] = RESULT_FILES) -> None:
+    """A benchmark's --out directory (where it writes `names`) and optional --json file, judged
+    before any work: a bad one ends the command through `parser.error` (one line, exit status 2)."""
     try:
-        check_results_dir(out, "--out")
+        out_dir = check_results_dir(out, "--out")
+        for name in names:
+            if (out_dir / name).is_dir():
+                raise ValueError(f"--out {out}: {out_dir / name} is a directory, where the results file goes")
         if json_file is not None:
-            check_results_file(json_file, "--json")
+            inside = os.path.dirname(os.path.abspath(json_file)) == str(out_dir)  # made with --out
+            if not inside or out_dir.exists() or json_file.endswith(os.sep):
+                check_results_file(json_file, "--json")
     except ValueError as e:
         parser.error(str(e))
 
@@ -79,7 +90,9 @@ def check_outputs(parser: argparse.ArgumentParser, out: str, json_file: str | No
 def write_results(files: list[tuple[Path, Callable[[Path], object]]]) -> list[Path]:
     """Write a run's files together: each writer is called with a temporary path beside its
     destination (same suffix, so a plot keeps its format), then every written file is renamed into
-    place. A writer returning False wrote nothing (a plot without matplotlib) and is skipped.
+    place. A writer returning False wrote nothing (a plot without matplotlib) and is skipped. A
+    destination named twice (a --json inside --out) is written once; a symbolic link is written
+    through, not replaced.
 
     Args:
         files: (destination, writer) pairs; missing destination directories are created.
@@ -88,25 +101,33 @@ def write_results(files: list[tuple[Path, Callable[[Path], object]]]) -> list[Pa
         The destinations written, in order.
 
     Raises:
+        IsADirectoryError: a destination is a directory (before anything is written).
         OSError: from a writer or a rename; the temporary files are removed and directories this
             call created are removed again when they are left empty.
     """
+    targets: dict[str, tuple[Path, Callable[[Path], object]]] = {}
+    for dst, writer in files:
+        real = os.path.realpath(dst)  # a link is written through
+        if os.path.isdir(real):
+            raise IsADirectoryError(f"{dst}: is a directory, not a results file")
+        targets.setdefault(real, (Path(dst), writer))
     made: list[Path] = []
-    pending: list[tuple[Path, Path]] = []
+    pending: list[tuple[Path, Path, Path]] = []  # (temporary, real destination, as named)
     try:
-        for dst, writer in files:
-            missing = [p for p in [dst.parent, *dst.parent.parents] if not p.exists()]
-            dst.parent.mkdir(parents=True, exist_ok=True)
+        for i, (real, (dst, writer)) in enumerate(targets.items()):
+            target = Path(real)
+            missing = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
+            target.parent.mkdir(parents=True, exist_ok=True)
             made.extend(reversed(missing))
-            tmp = dst.with_name(f".{dst.stem}.partial-{os.getpid()}{dst.suffix}")
-            pending.append((tmp, dst))
+            tmp = target.with_name(f".{target.stem}.partial-{os.getpid()}-{i}{target.suffix}")
+            pending.append((tmp, target, dst))
             if writer(tmp) is False:
                 pending.pop()
                 tmp.unlink(missing_ok=True)
-        for tmp, dst in pending:
-            os.replace(tmp, dst)
+        for tmp, target, _ in pending:
+            os.replace(tmp, target)
     except BaseException:
-        for tmp, _ in pending:
+        for tmp, _, _ in pending:
             tmp.unlink(missing_ok=True)
         for d in reversed(made):
             try:
@@ -114,4 +135,4 @@ def write_results(files: list[tuple[Path, Callable[[Path], object]]]) -> list[Pa
             except OSError:
                 pass
         raise
-    return [dst for _, dst in pending]
+    return [dst for _, _, dst in pending]

@@ -32,3 +32,12 @@ def test_fp8_nan_codes():
         assert not all_finite(bad) and int(nonfinite_mask(bad).sum()) == 1
     top = torch.tensor([448.0, -448.0]).to(FP8_DTYPE)  # S.1111.110: the largest finite code
     assert all_finite(top)
+
+
+def test_dtypes_without_a_min_max_kernel_and_integers():
+    e5m2 = torch.randn(8, 16).to(torch.float8_e5m2)  # has infinities, and no aminmax on the CPU
+    assert all_finite(e5m2)
+    e5m2[2, 3] = float("inf")
+    assert not all_finite(e5m2) and int(nonfinite_mask(e5m2).sum()) == 1
+    ints = torch.arange(12).view(3, 4)
+    assert all_finite(ints) and not nonfinite_mask(ints).any()
