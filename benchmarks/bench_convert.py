@@ -217,12 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.path is None and not (math.isfinite(args.size_gb) and args.size_gb > 0):
         p.error(f"--size-gb: expected a positive size, got {args.size_gb}")
-    for flag, path in (("--json", args.json), ("--md", args.md)):
-        if path is not None:
-            try:
-                results_io.check_results_file(path, flag)
-            except ValueError as e:
-                p.error(str(e))
+    results_io.check_outputs(p, files={"--json": args.json, "--md": args.md})
     tmpdir = args.tmpdir or tempfile.gettempdir()
     if not os.path.isdir(tmpdir):
         p.error(f"--tmpdir {tmpdir}: not a directory")

@@ -76,7 +76,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                        "bench kernels (the largest GEMM's operands, their copies and outputs)")
     except memory.InsufficientMemory as e:
         p.error(f"--m/--n-div/--k-div: {e}")
-    results_io.check_outputs(p, args.out, args.json)
+    results_io.check_outputs(p, args.out, {"--json": args.json})
     return args
 
 
@@ -297,15 +297,8 @@ def _mla_rows(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> l
 
 def _write_outputs(report: dict, out_dir: Path, json_file: str | None) -> list[Path]:
     """results.json, results.md and results.png in out_dir (and the JSON at json_file), all or none."""
-    text = json.dumps(report, indent=2)
-    md = _markdown(report)
-    json_name, md_name, png_name = results_io.RESULT_FILES
-    files = [(out_dir / json_name, lambda path: path.write_text(text, encoding="utf-8")),
-             (out_dir / md_name, lambda path: path.write_text(md, encoding="utf-8")),
-             (out_dir / png_name, lambda path: _plot(report, path))]
-    if json_file:
-        files.append((Path(json_file).absolute(), lambda path: path.write_text(text, encoding="utf-8")))
-    return results_io.write_results(files)
+    return results_io.write_run(out_dir, json_file, json.dumps(report, indent=2), _markdown(report),
+                                lambda path: _plot(report, path))
 
 
 def _fmt(v: object) -> str:

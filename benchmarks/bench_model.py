@@ -136,7 +136,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         vals = getattr(args, name)
         if vals is not None and (not vals or min(vals) < 1):
             p.error(f"--{name.replace('_', '-')}: expected positive integers")
-    results_io.check_outputs(p, args.out, args.json)
+    results_io.check_outputs(p, args.out, {"--json": args.json})
     from deepseek_model.config import builtin_config_dict  # noqa: PLC0415
 
     longest = builtin_config_dict(args.config)["max_position_embeddings"]
@@ -792,7 +792,7 @@ def _sparse_goals(report: dict) -> dict:
 def _sparse_table(report: dict) -> str:
     """The markdown report of a --sparse-only run."""
     lines = [f"# bench_model --sparse-only ({report['config']} config with a lightning indexer, {report['dtype']}, "
-             f"{report['threads']} thread{'s' if report['threads'] != 1 else ''}, attn={report['attn']})", "",
+             f"{_threads_text(report['threads'])}, attn={report['attn']})", "",
              "## Goals", ""]
     lines += [f"- {k}: {v}" for k, v in report["goals"].items()]
     lines += ["", "## Measurements", "", *_sparse_lines(report), f"- CPU: {report.get('cpu')}"]
@@ -821,8 +821,7 @@ def _sparse_plot(report: dict, path: Path) -> bool:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context / index_topk")
     ax.set_ylabel("dense time / sparse time")
-    threads = f"{report['threads']} thread{'s' if report['threads'] != 1 else ''}"
-    ax.set_title(f"DeepSeek-V3.2 sparse vs dense ({report['dtype']}, {threads}, CPU)")
+    ax.set_title(f"DeepSeek-V3.2 sparse vs dense ({report['dtype']}, {_threads_text(report['threads'])}, CPU)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -885,25 +884,28 @@ def _goals(rows: list[dict]) -> dict:
 def _write(report: dict, out_dir: Path, json_path: str | None, table: str, plot) -> None:
     """Write results.json, results.md and results.png (when matplotlib is there) into out_dir, and the
     JSON also to json_path when given."""
-    text = json.dumps(report, indent=2)
-    json_name, md_name, png_name = results_io.RESULT_FILES
-    files = [(out_dir / json_name, lambda path: path.write_text(text)),
-             (out_dir / md_name, lambda path: path.write_text(table)),
-             (out_dir / png_name, lambda path: plot(report, path))]
-    if json_path:
-        files.append((Path(json_path).absolute(), lambda path: path.write_text(text)))
-    wrote = results_io.write_results(files)
+    wrote = results_io.write_run(out_dir, json_path, json.dumps(report, indent=2), table,
+                                 lambda path: plot(report, path))
     print("wrote " + ", ".join(str(path) for path in wrote))
+
+
+def _report_head(args: argparse.Namespace) -> dict:
+    """What every report records first: the run's settings, versions and the CPU's features."""
+    return {"config": args.config, "dtype": args.dtype, "threads": torch.get_num_threads(), "quick": args.quick,
+            "attn": args.attn, "cpu_pack": not args.no_cpu_pack,
+            "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                         "platform": platform.platform()},
+            "cpu": cpu_features()}
+
+
+def _threads_text(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
 
 
 def _sparse_only(args: argparse.Namespace, dtype: torch.dtype, gen: torch.Generator, trials: int,
                  out_dir: Path) -> int:
     """--sparse-only: the V3.2 sparse-vs-dense comparison and its goals, written as the full run's are."""
-    report: dict = {"config": args.config, "dtype": args.dtype, "threads": torch.get_num_threads(),
-                    "quick": args.quick, "attn": args.attn, "cpu_pack": not args.no_cpu_pack,
-                    "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                                 "platform": platform.platform()},
-                    "cpu": cpu_features()}
+    report = _report_head(args)
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp, torch.inference_mode():
         report["sparse_attention"], report["sparse_prefill_crossover"] = _sparse_vs_dense(tmp, args, dtype, gen, trials)
     report["goals"] = _sparse_goals(report)
@@ -942,11 +944,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001
                 hf_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:MAX_ERROR_CHARS]
                 print(f"transformers unavailable: {hf_error}")
-        report: dict = {"config": args.config, "dtype": args.dtype, "threads": threads, "quick": args.quick,
-                        "attn": args.attn, "cpu_pack": not args.no_cpu_pack,
-                        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                                     "platform": platform.platform()},
-                        "hf_error": hf_error, "cpu": cpu_features()}
+        report = dict(_report_head(args), hf_error=hf_error)
         with torch.inference_mode():
             if hf_model is not None:
                 probe = torch.randint(0, cfg.vocab_size, (1, 32), generator=gen)

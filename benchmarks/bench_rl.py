@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error(f"--threads: expected a positive integer, got {args.threads}")
+    results_io.check_outputs(p, args.results, out_flag="--results", names=())
     try:
-        results_io.check_results_dir(args.results, "--results")
         if not args.render:
             for name in ("real", "control"):
                 _check_replaceable(os.path.join(args.work, name))

@@ -87,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--seq-len: expected at least 3 (MTP targets are two ahead), got {args.seq_len}")
     if not (math.isfinite(args.gamma) and args.gamma >= 0):
         p.error(f"--gamma: expected a finite number >= 0, got {args.gamma}")
-    if args.json is not None:
-        try:
-            results_io.check_results_file(args.json, "--json")
-        except ValueError as e:
-            p.error(str(e))
+    results_io.check_outputs(p, files={"--json": args.json})
     torch.set_num_threads(args.threads)
     cfg = ModelConfig.builtin(args.config)
     window = min(args.window, args.steps)

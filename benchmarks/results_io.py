@@ -70,21 +70,47 @@ def check_results_file(path: str | os.PathLike, what: str) -> Path:
 RESULT_FILES = ("results.json", "results.md", "results.png")  # what bench model and kernels write into --out
 
 
-def check_outputs(parser: argparse.ArgumentParser, out: str, json_file: str | None,
-                  names: tuple[str, ...] = RESULT_FILES) -> None:
-    """A benchmark's --out directory (where it writes `names`) and optional --json file, judged
-    before any work: a bad one ends the command through `parser.error` (one line, exit status 2)."""
+def check_outputs(parser: argparse.ArgumentParser, out: str | None = None, files: dict[str, str | None] | None = None,
+                  out_flag: str = "--out", names: tuple[str, ...] = RESULT_FILES) -> None:
+    """A benchmark's results directory (where it writes `names`) and results files, judged before
+    any work: a bad one ends the command through `parser.error` (one line, exit status 2).
+
+    Args:
+        parser: the benchmark's parser.
+        out: the results directory, or None (the benchmark writes none).
+        files: flag -> results file (None: not asked for), e.g. {"--json": args.json}; a file
+            directly inside a results directory that does not exist yet is judged once it is made.
+        out_flag: the flag that gave `out`, for the message.
+        names: the files the benchmark writes into `out`.
+    """
     try:
-        out_dir = check_results_dir(out, "--out")
-        for name in names:
+        out_dir = None if out is None else check_results_dir(out, out_flag)
+        for name in names if out_dir is not None else ():
             if (out_dir / name).is_dir():
-                raise ValueError(f"--out {out}: {out_dir / name} is a directory, where the results file goes")
-        if json_file is not None:
-            inside = os.path.dirname(os.path.abspath(json_file)) == str(out_dir)  # made with --out
-            if not inside or out_dir.exists() or json_file.endswith(os.sep):
-                check_results_file(json_file, "--json")
+                raise ValueError(f"{out_flag} {out}: {out_dir / name} is a directory, where the results file goes")
+        for flag, path in (files or {}).items():
+            if path is None:
+                continue
+            made_with_out = out_dir is not None and not out_dir.exists() and not path.endswith(os.sep) \
+                and os.path.dirname(os.path.abspath(path)) == str(out_dir)
+            if not made_with_out:
+                check_results_file(path, flag)
     except ValueError as e:
         parser.error(str(e))
+
+
+def write_run(out_dir: Path, json_file: str | None, report_text: str, table: str,
+              plot: Callable[[Path], bool]) -> list[Path]:
+    """A benchmark run's RESULT_FILES in out_dir (the JSON text, the markdown table, the plot) and
+    the JSON again at json_file when given, together (write_results). Returns what was written."""
+    json_name, md_name, png_name = RESULT_FILES
+    files: list[tuple[Path, Callable[[Path], object]]] = [
+        (out_dir / json_name, lambda path: path.write_text(report_text, encoding="utf-8")),
+        (out_dir / md_name, lambda path: path.write_text(table, encoding="utf-8")),
+        (out_dir / png_name, plot)]
+    if json_file:
+        files.append((Path(json_file).absolute(), lambda path: path.write_text(report_text, encoding="utf-8")))
+    return write_results(files)
 
 
 def write_results(files: list[tuple[Path, Callable[[Path], object]]]) -> list[Path]:

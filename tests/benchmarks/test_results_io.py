@@ -92,14 +92,14 @@ def test_check_outputs_refuses_before_any_work(tmp_path):
 
     (tmp_path / "results.md").mkdir()
     with pytest.raises(Refused, match="results.md is a directory"):
-        results_io.check_outputs(Parser(), str(tmp_path), None)
+        results_io.check_outputs(Parser(), str(tmp_path))
     with pytest.raises(Refused, match="names a directory"):
-        results_io.check_outputs(Parser(), str(tmp_path / "new"), str(tmp_path / "x.json") + "/")
+        results_io.check_outputs(Parser(), str(tmp_path / "new"), {"--json": str(tmp_path / "x.json") + "/"})
 
 
 def test_a_json_copy_inside_a_new_out_directory_is_accepted(tmp_path):
     import argparse
 
     out = tmp_path / "new"
-    results_io.check_outputs(argparse.ArgumentParser(), str(out), str(out / "copy.json"))
+    results_io.check_outputs(argparse.ArgumentParser(), str(out), {"--json": str(out / "copy.json")})
     assert not out.exists()  # checking creates nothing
